@@ -1,0 +1,42 @@
+"""The `splitprefix` command. Each command is a thin wrapper over one library function."""
+
+import typer
+
+app = typer.Typer(
+    name="splitprefix",
+    help="Split prefix-tuning of a causal LM between a model party and data parties.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _group() -> None:
+    """Split prefix-tuning of a causal LM between a model party and data parties."""
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(..., help="Model directory, or 'builtin' for the shipped model."),
+) -> None:
+    """Print the architecture, layer count and prefix layout of MODEL as JSON."""
+    import json
+
+    from splitprefix.model.loading import describe_model
+
+    typer.echo(json.dumps(describe_model(model), indent=2))
+
+
+def main() -> None:
+    """Console entry point: user mistakes print one clear line instead of a traceback."""
+    from splitprefix.errors import SplitPrefixError
+
+    try:
+        app()
+    except (SplitPrefixError, FileNotFoundError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

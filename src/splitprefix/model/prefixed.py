@@ -1,0 +1,52 @@
+"""Running a model, whole or split, with a deep prefix as its key/value cache."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from splitprefix.model.prefix import prefix_cache, split_kv
+from splitprefix.model.split import SplitParts, extend_mask, token_positions
+
+
+def _prefix_len(kv: torch.Tensor | None) -> int:
+    return 0 if kv is None else kv.shape[3]
+
+
+def forward_with_prefix(
+    model: PreTrainedModel, input_ids: torch.Tensor, token_mask: torch.Tensor, kv: torch.Tensor | None
+) -> torch.Tensor:
+    """Whole-model logits (B, T, V) with `kv` (L, 2, n_kv, P, head_dim) as a prefix; None = base model.
+
+    Positions count real tokens from P, as PEFT's prefix tuning does for unpadded and right-padded
+    batches, and left padding does not shift them.
+    """
+    p = _prefix_len(kv)
+    cache = None if kv is None else prefix_cache(kv, model.config, input_ids.shape[0])
+    out = model(
+        input_ids=input_ids,
+        attention_mask=extend_mask(token_mask, p),
+        position_ids=token_positions(token_mask, p),
+        cache=cache,
+        use_cache=cache is not None,
+    )
+    return out.logits
+
+
+def forward_split(
+    parts: SplitParts, input_ids: torch.Tensor, token_mask: torch.Tensor, kv: torch.Tensor | None
+) -> torch.Tensor:
+    """Logits (B, T, V) of bottom -> top (-> head), in one process, with the same prefix handling."""
+    p = _prefix_len(kv)
+    config = parts.bottom.stack.config
+    split_at = parts.top.stack.start
+    batch = input_ids.shape[0]
+    bottom_cache: DynamicCache | None = None
+    top_cache: DynamicCache | None = None
+    if kv is not None:
+        bottom_kv, top_kv = split_kv(kv, split_at)
+        bottom_cache = prefix_cache(bottom_kv, config, batch)
+        top_cache = prefix_cache(top_kv, config, batch, first_layer=split_at)
+    x = parts.bottom(input_ids, extend_mask(token_mask, p), token_positions(token_mask, p), bottom_cache)
+    out = parts.top(x, top_cache)
+    return out if parts.head is None else parts.head(out)

@@ -1,0 +1,196 @@
+"""Cutting a causal LM at layer K into views that share the loaded model's weights.
+
+- `Bottom`: embeddings (plus learned positions) and layers [0, K). Run by the data party.
+- `Top`: layers [K, L), and the final norm and LM head when the head stays on the server.
+- `Head`: final norm and LM head, for the head-on-client cut.
+
+Parts exchange `Activations`. Its attention mask covers every key the new tokens may attend to:
+the prefix, earlier cached tokens, then the new tokens. A mask that covers only the new tokens
+would run and silently give wrong numbers, so every part checks the length against its cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+from transformers import Cache, PreTrainedModel
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from splitprefix.errors import ConfigError, ShapeMismatchError
+from splitprefix.model.registry import architecture_of
+
+HeadPlacement = Literal["server", "client"]
+
+
+@dataclass
+class Activations:
+    """What one part hands to the next."""
+
+    hidden: torch.Tensor
+    """Hidden states, (B, T, d)."""
+    attention_mask: torch.Tensor
+    """1 for every visible key, 0 for padding: (B, S) with S = cached keys (prefix + past) + T."""
+    positions: torch.Tensor
+    """Position ids of the new tokens, (B, T)."""
+
+
+def extend_mask(token_mask: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """Prepend `prefix_len` always-visible keys to a (B, T) token mask. Returns (B, P + T)."""
+    ones = token_mask.new_ones(token_mask.shape[0], prefix_len)
+    return torch.cat([ones, token_mask], dim=1)
+
+
+def token_positions(token_mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Positions that count real tokens only, so left padding does not shift them. (B, T)
+
+    The first real token gets `offset` (the prefix length, as in PEFT's prefix tuning). Padding
+    slots get `offset` too; they are masked out as keys, so their value never matters.
+    """
+    counts = token_mask.long().cumsum(dim=1) - 1
+    return counts.clamp(min=0) + offset
+
+
+def check_split_at(split_at: int, num_layers: int) -> None:
+    """Raise unless 1 <= K < L, so that both parties run at least one layer."""
+    if not isinstance(split_at, int) or not 1 <= split_at < num_layers:
+        raise ConfigError(f"split_at must satisfy 1 <= K < L={num_layers}; got K={split_at!r}")
+
+
+class Embeddings(nn.Module):
+    """Token embeddings, plus learned positions and embedding dropout where the family has them."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        arch = architecture_of(model.config)
+        self.tokens = arch.part(model, arch.embed_tokens)
+        self.positions = arch.optional_part(model, arch.embed_positions)
+        self.dropout = arch.optional_part(model, arch.embed_dropout)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.tokens(input_ids)  # (B, T, d)
+        if self.positions is not None:
+            hidden = hidden + self.positions(positions)
+        return hidden if self.dropout is None else self.dropout(hidden)
+
+
+class LayerStack(nn.Module):
+    """Decoder layers [start, stop) of a model, run exactly as the model's own forward runs them."""
+
+    def __init__(self, model: PreTrainedModel, start: int, stop: int) -> None:
+        super().__init__()
+        arch = architecture_of(model.config)
+        self.config = model.config
+        self.start, self.stop = start, stop
+        self.layers = nn.ModuleList(arch.layers_of(model)[start:stop])
+        self.rotary = arch.optional_part(model, arch.rotary)
+        self.sliding = arch.sliding_layers(model.config)[start:stop]
+
+    def forward(self, x: Activations, cache: Cache | None = None) -> torch.Tensor:
+        """Run the layers on `x`, reading and extending `cache` for these layers. Returns (B, T, d)."""
+        self._check_mask(x, cache)
+        masks = {sliding: self._mask(x, cache, sliding) for sliding in set(self.sliding)}
+        extra = {}
+        if self.rotary is not None:
+            extra["position_embeddings"] = self.rotary(x.hidden, position_ids=x.positions)
+        hidden = x.hidden
+        for layer, sliding in zip(self.layers, self.sliding, strict=True):
+            hidden = layer(
+                hidden, attention_mask=masks[sliding], position_ids=x.positions, cache=cache, **extra
+            )
+        return hidden
+
+    def _check_mask(self, x: Activations, cache: Cache | None) -> None:
+        batch, new = x.hidden.shape[:2]
+        cached = cache.get_seq_length(self.start) if cache is not None else 0
+        expected = (batch, cached + new)
+        if tuple(x.attention_mask.shape) != expected:
+            raise ShapeMismatchError(
+                f"attention_mask for layers [{self.start}, {self.stop}) must be (B, cached + T) = {expected} "
+                f"({cached} cached prefix/past keys + {new} new tokens); got {tuple(x.attention_mask.shape)}. "
+                "Prepend the prefix with extend_mask()."
+            )
+        if tuple(x.positions.shape) != (batch, new):
+            raise ShapeMismatchError(f"positions must be {(batch, new)}; got {tuple(x.positions.shape)}")
+
+    def _mask(self, x: Activations, cache: Cache | None, sliding: bool) -> torch.Tensor | None:
+        make = create_sliding_window_causal_mask if sliding else create_causal_mask
+        first = self.start + self.sliding.index(sliding)  # size the mask against a layer of this kind
+        return make(
+            config=self.config,
+            inputs_embeds=x.hidden,
+            attention_mask=x.attention_mask,
+            cache=cache,
+            position_ids=x.positions,
+            layer_idx=first,
+        )
+
+
+class Head(nn.Module):
+    """The final norm and the LM head: hidden states (B, T, d) to logits (B, T, V)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        arch = architecture_of(model.config)
+        self.norm = arch.part(model, arch.final_norm)
+        self.lm_head = model.get_output_embeddings()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+
+class Bottom(nn.Module):
+    """The data party's first network part: embeddings and layers [0, K)."""
+
+    def __init__(self, model: PreTrainedModel, split_at: int) -> None:
+        super().__init__()
+        self.embeddings = Embeddings(model)
+        self.stack = LayerStack(model, 0, split_at)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Cache | None = None,
+    ) -> Activations:
+        """`attention_mask` is (B, cached + T); returns the layer-K activations for the top part."""
+        x = Activations(self.embeddings(input_ids, positions), attention_mask, positions)
+        x.hidden = self.stack(x, cache)  # (B, T, d)
+        return x
+
+
+class Top(nn.Module):
+    """The model party's second network part: layers [K, L), plus norm and head when on the server."""
+
+    def __init__(self, model: PreTrainedModel, split_at: int, head: HeadPlacement = "server") -> None:
+        super().__init__()
+        self.stack = LayerStack(model, split_at, model.config.num_hidden_layers)
+        self.head = Head(model) if head == "server" else None
+
+    def forward(self, x: Activations, cache: Cache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) with the head on the server, else the last hidden states (B, T, d)."""
+        hidden = self.stack(x, cache)
+        return hidden if self.head is None else self.head(hidden)
+
+
+class SplitParts(NamedTuple):
+    """The views of one model cut at K. `head` is set only for the head-on-client cut."""
+
+    bottom: Bottom
+    top: Top
+    head: Head | None
+
+
+def split_model(model: PreTrainedModel, split_at: int, head: HeadPlacement = "server") -> SplitParts:
+    """Cut `model` at layer K. The parts share the model's weights; nothing is copied."""
+    check_split_at(split_at, model.config.num_hidden_layers)
+    if head not in ("server", "client"):
+        raise ConfigError(f"head must be 'server' or 'client'; got {head!r}")
+    return SplitParts(
+        bottom=Bottom(model, split_at),
+        top=Top(model, split_at, head),
+        head=Head(model) if head == "client" else None,
+    )

@@ -1,0 +1,82 @@
+"""Tiny random models of every supported architecture, built inside the tests (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+ARCHS = ("llama", "qwen2", "mistral", "gpt2")
+VOCAB = 96
+
+
+def tiny_config(arch: str, num_layers: int = 4) -> PretrainedConfig:
+    """A 4-layer, 64-wide config; rotary families use grouped-query attention (4 heads, 2 kv heads)."""
+    rotary = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if arch == "llama":
+        return LlamaConfig(**rotary)
+    if arch == "qwen2":
+        return Qwen2Config(**rotary)
+    if arch == "mistral":
+        return MistralConfig(**rotary, sliding_window=64)
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=num_layers,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    raise ValueError(arch)
+
+
+def build_tiny_model(arch: str, attn: str = "sdpa", seed: int = 0, num_layers: int = 4) -> PreTrainedModel:
+    """A seeded tiny random model in eval mode, fp32."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, num_layers), attn_implementation=attn)
+    return model.eval()
+
+
+def random_batch(
+    batch: int = 3, length: int = 7, padding: str | None = None, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) and a token mask; padding 'left' or 'right' shortens rows 1.. by 1, 2, ..."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if padding is not None:
+        for row in range(1, batch):
+            pad = min(row * 2, length - 1)
+            if padding == "right":
+                mask[row, length - pad :] = 0
+            else:
+                mask[row, :pad] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request: pytest.FixtureRequest) -> str:
+    return request.param
