@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, OPTConfig
 from conftest import build_tiny_model, random_batch, tiny_config
 from splitprefix.errors import ConfigError, ShapeMismatchError, UnsupportedArchitectureError
 from splitprefix.model.prefix import PrefixConfig, prefix_cache
-from splitprefix.model.prefixed import forward_split, forward_with_prefix
+from splitprefix.model.prefixed import forward_split, forward_with_prefix, generate_with_prefix
 from splitprefix.model.split import Activations, split_model, token_positions
 
 # Layer-by-layer execution performs the same ops in the same order as HF's forward.
@@ -155,3 +155,23 @@ def test_mismatched_hidden_and_positions_are_rejected():
 
 def test_tiny_config_uses_grouped_query_attention():
     assert tiny_config("llama").num_key_value_heads < tiny_config("llama").num_attention_heads
+
+
+def test_generate_with_prefix_equals_a_manual_greedy_loop(arch):
+    # Prepare
+    model = build_tiny_model(arch)
+    ids, mask = random_batch(padding="left")
+    kv = torch.randn(PrefixConfig.for_model(model.config, 5).kv_shape)
+    model.generation_config.eos_token_id = None  # run every step so all tokens are compared
+
+    # Execute
+    generated = generate_with_prefix(model, ids, mask, kv, max_new_tokens=5, pad_token_id=0)
+    steps = []
+    with torch.no_grad():
+        for _ in range(5):
+            next_ids = forward_with_prefix(model, ids, mask, kv)[:, -1].argmax(-1, keepdim=True)
+            steps.append(next_ids)
+            ids, mask = torch.cat([ids, next_ids], 1), torch.cat([mask, torch.ones_like(next_ids)], 1)
+
+    # Assert
+    assert torch.equal(generated, torch.cat(steps, 1))

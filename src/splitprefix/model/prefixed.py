@@ -50,3 +50,30 @@ def forward_split(
     x = parts.bottom(input_ids, extend_mask(token_mask, p), token_positions(token_mask, p), bottom_cache)
     out = parts.top(x, top_cache)
     return out if parts.head is None else parts.head(out)
+
+
+@torch.no_grad()
+def generate_with_prefix(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    token_mask: torch.Tensor,
+    kv: torch.Tensor | None,
+    max_new_tokens: int,
+    pad_token_id: int,
+) -> torch.Tensor:
+    """Greedy continuation (B, max_new_tokens) of left-padded prompts, with `kv` as the prefix.
+
+    Uses Hugging Face `generate` with the prefix seeded into its cache, since PEFT's own `generate`
+    ignores a prefix under transformers 5. Rows that hit EOS are padded with `pad_token_id`.
+    """
+    p = _prefix_len(kv)
+    cache = None if kv is None else prefix_cache(kv, model.config, input_ids.shape[0])
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=extend_mask(token_mask, p),
+        cache=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id,
+    )
+    return out[:, input_ids.shape[1] :]
