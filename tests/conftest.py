@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -11,6 +12,7 @@ from transformers import (
     MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     Qwen2Config,
 )
 
@@ -18,10 +20,10 @@ ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 VOCAB = 96
 
 
-def tiny_config(arch: str, num_layers: int = 4) -> PretrainedConfig:
+def tiny_config(arch: str, num_layers: int = 4, vocab_size: int = VOCAB) -> PretrainedConfig:
     """A 4-layer, 64-wide config; rotary families use grouped-query attention (4 heads, 2 kv heads)."""
     rotary = dict(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=num_layers,
@@ -52,10 +54,13 @@ def tiny_config(arch: str, num_layers: int = 4) -> PretrainedConfig:
     raise ValueError(arch)
 
 
-def build_tiny_model(arch: str, attn: str = "sdpa", seed: int = 0, num_layers: int = 4) -> PreTrainedModel:
+def build_tiny_model(
+    arch: str, attn: str = "sdpa", seed: int = 0, num_layers: int = 4, vocab_size: int = VOCAB
+) -> PreTrainedModel:
     """A seeded tiny random model in eval mode, fp32."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, num_layers), attn_implementation=attn)
+    config = tiny_config(arch, num_layers, vocab_size)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     return model.eval()
 
 
@@ -75,6 +80,29 @@ def random_batch(
                 mask[row, :pad] = 0
         ids = ids.masked_fill(mask == 0, 0)
     return ids, mask
+
+
+TOKENIZER_VOCAB = 320
+_TEXT = [
+    "Customer: I want a refund for my order.",
+    "Customer: please cancel my subscription today",
+    "The quick brown fox jumps over the lazy dog.",
+    "A tokenizer turns text into ids and back again.",
+]
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE (pad=0, bos=1, eos=2) trained in memory; pairs with vocab_size=TOKENIZER_VOCAB."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_TEXT * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(params=ARCHS)

@@ -6,8 +6,10 @@ import json
 
 from typer.testing import CliRunner
 
-from conftest import build_tiny_model
+from conftest import TOKENIZER_VOCAB, build_tiny_model, build_tiny_tokenizer
 from splitprefix.cli.main import app
+from splitprefix.errors import ShapeMismatchError
+from splitprefix.model.prefix import Prefix, PrefixConfig
 
 runner = CliRunner()
 
@@ -29,3 +31,37 @@ def test_info_on_a_missing_directory_fails_cleanly(tmp_path):
     result = runner.invoke(app, ["info", str(tmp_path / "nope")])
     assert result.exit_code != 0
     assert "not a model directory" in str(result.exception) + result.output
+
+
+def test_eval_prints_a_json_report(tmp_path):
+    # Prepare
+    model_dir = tmp_path / "model"
+    build_tiny_model("llama", vocab_size=TOKENIZER_VOCAB).save_pretrained(model_dir)
+    build_tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "test.jsonl"
+    data.write_text('{"prompt": "Customer: refund please\\nIntent:", "completion": " refund"}\n')
+    prefix_dir = tmp_path / "prefix"
+    Prefix(PrefixConfig(4, 2, 16, 3)).save(prefix_dir)
+
+    # Execute
+    result = runner.invoke(
+        app, ["eval", str(model_dir), "--data", str(data), "--prefix", str(prefix_dir), "--json"]
+    )
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"loss", "perplexity", "n_tokens", "exact_match"} <= set(report)
+
+
+def test_eval_rejects_a_prefix_for_another_model(tmp_path):
+    model_dir = tmp_path / "model"
+    build_tiny_model("llama", vocab_size=TOKENIZER_VOCAB).save_pretrained(model_dir)
+    build_tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "test.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    Prefix(PrefixConfig(6, 2, 16, 3)).save(tmp_path / "prefix")
+    result = runner.invoke(
+        app, ["eval", str(model_dir), "--data", str(data), "--prefix", str(tmp_path / "prefix")]
+    )
+    assert isinstance(result.exception, ShapeMismatchError)

@@ -2,6 +2,9 @@
 
 import typer
 
+from splitprefix.cli.data import make_data_command
+from splitprefix.cli.evaluate import eval_command
+
 app = typer.Typer(
     name="splitprefix",
     help="Split prefix-tuning of a causal LM between a model party and data parties.",
@@ -25,6 +28,10 @@ def info(
     from splitprefix.model.loading import describe_model
 
     typer.echo(json.dumps(describe_model(model), indent=2))
+
+
+app.command(name="make-data")(make_data_command)
+app.command(name="eval")(eval_command)
 
 
 def main() -> None:

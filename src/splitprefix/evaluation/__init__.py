@@ -1,1 +1,1 @@
-
+"""Loss, perplexity and exact match."""

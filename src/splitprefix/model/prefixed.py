@@ -68,7 +68,7 @@ def generate_with_prefix(
     """
     p = _prefix_len(kv)
     cache = None if kv is None else prefix_cache(kv, model.config, input_ids.shape[0])
-    out = model.generate(
+    out = model.generate(  # type: ignore[operator]
         input_ids=input_ids,
         attention_mask=extend_mask(token_mask, p),
         cache=cache,

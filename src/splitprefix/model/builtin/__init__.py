@@ -1,18 +1,24 @@
-"""The small base model shipped inside the package, selected everywhere by the name `builtin`."""
+"""The built-in base model, shipped as package data in `weights/`.
+
+The weights are produced by `splitprefix pretrain` (see `splitprefix.model_party.pretrain`) and copied here;
+the name `builtin` selects them wherever a model directory is expected.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 BUILTIN_NAME = "builtin"
+"""The model name that selects the shipped model."""
 
 
 def builtin_dir() -> Path:
-    """The shipped model's directory, or a clear error when this installation lacks it."""
-    path = Path(__file__).parent / "weights"
+    """The folder of the shipped model; raises FileNotFoundError if the package was installed without it."""
+    path = Path(__file__).resolve().parent / "weights"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"the built-in model is missing from {path}; reinstall splitprefix, or rebuild it with "
-            "`splitprefix pretrain --out <dir>` and copy the result there"
+            f"the built-in model is missing: {path} has no config.json. Rebuild it with "
+            f"`splitprefix pretrain --out <folder>` and copy the folder's files there, or pass a model "
+            f"directory instead of '{BUILTIN_NAME}'"
         )
     return path

@@ -1,0 +1,109 @@
+"""Held-out evaluation of a model, with or without a prefix: loss, perplexity, exact match."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from splitprefix.data.batching import collate, encode_examples, iterate_batches, prompt_batch, resolve_pad_id
+from splitprefix.data.formats import Example
+from splitprefix.errors import ConfigError
+from splitprefix.evaluation.metrics import exact_match, normalize_answer, perplexity, token_loss_sum
+from splitprefix.model.prefixed import forward_with_prefix, generate_with_prefix
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How to evaluate."""
+
+    batch_size: int = 32
+    """Examples per forward pass."""
+    max_length: int = 256
+    """Tokens kept per example (prompts are cut from the left)."""
+    max_new_tokens: int | None = None
+    """Generation budget for exact match; None = longest reference completion plus 4 tokens."""
+    exact_match: bool = True
+    """Generate greedily and score exact match on examples that have a prompt."""
+    num_samples: int = 5
+    """Predictions echoed in the report, for a human to look at."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_length < 2:
+            raise ConfigError(
+                f"need batch_size >= 1 and max_length >= 2; got {self.batch_size}, {self.max_length}"
+            )
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    kv: torch.Tensor | None = None,
+    config: EvalConfig = EvalConfig(),
+) -> dict[str, float]:
+    """Mean next-token loss on the supervised tokens, its perplexity and the token count."""
+    encoded = encode_examples(tokenizer, examples, config.max_length)
+    pad_id = resolve_pad_id(tokenizer)
+    total, count = 0.0, 0
+    chunks = list(iterate_batches(encoded, config.batch_size, shuffle=False))
+    for chunk in tqdm(chunks, desc="loss", leave=False, disable=None):
+        batch = collate(chunk, pad_id)
+        logits = forward_with_prefix(model, batch.input_ids, batch.attention_mask, kv)
+        loss_sum, n = token_loss_sum(logits, batch.labels)
+        total, count = total + float(loss_sum), count + n
+    if count == 0:
+        raise ConfigError("no supervised token to evaluate: every example's completion is empty")
+    mean = total / count
+    return {"loss": mean, "perplexity": perplexity(mean), "n_tokens": count}
+
+
+@torch.no_grad()
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    kv: torch.Tensor | None,
+    max_new_tokens: int,
+    config: EvalConfig = EvalConfig(),
+) -> list[str]:
+    """Greedy completions of `prompts`, decoded without special tokens."""
+    answers: list[str] = []
+    chunks = list(iterate_batches(prompts, config.batch_size, shuffle=False))
+    for chunk in tqdm(chunks, desc="generate", leave=False, disable=None):
+        batch = prompt_batch(tokenizer, chunk, "left", config.max_length)
+        new = generate_with_prefix(
+            model, batch.input_ids, batch.attention_mask, kv, max_new_tokens, resolve_pad_id(tokenizer)
+        )
+        answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return answers
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    kv: torch.Tensor | None = None,
+    config: EvalConfig = EvalConfig(),
+) -> dict[str, Any]:
+    """Loss, perplexity and token count; plus exact match when examples have prompts."""
+    report: dict[str, Any] = {
+        "n_examples": len(examples),
+        **evaluate_loss(model, tokenizer, examples, kv, config),
+    }
+    prompted = [e for e in examples if e.prompt]
+    if not (config.exact_match and prompted):
+        return report
+    budget = config.max_new_tokens or 4 + max(len(tokenizer.encode(e.completion)) for e in prompted)
+    answers = generate_answers(model, tokenizer, [e.prompt for e in prompted], kv, budget, config)
+    references = [e.completion for e in prompted]
+    report["exact_match"] = exact_match(answers, references)
+    report["samples"] = [
+        {"prompt": e.prompt, "expected": normalize_answer(e.completion), "predicted": normalize_answer(a)}
+        for e, a in zip(prompted[: config.num_samples], answers, strict=False)
+    ]
+    return report

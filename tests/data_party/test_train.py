@@ -1,0 +1,43 @@
+"""The prefix training loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TOKENIZER_VOCAB, build_tiny_model, build_tiny_tokenizer
+from splitprefix.data.batching import encode_examples, resolve_pad_id
+from splitprefix.data.formats import Example
+from splitprefix.data_party.train import TrainConfig, local_loss_fn, lr_at, train_prefix
+from splitprefix.errors import ConfigError
+from splitprefix.model.prefix import Prefix, PrefixConfig
+
+
+@pytest.mark.parametrize("projection_dim", [None, 32])
+def test_training_lowers_the_loss_and_leaves_the_model_frozen(projection_dim):
+    # Prepare
+    model = build_tiny_model("qwen2", vocab_size=TOKENIZER_VOCAB).requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tok = build_tiny_tokenizer()
+    data = encode_examples(tok, [Example("Customer: I want a refund\nIntent:", " refund")] * 8, 64)
+    prefix = Prefix(PrefixConfig.for_model(model.config, 4, projection_dim=projection_dim))
+
+    # Execute
+    history = train_prefix(
+        prefix, local_loss_fn(model), data, resolve_pad_id(tok), TrainConfig(steps=20, lr=1e-1)
+    )
+
+    # Assert: a random tiny model is hard to steer, so ask for a clear but modest drop
+    assert sum(history.losses[-3:]) / 3 < history.losses[0] - 0.3
+    assert all((model.state_dict()[k] == v).all() for k, v in before.items())
+
+
+def test_schedule_warms_up_then_decays():
+    config = TrainConfig(steps=100, warmup_steps=10)
+    assert lr_at(0, config) == pytest.approx(0.1)
+    assert lr_at(10, config) == pytest.approx(1.0)
+    assert lr_at(99, config) < 0.15
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        TrainConfig(steps=5, warmup_steps=6)
