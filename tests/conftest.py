@@ -42,7 +42,7 @@ def tiny_config(arch: str, num_layers: int = 4, vocab_size: int = VOCAB) -> Pret
         return MistralConfig(**rotary, sliding_window=64)
     if arch == "gpt2":
         return GPT2Config(
-            vocab_size=VOCAB,
+            vocab_size=vocab_size,
             n_embd=64,
             n_layer=num_layers,
             n_head=4,

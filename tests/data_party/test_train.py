@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import TOKENIZER_VOCAB, build_tiny_model, build_tiny_tokenizer
 from splitprefix.data.batching import encode_examples, resolve_pad_id
@@ -41,3 +42,36 @@ def test_schedule_warms_up_then_decays():
 def test_bad_config_is_rejected():
     with pytest.raises(ConfigError, match="warmup_steps"):
         TrainConfig(steps=5, warmup_steps=6)
+
+
+def test_training_resumes_after_a_crash_with_the_same_result(tmp_path):
+    # Prepare
+    model = build_tiny_model("gpt2", vocab_size=TOKENIZER_VOCAB)
+    tok = build_tiny_tokenizer()
+    data = encode_examples(tok, [Example(f"Customer: order {i}\nIntent:", " refund") for i in range(12)], 64)
+    config = TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=2)
+    loss_fn = local_loss_fn(model)
+    torch.manual_seed(0)
+    straight = Prefix(PrefixConfig.for_model(model.config, 3))
+    torch.manual_seed(0)
+    crashed = Prefix(PrefixConfig.for_model(model.config, 3))
+    train_prefix(straight, loss_fn, data, resolve_pad_id(tok), config)
+
+    # Execute: the fifth step crashes; the rerun resumes from the checkpoint of step 4
+    calls = []
+
+    def crashing(batch, kv):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return loss_fn(batch, kv)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_prefix(crashed, crashing, data, resolve_pad_id(tok), config, tmp_path)
+    torch.manual_seed(1)  # the resumed run starts from a different initialisation
+    resumed = Prefix(PrefixConfig.for_model(model.config, 3))
+    history = train_prefix(resumed, loss_fn, data, resolve_pad_id(tok), config, tmp_path)
+
+    # Assert
+    assert len(history.losses) == 6
+    torch.testing.assert_close(resumed(), straight())

@@ -4,6 +4,8 @@ import typer
 
 from splitprefix.cli.data import make_data_command
 from splitprefix.cli.evaluate import eval_command
+from splitprefix.cli.offsite import emulate_command, integrate_command, train_offsite_command
+from splitprefix.cli.pretrain import pretrain_command
 
 app = typer.Typer(
     name="splitprefix",
@@ -31,7 +33,11 @@ def info(
 
 
 app.command(name="make-data")(make_data_command)
+app.command(name="pretrain")(pretrain_command)
 app.command(name="eval")(eval_command)
+app.command(name="emulate")(emulate_command)
+app.command(name="train-offsite")(train_offsite_command)
+app.command(name="integrate")(integrate_command)
 
 
 def main() -> None:

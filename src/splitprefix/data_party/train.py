@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from splitprefix.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from splitprefix.data.batching import Batch, EncodedExample, collate, iterate_batches
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.metrics import token_loss_sum
@@ -42,6 +44,8 @@ class TrainConfig:
     """Gradient clipping norm; 0 disables clipping."""
     seed: int = 0
     """Seed for the data order."""
+    checkpoint_every: int = 50
+    """Steps between resumable checkpoints, when a checkpoint folder is given; 0 disables them."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -87,15 +91,26 @@ def train_prefix(
     encoded: list[EncodedExample],
     pad_id: int,
     config: TrainConfig,
+    checkpoint_root: Path | None = None,
     desc: str = "train",
 ) -> TrainHistory:
-    """Train `prefix` in place for `config.steps` steps and return the loss history."""
+    """Train `prefix` in place for `config.steps` steps and return the loss history.
+
+    With `checkpoint_root`, a checkpoint is written every `config.checkpoint_every` steps and a rerun
+    of the same job resumes from the newest one, with the same batches as an uninterrupted run.
+    """
     optimizer = torch.optim.AdamW(prefix.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config))
+    history, start = TrainHistory(), 0
+    if checkpoint_root is not None:
+        check_resumable(checkpoint_root, {**asdict(config), "prefix": asdict(prefix.config)})
+        start, extra = load_checkpoint(checkpoint_root, prefix, optimizer, scheduler)
+        history.losses = extra.get("losses", [])
     batches = batches_forever(encoded, config.batch_size, pad_id, config.seed)
-    history = TrainHistory()
-    bar = tqdm(range(config.steps), desc=desc, disable=None)
-    for _ in bar:
+    for _ in range(start):
+        next(batches)
+    bar = tqdm(range(start, config.steps), desc=desc, initial=start, total=config.steps, disable=None)
+    for step in bar:
         loss_sum, n = loss_fn(next(batches), prefix())
         loss = loss_sum / max(n, 1)
         optimizer.zero_grad(set_to_none=True)
@@ -106,6 +121,14 @@ def train_prefix(
         scheduler.step()
         history.losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (
+            checkpoint_root is not None
+            and config.checkpoint_every
+            and (step + 1) % config.checkpoint_every == 0
+        ):
+            save_checkpoint(
+                checkpoint_root, step + 1, prefix, optimizer, scheduler, {"losses": history.losses}
+            )
     return history
 
 

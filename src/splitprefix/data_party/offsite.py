@@ -1,0 +1,147 @@
+"""Offsite prefix training on the emulator, and integration of the result into the full model's layout.
+
+Both run at the data party with no network: the emulator is all it ever receives from the model party.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from splitprefix.data.batching import encode_examples, resolve_pad_id
+from splitprefix.data.formats import Example, load_jsonl
+from splitprefix.data_party.train import TrainConfig, local_loss_fn, train_prefix
+from splitprefix.errors import ConfigError
+from splitprefix.evaluation.evaluate import EvalConfig, evaluate
+from splitprefix.model.emulator import DroppedLayers, EmulatorManifest, integrate_kv
+from splitprefix.model.loading import load_causal_lm, load_tokenizer
+from splitprefix.model.prefix import Prefix, PrefixConfig
+
+CHECKPOINT_DIR = "checkpoint"
+RUN_FILE = "train_config.json"
+EVAL_FILE = "eval.json"
+
+
+@dataclass(frozen=True)
+class OffsiteConfig:
+    """Everything that defines an offsite training run; saved next to the prefix."""
+
+    prefix_len: int = 16
+    """Virtual tokens P per layer."""
+    projection_dim: int | None = None
+    """Hidden width of the MLP reparameterisation; None trains keys/values directly."""
+    max_length: int = 128
+    """Tokens kept per training example."""
+    epochs: float | None = None
+    """Passes over the data; when set, overrides `train.steps`."""
+    eval_fraction: float = 0.1
+    """Share of the training file held out for evaluation when no separate eval file is given."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation settings."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1); got {self.eval_fraction}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"epochs must be > 0; got {self.epochs}")
+
+
+def _split_eval(examples: list[Example], config: OffsiteConfig, eval_data: Path | None) -> tuple[list, list]:
+    if eval_data is not None:
+        return examples, load_jsonl(eval_data)
+    n_eval = int(len(examples) * config.eval_fraction)
+    if n_eval == 0:
+        return examples, []
+    return examples[:-n_eval], examples[-n_eval:]
+
+
+def train_offsite(
+    emulator_dir: Path, data: Path, out: Path, config: OffsiteConfig, eval_data: Path | None = None
+) -> dict[str, Any]:
+    """Train a prefix on the emulator; write it, its hyper-parameters and its held-out evaluation to `out`."""
+    manifest = EmulatorManifest.load(emulator_dir)
+    model, tokenizer = load_causal_lm(emulator_dir), load_tokenizer(emulator_dir)
+    train, held_out = _split_eval(load_jsonl(data), config, eval_data)
+    encoded = encode_examples(tokenizer, train, config.max_length)
+    steps = config.train.steps
+    if config.epochs is not None:
+        steps = max(1, math.ceil(config.epochs * len(encoded) / config.train.batch_size))
+    train_config = TrainConfig(
+        **{**asdict(config.train), "steps": steps, "warmup_steps": min(config.train.warmup_steps, steps)}
+    )
+    prefix = Prefix(
+        PrefixConfig.for_model(model.config, config.prefix_len, projection_dim=config.projection_dim)
+    )
+    start = time.perf_counter()
+    history = train_prefix(
+        prefix,
+        local_loss_fn(model),
+        encoded,
+        resolve_pad_id(tokenizer),
+        train_config,
+        out / CHECKPOINT_DIR,
+        "offsite",
+    )
+    report: dict[str, Any] = {
+        "n_train": len(train),
+        "steps": steps,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    report["final_train_loss"] = history.losses[-1]
+    if held_out:
+        report["held_out"] = evaluate(model, tokenizer, held_out, prefix().detach(), EvalConfig())
+    prefix.save(out)
+    _write_json(
+        out / RUN_FILE,
+        {
+            "layout": "emulator",
+            "emulator": str(emulator_dir),
+            "base_model": manifest.base_model,
+            "data": str(data),
+            "config": asdict(config),
+            "effective_steps": steps,
+        },
+    )
+    _write_json(out / EVAL_FILE, report)
+    _write_json(out / "train_losses.json", history.losses)
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    return report
+
+
+def integrate(prefix_dir: Path, emulator_dir: Path, out: Path, dropped: DroppedLayers = "stand-in") -> Prefix:
+    """Map an emulator-layout prefix onto every layer of the full model and save it to `out`."""
+    manifest = EmulatorManifest.load(emulator_dir)
+    prefix = Prefix.load(prefix_dir).fold()
+    full_kv = integrate_kv(prefix().detach(), manifest, dropped)
+    full = Prefix(
+        PrefixConfig(
+            manifest.num_layers,
+            prefix.config.num_kv_heads,
+            prefix.config.head_dim,
+            prefix.config.num_virtual_tokens,
+        ),
+        full_kv,
+    )
+    full.save(out)
+    _write_json(
+        out / RUN_FILE,
+        {
+            "layout": "full",
+            "base_model": manifest.base_model,
+            "integrated_from": str(prefix_dir),
+            "emulator": str(emulator_dir),
+            "dropped": dropped,
+            "layer_map": manifest.layer_map,
+        },
+    )
+    return full
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -1,0 +1,190 @@
+"""The emulator format: a standard HF model directory plus a manifest that maps it to the full model.
+
+The emulator keeps the tokenizer, embeddings, layers [0, K), the final norm and the LM head of the
+full model bit for bit, and keeps N of the L - K upper layers. The manifest records which original
+layers were kept, which kept layer stands in for each dropped one, and fingerprints that let the
+model party check that a data party's bottom part is the one its model was cut from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from splitprefix.errors import ConfigError, ShapeMismatchError, SplitPrefixError
+from splitprefix.model.split import Bottom, check_split_at
+
+MANIFEST_FILE = "emulator_manifest.json"
+FORMAT_VERSION = 1
+
+
+class FingerprintMismatchError(SplitPrefixError, ValueError):
+    """A tokenizer or bottom part does not come from the model it is used with."""
+
+
+def uniform_keep(num_layers: int, split_at: int, keep: int) -> list[int]:
+    """Original indices of the N upper layers kept by uniform layer drop: the middle of N equal chunks."""
+    check_split_at(split_at, num_layers)
+    upper = num_layers - split_at
+    if not 1 <= keep < upper:
+        raise ConfigError(
+            f"keep must satisfy 1 <= N < L - K = {upper} (L={num_layers}, K={split_at}); got N={keep}"
+        )
+    return [split_at + int((i + 0.5) * upper / keep) for i in range(keep)]
+
+
+def stand_ins(num_layers: int, split_at: int, kept_upper: list[int]) -> list[int]:
+    """For each original layer, the emulator layer that represents it: layer l < K is emulator layer l;
+    an upper layer maps to the nearest kept upper layer (the lower one on a tie), so kept layers map
+    to themselves."""
+    mapping = list(range(split_at))
+    for layer in range(split_at, num_layers):
+        nearest = min(range(len(kept_upper)), key=lambda j: (abs(kept_upper[j] - layer), kept_upper[j]))
+        mapping.append(split_at + nearest)
+    return mapping
+
+
+@dataclass
+class EmulatorManifest:
+    """How an emulator relates to the full model it was built from. Saved as JSON beside it."""
+
+    base_model: str
+    """Identity of the full model: the name or path it was loaded from."""
+    base_config_sha256: str
+    """Hash of the full model's config, to tell models of the same name apart."""
+    num_layers: int
+    """Layers L of the full model."""
+    split_at: int
+    """K: layers [0, K) are the data party's and identical in emulator and full model."""
+    kept_layers: list[int]
+    """For each emulator layer, the original layer it is a copy of (K + N entries)."""
+    layer_map: list[int]
+    """For each original layer, the emulator layer whose prefix it takes (L entries)."""
+    tokenizer_sha256: str
+    """Fingerprint of the tokenizer (vocabulary and special tokens)."""
+    bottom_sha256: str
+    """Fingerprint of the embeddings and layers [0, K)."""
+    distillation: dict[str, Any] | None = None
+    """Settings and before/after metrics of distillation, if any was run."""
+    format_version: int = FORMAT_VERSION
+    """Version of this manifest format."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes."""
+
+    def __post_init__(self) -> None:
+        check_split_at(self.split_at, self.num_layers)
+        if self.kept_layers[: self.split_at] != list(range(self.split_at)):
+            raise ConfigError(
+                f"kept_layers must start with 0..K-1 (K={self.split_at}); got {self.kept_layers}"
+            )
+        if len(self.layer_map) != self.num_layers or any(
+            not 0 <= j < len(self.kept_layers) for j in self.layer_map
+        ):
+            raise ConfigError(
+                f"layer_map must give an emulator layer in [0, {len(self.kept_layers)}) for each of "
+                f"L={self.num_layers} layers; got {self.layer_map}"
+            )
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_FILE
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> EmulatorManifest:
+        """Read and validate a manifest; a missing or corrupt one raises a clear ConfigError."""
+        path = Path(directory) / MANIFEST_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found; is {directory} an emulator built by `splitprefix emulate`?"
+            )
+        try:
+            raw = json.loads(path.read_text())
+            known = {f.name for f in dataclasses.fields(cls)}
+            manifest = cls(**{k: v for k, v in raw.items() if k in known})
+        except (json.JSONDecodeError, TypeError, AttributeError) as error:
+            raise ConfigError(
+                f"{path} is corrupt ({error}); rebuild the emulator with `splitprefix emulate`"
+            ) from None
+        if manifest.format_version > FORMAT_VERSION:
+            raise ConfigError(
+                f"{path} has format_version {manifest.format_version}; this splitprefix reads <= {FORMAT_VERSION}"
+            )
+        return manifest
+
+
+def _sha256_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        # fp32 so that loading the same weights in another dtype does not change the fingerprint
+        tensor = tensors[name].detach().float().contiguous().cpu()
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def bottom_fingerprint(model: PreTrainedModel, split_at: int) -> str:
+    """Hash of the embeddings and layers [0, K): equal for a full model and its emulators."""
+    return _sha256_tensors(dict(Bottom(model, split_at).state_dict()))
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the vocabulary and special tokens, independent of how the files are laid out."""
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def config_fingerprint(model: PreTrainedModel) -> str:
+    return hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()
+
+
+def verify_bottom(
+    manifest: EmulatorManifest, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Raise FingerprintMismatchError unless `model`'s bottom K layers and `tokenizer` match the manifest."""
+    checks = (
+        ("tokenizer", manifest.tokenizer_sha256, tokenizer_fingerprint(tokenizer)),
+        (
+            f"bottom {manifest.split_at} layers",
+            manifest.bottom_sha256,
+            bottom_fingerprint(model, manifest.split_at),
+        ),
+    )
+    for what, expected, actual in checks:
+        if expected != actual:
+            raise FingerprintMismatchError(
+                f"the {what} differ from those the emulator was built from ({manifest.base_model}): expected "
+                f"sha256 {expected[:12]}…, got {actual[:12]}…. Use the emulator built from this model."
+            )
+
+
+DroppedLayers = Literal["stand-in", "zeros"]
+
+
+def integrate_kv(
+    kv: torch.Tensor, manifest: EmulatorManifest, dropped: DroppedLayers = "stand-in"
+) -> torch.Tensor:
+    """Map an emulator-layout prefix (K + N, 2, n_kv, P, hd) onto all L layers of the full model.
+
+    Kept layers map one to one. A dropped layer takes its stand-in's prefix, or zero keys and values
+    with `dropped="zeros"`.
+    """
+    emulator_layers = len(manifest.kept_layers)
+    if kv.shape[0] != emulator_layers:
+        raise ShapeMismatchError(
+            f"the prefix has {kv.shape[0]} layers; this emulator has {emulator_layers} (was it trained on another one?)"
+        )
+    if dropped not in ("stand-in", "zeros"):
+        raise ConfigError(f"dropped must be 'stand-in' or 'zeros'; got {dropped!r}")
+    layers = []
+    for layer, source in enumerate(manifest.layer_map):
+        kept = manifest.kept_layers[source] == layer
+        layers.append(kv[source] if kept or dropped == "stand-in" else torch.zeros_like(kv[source]))
+    return torch.stack(layers)  # (L, 2, n_kv, P, head_dim)

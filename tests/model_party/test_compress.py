@@ -1,0 +1,145 @@
+"""The emulator: layer drop keeps the bottom, norm, head and tokenizer bit-identical; distillation helps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import TOKENIZER_VOCAB, build_tiny_model, build_tiny_tokenizer
+from splitprefix.errors import ConfigError
+from splitprefix.model.emulator import (
+    MANIFEST_FILE,
+    EmulatorManifest,
+    FingerprintMismatchError,
+    bottom_fingerprint,
+    uniform_keep,
+    verify_bottom,
+)
+from splitprefix.model.loading import load_causal_lm, load_tokenizer
+from splitprefix.model.split import Bottom, Head
+from splitprefix.model_party.compress import DistillConfig, _Distiller, build_emulator, distill, emulate
+
+
+def _save_full(tmp_path, arch="llama", num_layers=6, seed=0):
+    path = tmp_path / f"full-{arch}-{seed}"
+    build_tiny_model(arch, num_layers=num_layers, vocab_size=TOKENIZER_VOCAB, seed=seed).save_pretrained(path)
+    build_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_uniform_keep_takes_the_middle_of_equal_chunks():
+    assert uniform_keep(8, 2, 2) == [3, 6]
+    assert uniform_keep(8, 2, 3) == [3, 5, 7]
+    assert uniform_keep(6, 1, 1) == [3]
+
+
+def test_emulator_keeps_bottom_norm_head_and_tokenizer_bit_identical(arch, tmp_path):
+    # Prepare
+    full_dir = _save_full(tmp_path, arch)
+    full = load_causal_lm(full_dir)
+
+    # Execute
+    manifest = emulate(str(full_dir), split_at=2, keep=2, out=tmp_path / "emu")
+    emulator = AutoModelForCausalLM.from_pretrained(tmp_path / "emu")
+
+    # Assert
+    for name, tensor in Bottom(full, 2).state_dict().items():
+        assert torch.equal(Bottom(emulator, 2).state_dict()[name], tensor), name
+    for name, tensor in Head(full).state_dict().items():
+        assert torch.equal(Head(emulator).state_dict()[name], tensor), name
+    assert emulator.config.num_hidden_layers == 4 and manifest.kept_layers == [0, 1, 3, 5]
+    full_upper = Bottom(full, 4).stack.layers[3].state_dict()  # original layer 3 is emulator layer 2
+    for name, tensor in Bottom(emulator, 4).stack.layers[2].state_dict().items():
+        assert torch.equal(tensor, full_upper[name])
+    verify_bottom(EmulatorManifest.load(tmp_path / "emu"), emulator, load_tokenizer(tmp_path / "emu"))
+
+
+def test_manifest_round_trips_and_maps_dropped_layers_to_stand_ins(tmp_path):
+    full_dir = _save_full(tmp_path, num_layers=8)
+    manifest = emulate(str(full_dir), split_at=2, keep=2, out=tmp_path / "emu")
+    loaded = EmulatorManifest.load(tmp_path / "emu")
+    assert loaded == manifest
+    assert loaded.kept_layers == [0, 1, 3, 6]
+    # originals 0..7 -> emulator layers; 3 and 6 map to themselves (2, 3)
+    assert loaded.layer_map == [0, 1, 2, 2, 2, 3, 3, 3]
+
+
+def test_bottom_from_another_model_is_detected(tmp_path):
+    emulate(str(_save_full(tmp_path, seed=0)), split_at=2, keep=1, out=tmp_path / "emu")
+    other = load_causal_lm(_save_full(tmp_path, seed=1))
+    manifest = EmulatorManifest.load(tmp_path / "emu")
+    with pytest.raises(FingerprintMismatchError, match="bottom 2 layers differ"):
+        verify_bottom(manifest, other, build_tiny_tokenizer())
+
+
+def test_fingerprint_ignores_the_load_dtype():
+    model = build_tiny_model("llama")
+    assert bottom_fingerprint(model, 2) == bottom_fingerprint(model.to(torch.float64), 2)
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"base_model": "x"}), "[]"])
+def test_corrupt_manifest_is_a_clear_error(tmp_path, content):
+    (tmp_path / MANIFEST_FILE).write_text(content)
+    with pytest.raises(ConfigError, match="corrupt"):
+        EmulatorManifest.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("split_at", "keep", "message"), [(2, 4, r"N < L - K = 4"), (2, 0, "N < L"), (6, 1, "K < L=6")]
+)
+def test_bad_keep_or_split_is_rejected(split_at, keep, message):
+    with pytest.raises(ConfigError, match=message):
+        build_emulator(build_tiny_model("llama", num_layers=6), split_at, keep)
+
+
+def test_distillation_narrows_the_gap_and_never_touches_the_bottom(tmp_path):
+    # Prepare
+    full = build_tiny_model("llama", num_layers=6)
+    emulator, _ = build_emulator(full, 2, 1)
+    before = bottom_fingerprint(emulator, 2)
+    blocks = torch.randint(3, 96, (48, 16), generator=torch.Generator().manual_seed(0))
+    config = DistillConfig(steps=30, lr=3e-3, batch_size=8, eval_blocks=8, checkpoint_every=0)
+
+    # Execute
+    report = distill(full, emulator, 2, blocks, config)
+
+    # Assert
+    gap_before = abs(report["emulator_perplexity_before"] - report["full_perplexity"])
+    gap_after = abs(report["emulator_perplexity_after"] - report["full_perplexity"])
+    assert gap_after < gap_before
+    assert bottom_fingerprint(emulator, 2) == before
+    assert not any(p.requires_grad for p in emulator.parameters())
+
+
+def test_distillation_resumes_from_its_checkpoint_after_a_crash(tmp_path, monkeypatch):
+    # Prepare
+    full = build_tiny_model("gpt2", num_layers=4)
+    blocks = torch.randint(3, 96, (24, 8), generator=torch.Generator().manual_seed(0))
+    config = DistillConfig(steps=6, batch_size=4, eval_blocks=4, checkpoint_every=3, loss="both")
+    straight, _ = build_emulator(full, 1, 1)
+    distill(full, straight, 1, blocks, config)
+
+    # Execute: crash during step 5, after the checkpoint of step 3, then rerun the same job
+    real_loss, calls = _Distiller.loss, []
+
+    def crashing_loss(self, batch, kind):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_loss(self, batch, kind)
+
+    crashed, _ = build_emulator(full, 1, 1)
+    monkeypatch.setattr(_Distiller, "loss", crashing_loss)
+    with pytest.raises(KeyboardInterrupt):
+        distill(full, crashed, 1, blocks, config, tmp_path / "ckpt")
+    monkeypatch.setattr(_Distiller, "loss", real_loss)
+    resumed, _ = build_emulator(full, 1, 1)
+    distill(full, resumed, 1, blocks, config, tmp_path / "ckpt")
+
+    # Assert
+    assert (tmp_path / "ckpt" / "step-0000006").is_dir()
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
