@@ -14,12 +14,11 @@ import time
 
 import torch
 
-from splitprefix.data.batching import encode_examples, resolve_pad_id
 from splitprefix.data.synthetic import SyntheticTaskConfig, make_task
-from splitprefix.data_party.train import TrainConfig, local_loss_fn, train_prefix
+from splitprefix.data_party.train import TrainConfig, fit_prefix
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
-from splitprefix.model.prefix import Prefix, PrefixConfig
+from splitprefix.model.prefix import PrefixConfig
 
 
 def main() -> None:
@@ -44,10 +43,9 @@ def main() -> None:
 
     start = time.perf_counter()
     before = evaluate(model, tokenizer, test, None, eval_config)
-    prefix = Prefix(PrefixConfig.for_model(model.config, args.prefix_len))
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    encoded = encode_examples(tokenizer, train, 128)
-    history = train_prefix(prefix, local_loss_fn(model), encoded, resolve_pad_id(tokenizer), train_config)
+    prefix_config = PrefixConfig.for_model(model.config, args.prefix_len)
+    prefix, history = fit_prefix(model, tokenizer, train, prefix_config, train_config)
     after = evaluate(model, tokenizer, test, prefix().detach(), eval_config)
 
     print(

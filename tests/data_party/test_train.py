@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from conftest import TOKENIZER_VOCAB, build_tiny_model, build_tiny_tokenizer
 from splitprefix.data.batching import encode_examples, resolve_pad_id
 from splitprefix.data.formats import Example
-from splitprefix.data_party.train import TrainConfig, local_loss_fn, lr_at, train_prefix
+from splitprefix.data_party.train import StepHooks, TrainConfig, local_loss_fn, lr_at, train_prefix
 from splitprefix.errors import ConfigError
 from splitprefix.model.prefix import Prefix, PrefixConfig
 
@@ -75,3 +77,37 @@ def test_training_resumes_after_a_crash_with_the_same_result(tmp_path):
     # Assert
     assert len(history.losses) == 6
     torch.testing.assert_close(resumed(), straight())
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    # Prepare: 2 micro-batches of 2 see the same examples as one batch of 4
+    model = build_tiny_model("llama", vocab_size=TOKENIZER_VOCAB)
+    tok = build_tiny_tokenizer()
+    data = encode_examples(
+        tok, [Example(f"Customer: order {i}\nIntent:", " refund" * (i % 3 + 1)) for i in range(8)], 64
+    )
+    prefixes = []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        prefixes.append(Prefix(PrefixConfig.for_model(model.config, 3)))
+        config = TrainConfig(steps=3, batch_size=batch_size, grad_accum=accum, warmup_steps=1)
+        log = tmp_path / f"metrics-{accum}.jsonl"
+        hooks = StepHooks(metrics=lambda: {"bytes_sent": 0}, metrics_log=log)
+        train_prefix(prefixes[-1], local_loss_fn(model), data, resolve_pad_id(tok), config, hooks=hooks)
+
+    # Assert
+    torch.testing.assert_close(prefixes[0](), prefixes[1](), atol=1e-6, rtol=1e-5)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3] and {"loss", "step_s", "bytes_sent"} <= set(lines[0])
+
+
+def test_held_out_evaluation_runs_every_n_steps():
+    model = build_tiny_model("llama", vocab_size=TOKENIZER_VOCAB)
+    tok = build_tiny_tokenizer()
+    data = encode_examples(tok, [Example("Customer: hi\nIntent:", " refund")] * 4, 64)
+    config = TrainConfig(steps=5, batch_size=2, warmup_steps=1, eval_every=2)
+    hooks = StepHooks(evaluate=lambda prefix: {"loss": 1.0})
+    history = train_prefix(
+        Prefix(PrefixConfig.for_model(model.config, 2)), local_loss_fn(model), data, 0, config, hooks=hooks
+    )
+    assert [e["step"] for e in history.evals] == [2, 4, 5]

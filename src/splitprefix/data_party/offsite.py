@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from splitprefix.data.batching import encode_examples, resolve_pad_id
 from splitprefix.data.formats import Example, load_jsonl
-from splitprefix.data_party.train import TrainConfig, local_loss_fn, train_prefix
+from splitprefix.data_party.train import TrainConfig, fit_prefix
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
 from splitprefix.model.emulator import DroppedLayers, EmulatorManifest, integrate_kv
@@ -67,23 +66,23 @@ def train_offsite(
     manifest = EmulatorManifest.load(emulator_dir)
     model, tokenizer = load_causal_lm(emulator_dir), load_tokenizer(emulator_dir)
     train, held_out = _split_eval(load_jsonl(data), config, eval_data)
-    encoded = encode_examples(tokenizer, train, config.max_length)
     steps = config.train.steps
     if config.epochs is not None:
-        steps = max(1, math.ceil(config.epochs * len(encoded) / config.train.batch_size))
+        steps = max(1, math.ceil(config.epochs * len(train) / config.train.batch_size))
     train_config = TrainConfig(
         **{**asdict(config.train), "steps": steps, "warmup_steps": min(config.train.warmup_steps, steps)}
     )
-    prefix = Prefix(
-        PrefixConfig.for_model(model.config, config.prefix_len, projection_dim=config.projection_dim)
+    prefix_config = PrefixConfig.for_model(
+        model.config, config.prefix_len, projection_dim=config.projection_dim
     )
     start = time.perf_counter()
-    history = train_prefix(
-        prefix,
-        local_loss_fn(model),
-        encoded,
-        resolve_pad_id(tokenizer),
+    prefix, history = fit_prefix(
+        model,
+        tokenizer,
+        train,
+        prefix_config,
         train_config,
+        config.max_length,
         out / CHECKPOINT_DIR,
         "offsite",
     )

@@ -6,20 +6,31 @@ model (the emulator, or the whole model in the lab) and, later, through the spli
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from splitprefix.checkpoint import check_resumable, load_checkpoint, save_checkpoint
-from splitprefix.data.batching import Batch, EncodedExample, collate, iterate_batches
+from splitprefix.data.batching import (
+    Batch,
+    EncodedExample,
+    collate,
+    encode_examples,
+    iterate_batches,
+    resolve_pad_id,
+)
+from splitprefix.data.formats import Example
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.metrics import token_loss_sum
-from splitprefix.model.prefix import Prefix
+from splitprefix.model.prefix import Prefix, PrefixConfig
 from splitprefix.model.prefixed import forward_with_prefix
 
 LossFn = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, int]]
@@ -46,10 +57,16 @@ class TrainConfig:
     """Seed for the data order."""
     checkpoint_every: int = 50
     """Steps between resumable checkpoints, when a checkpoint folder is given; 0 disables them."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step; the loss is the token mean over all of them."""
+    eval_every: int = 0
+    """Steps between held-out evaluations, when an evaluation function is given; 0 = only at the end."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError(f"steps and batch_size must be >= 1; got {self.steps}, {self.batch_size}")
+        if min(self.steps, self.batch_size, self.grad_accum) < 1:
+            raise ConfigError(
+                f"steps, batch_size and grad_accum must be >= 1; got {self.steps}, {self.batch_size}, {self.grad_accum}"
+            )
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0; got {self.lr}")
         if not 0 <= self.warmup_steps <= self.steps:
@@ -58,10 +75,23 @@ class TrainConfig:
 
 @dataclass
 class TrainHistory:
-    """Per-step training losses."""
+    """Per-step training losses and the held-out evaluations made along the way."""
 
     losses: list[float] = field(default_factory=list)
     """Mean token loss of each step's batch."""
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    """Held-out reports, each with the `step` it was made after."""
+
+
+class StepHooks(NamedTuple):
+    """Optional callbacks of a training run."""
+
+    evaluate: Callable[[Prefix], dict[str, Any]] | None = None
+    """Held-out evaluation of the current prefix."""
+    metrics: Callable[[], dict[str, Any]] | None = None
+    """Extra fields for the step's metrics line (e.g. bytes sent and received)."""
+    metrics_log: Path | None = None
+    """JSON-lines file that gets one line per step: loss, step time and the extra fields."""
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -93,43 +123,66 @@ def train_prefix(
     config: TrainConfig,
     checkpoint_root: Path | None = None,
     desc: str = "train",
+    hooks: StepHooks | None = None,
 ) -> TrainHistory:
-    """Train `prefix` in place for `config.steps` steps and return the loss history.
+    """Train `prefix` in place for `config.steps` steps and return the history.
 
     With `checkpoint_root`, a checkpoint is written every `config.checkpoint_every` steps and a rerun
     of the same job resumes from the newest one, with the same batches as an uninterrupted run.
     """
+    hooks = hooks or StepHooks()
     optimizer = torch.optim.AdamW(prefix.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config))
     history, start = TrainHistory(), 0
     if checkpoint_root is not None:
         check_resumable(checkpoint_root, {**asdict(config), "prefix": asdict(prefix.config)})
         start, extra = load_checkpoint(checkpoint_root, prefix, optimizer, scheduler)
-        history.losses = extra.get("losses", [])
+        history.losses, history.evals = extra.get("losses", []), extra.get("evals", [])
     batches = batches_forever(encoded, config.batch_size, pad_id, config.seed)
-    for _ in range(start):
+    for _ in range(start * config.grad_accum):
         next(batches)
     bar = tqdm(range(start, config.steps), desc=desc, initial=start, total=config.steps, disable=None)
     for step in bar:
-        loss_sum, n = loss_fn(next(batches), prefix())
-        loss = loss_sum / max(n, 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        began = time.perf_counter()
+        loss = _accumulate(prefix, loss_fn, batches, config.grad_accum)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(prefix.parameters(), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        history.losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (
-            checkpoint_root is not None
-            and config.checkpoint_every
-            and (step + 1) % config.checkpoint_every == 0
+        history.losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        done = step + 1
+        if hooks.evaluate is not None and (
+            done == config.steps or (config.eval_every and done % config.eval_every == 0)
         ):
-            save_checkpoint(
-                checkpoint_root, step + 1, prefix, optimizer, scheduler, {"losses": history.losses}
-            )
+            history.evals.append({"step": done, **hooks.evaluate(prefix)})
+        if hooks.metrics_log is not None:
+            line = {"step": done, "loss": loss, "step_s": round(time.perf_counter() - began, 4)}
+            _append_jsonl(hooks.metrics_log, line | (hooks.metrics() if hooks.metrics else {}))
+        if checkpoint_root is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+            extra = {"losses": history.losses, "evals": history.evals}
+            save_checkpoint(checkpoint_root, done, prefix, optimizer, scheduler, extra)
     return history
+
+
+def _accumulate(prefix: Prefix, loss_fn: LossFn, batches: Iterator[Batch], micro_batches: int) -> float:
+    """Gradients of the token-mean loss over `micro_batches` batches; returns that loss."""
+    prefix.zero_grad(set_to_none=True)
+    total, count = 0.0, 0
+    for _ in range(micro_batches):
+        loss_sum, n = loss_fn(next(batches), prefix())
+        loss_sum.backward()  # summed now, divided by the token count of all micro-batches below
+        total, count = total + loss_sum.item(), count + n
+    for p in prefix.parameters():
+        if p.grad is not None:
+            p.grad /= max(count, 1)
+    return total / max(count, 1)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def local_loss_fn(model: PreTrainedModel) -> LossFn:
@@ -140,3 +193,23 @@ def local_loss_fn(model: PreTrainedModel) -> LossFn:
         return token_loss_sum(logits, batch.labels)
 
     return loss_fn
+
+
+def fit_prefix(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    prefix_config: PrefixConfig,
+    config: TrainConfig,
+    max_length: int = 128,
+    checkpoint_root: Path | None = None,
+    desc: str = "train",
+) -> tuple[Prefix, TrainHistory]:
+    """Train a new prefix for `model` on `examples` through the local model. Returns it and its history."""
+    prefix_config.check_fits(model.config)
+    prefix = Prefix(prefix_config)
+    encoded = encode_examples(tokenizer, examples, max_length)
+    history = train_prefix(
+        prefix, local_loss_fn(model), encoded, resolve_pad_id(tokenizer), config, checkpoint_root, desc
+    )
+    return prefix, history

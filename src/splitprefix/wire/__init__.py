@@ -1,0 +1,1 @@
+"""The protocol both parties speak: tensors as safetensors blobs, control data as JSON metadata."""
