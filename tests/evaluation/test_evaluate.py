@@ -12,6 +12,7 @@ from splitprefix.data.formats import Example
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate, generate_answers
 from splitprefix.evaluation.metrics import exact_match, normalize_answer, token_loss_sum
 from splitprefix.model.prefix import PrefixConfig
+from splitprefix.model.prefixed import forward_with_prefix
 
 EXAMPLES = [
     Example("Customer: I want a refund\nIntent:", " refund"),
@@ -68,3 +69,31 @@ def test_token_loss_ignores_masked_labels():
     total, n = token_loss_sum(logits, labels)
     assert n == 1
     torch.testing.assert_close(total, torch.nn.functional.cross_entropy(logits[0, :1], labels[0, 1:2]))
+
+
+def test_greedy_generation_through_a_logits_function_matches_hf_generate(model_and_tokenizer):
+    # Prepare: the same model, once as a model (HF generate) and once as a logits function
+    model, tok = model_and_tokenizer
+    kv = torch.randn(PrefixConfig.for_model(model.config, 3).kv_shape)
+    prompts = [e.prompt for e in EXAMPLES]
+    config = EvalConfig(batch_size=3)
+
+    def logits_fn(ids, mask, prefix):
+        return forward_with_prefix(model, ids, mask, prefix)
+
+    # Execute
+    via_generate = generate_answers(model, tok, prompts, kv, 6, config)
+    via_logits = generate_answers(logits_fn, tok, prompts, kv, 6, config)
+
+    # Assert
+    assert via_logits == via_generate
+
+
+def test_evaluation_through_a_logits_function_matches_the_model(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    kv = torch.randn(PrefixConfig.for_model(model.config, 2).kv_shape)
+    direct = evaluate(model, tok, EXAMPLES, kv, EvalConfig(max_new_tokens=3))
+    via_fn = evaluate(
+        lambda i, m, p: forward_with_prefix(model, i, m, p), tok, EXAMPLES, kv, EvalConfig(max_new_tokens=3)
+    )
+    assert via_fn == direct

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from splitprefix.cli.train import TOKEN_ENV, client_settings
+from splitprefix.data.formats import Example
+from splitprefix.data_party.remote import ClientSettings
 from splitprefix.evaluation.evaluate import EvalConfig
 
 
@@ -19,22 +23,24 @@ def eval_command(
     max_new_tokens: int | None = typer.Option(None, help="Generation budget for exact match."),
     no_exact_match: bool = typer.Option(False, "--no-exact-match", help="Skip generation."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    server: str | None = typer.Option(
+        None, "--server", help="Evaluate through the split: MODEL is then the emulator, the top runs here."
+    ),
+    head: str = typer.Option("client", help="With --server: 'client' or 'server' head."),
+    token: str | None = typer.Option(None, "--token", envvar=TOKEN_ENV, help="With --server: bearer token."),
+    wire_dtype: str = typer.Option("fp32", help="With --server: fp32, bf16 or fp16 on the wire."),
 ) -> None:
     """Evaluate MODEL (optionally with --prefix) on --data: loss, perplexity, n_tokens, exact_match."""
     from splitprefix.data.formats import load_jsonl
-    from splitprefix.evaluation.evaluate import evaluate
-    from splitprefix.model.loading import load_causal_lm, load_tokenizer
-    from splitprefix.model.prefix import Prefix
 
     config = EvalConfig(batch_size, max_length, max_new_tokens, not no_exact_match)
     examples = load_jsonl(data)
-    lm = load_causal_lm(model)
-    kv = None
-    if prefix is not None:
-        loaded = Prefix.load(prefix)
-        loaded.config.check_fits(lm.config)
-        kv = loaded().detach()
-    report = evaluate(lm, load_tokenizer(model), examples, kv, config)
+    if server is None:
+        report = _evaluate_whole(model, examples, prefix, config)
+    else:
+        report = _evaluate_split(
+            model, client_settings(server, token, head, wire_dtype), examples, prefix, config
+        )
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -43,3 +49,38 @@ def eval_command(
             typer.echo(
                 f"{key}: {report[key]:.4g}" if isinstance(report[key], float) else f"{key}: {report[key]}"
             )
+
+
+def _evaluate_whole(
+    model: str, examples: list[Example], prefix: Path | None, config: EvalConfig
+) -> dict[str, Any]:
+    from splitprefix.evaluation.evaluate import evaluate
+    from splitprefix.model.loading import load_causal_lm, load_tokenizer
+    from splitprefix.model.prefix import Prefix
+
+    lm = load_causal_lm(model)
+    kv = None
+    if prefix is not None:
+        loaded = Prefix.load(prefix)
+        loaded.config.check_fits(lm.config)
+        kv = loaded().detach()
+    return evaluate(lm, load_tokenizer(model), examples, kv, config)
+
+
+def _evaluate_split(
+    emulator: str, settings: ClientSettings, examples: list[Example], prefix: Path | None, config: EvalConfig
+) -> dict[str, Any]:
+    from splitprefix.data_party.split_train import open_split
+    from splitprefix.evaluation.evaluate import evaluate
+    from splitprefix.model.prefix import Prefix
+
+    session = open_split(emulator, settings)
+    try:
+        kv = None
+        if prefix is not None:
+            loaded = Prefix.load(prefix).fold()
+            session.check_prefix(loaded, f"the prefix {prefix}")
+            kv = loaded().detach()
+        return evaluate(session.logits_fn(), session.tokenizer, examples, kv, config)
+    finally:
+        session.close()

@@ -6,6 +6,8 @@ from splitprefix.cli.data import make_data_command
 from splitprefix.cli.evaluate import eval_command
 from splitprefix.cli.offsite import emulate_command, integrate_command, train_offsite_command
 from splitprefix.cli.pretrain import pretrain_command
+from splitprefix.cli.serve import serve_command
+from splitprefix.cli.train import train_command
 
 app = typer.Typer(
     name="splitprefix",
@@ -38,6 +40,8 @@ app.command(name="eval")(eval_command)
 app.command(name="emulate")(emulate_command)
 app.command(name="train-offsite")(train_offsite_command)
 app.command(name="integrate")(integrate_command)
+app.command(name="train")(train_command)
+app.command(name="serve")(serve_command)
 
 
 def main() -> None:

@@ -50,13 +50,24 @@ class OffsiteConfig:
             raise ConfigError(f"epochs must be > 0; got {self.epochs}")
 
 
-def _split_eval(examples: list[Example], config: OffsiteConfig, eval_data: Path | None) -> tuple[list, list]:
+def split_held_out(
+    examples: list[Example], eval_fraction: float, eval_data: Path | None
+) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): the examples of `eval_data` when given, else the last `eval_fraction` of `examples`."""
     if eval_data is not None:
         return examples, load_jsonl(eval_data)
-    n_eval = int(len(examples) * config.eval_fraction)
+    n_eval = int(len(examples) * eval_fraction)
     if n_eval == 0:
         return examples, []
     return examples[:-n_eval], examples[-n_eval:]
+
+
+def steps_for(train: TrainConfig, epochs: float | None, n_train: int) -> TrainConfig:
+    """`train` with its steps set from `epochs` passes over `n_train` examples (when given)."""
+    steps = train.steps
+    if epochs is not None:
+        steps = max(1, math.ceil(epochs * n_train / train.batch_size))
+    return TrainConfig(**{**asdict(train), "steps": steps, "warmup_steps": min(train.warmup_steps, steps)})
 
 
 def train_offsite(
@@ -65,13 +76,9 @@ def train_offsite(
     """Train a prefix on the emulator; write it, its hyper-parameters and its held-out evaluation to `out`."""
     manifest = EmulatorManifest.load(emulator_dir)
     model, tokenizer = load_causal_lm(emulator_dir), load_tokenizer(emulator_dir)
-    train, held_out = _split_eval(load_jsonl(data), config, eval_data)
-    steps = config.train.steps
-    if config.epochs is not None:
-        steps = max(1, math.ceil(config.epochs * len(train) / config.train.batch_size))
-    train_config = TrainConfig(
-        **{**asdict(config.train), "steps": steps, "warmup_steps": min(config.train.warmup_steps, steps)}
-    )
+    train, held_out = split_held_out(load_jsonl(data), config.eval_fraction, eval_data)
+    train_config = steps_for(config.train, config.epochs, len(train))
+    steps = train_config.steps
     prefix_config = PrefixConfig.for_model(
         model.config, config.prefix_len, projection_dim=config.projection_dim
     )

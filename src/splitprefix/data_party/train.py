@@ -149,6 +149,7 @@ def train_prefix(
             torch.nn.utils.clip_grad_norm_(prefix.parameters(), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
+        step_s = time.perf_counter() - began  # the held-out evaluation below is not the step's
         history.losses.append(loss)
         bar.set_postfix(loss=f"{loss:.3f}")
         done = step + 1
@@ -157,7 +158,7 @@ def train_prefix(
         ):
             history.evals.append({"step": done, **hooks.evaluate(prefix)})
         if hooks.metrics_log is not None:
-            line = {"step": done, "loss": loss, "step_s": round(time.perf_counter() - began, 4)}
+            line = {"step": done, "loss": loss, "step_s": round(step_s, 4)}
             _append_jsonl(hooks.metrics_log, line | (hooks.metrics() if hooks.metrics else {}))
         if checkpoint_root is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
             extra = {"losses": history.losses, "evals": history.evals}

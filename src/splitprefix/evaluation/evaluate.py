@@ -1,8 +1,15 @@
-"""Held-out evaluation of a model, with or without a prefix: loss, perplexity, exact match."""
+"""Held-out evaluation of a model, with or without a prefix: loss, perplexity, exact match.
+
+The model is either a local `PreTrainedModel` or a `LogitsFn`, e.g. the split model whose upper
+layers run on the model party's server; a `LogitsFn` generates greedily by rerunning the whole
+sequence for every new token.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -14,6 +21,48 @@ from splitprefix.data.formats import Example
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.metrics import exact_match, normalize_answer, perplexity, token_loss_sum
 from splitprefix.model.prefixed import forward_with_prefix, generate_with_prefix
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""(input_ids (B, T), token mask (B, T), prefix kv (L, 2, n_kv, P, hd) or None) -> logits (B, T, V)."""
+
+Scorer = PreTrainedModel | LogitsFn
+"""What evaluation runs: a local model, or a function that computes its logits."""
+
+
+def as_logits_fn(model: Scorer) -> LogitsFn:
+    if isinstance(model, PreTrainedModel):
+        return partial(forward_with_prefix, model)
+    return model
+
+
+@torch.no_grad()
+def greedy_generate(
+    logits_fn: LogitsFn,
+    input_ids: torch.Tensor,
+    token_mask: torch.Tensor,
+    kv: torch.Tensor | None,
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int | None,
+) -> torch.Tensor:
+    """Greedy continuation (B, <= max_new_tokens) of left-padded prompts, without a KV cache.
+
+    Matches `generate_with_prefix`: rows that hit EOS are padded with `pad_token_id`, and the loop
+    stops once every row has.
+    """
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    new: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        logits = logits_fn(input_ids, token_mask, kv)[:, -1]  # (B, V)
+        token = logits.argmax(dim=-1).masked_fill(finished, pad_token_id)  # (B,)
+        new.append(token)
+        if eos_token_id is not None:
+            finished |= token == eos_token_id
+        input_ids = torch.cat([input_ids, token[:, None]], dim=1)
+        token_mask = torch.cat([token_mask, token_mask.new_ones(token.shape[0], 1)], dim=1)
+        if finished.all():
+            break
+    return torch.stack(new, dim=1) if new else input_ids[:, :0]
 
 
 @dataclass(frozen=True)
@@ -40,7 +89,7 @@ class EvalConfig:
 
 @torch.no_grad()
 def evaluate_loss(
-    model: PreTrainedModel,
+    model: Scorer,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
     kv: torch.Tensor | None = None,
@@ -49,11 +98,12 @@ def evaluate_loss(
     """Mean next-token loss on the supervised tokens, its perplexity and the token count."""
     encoded = encode_examples(tokenizer, examples, config.max_length)
     pad_id = resolve_pad_id(tokenizer)
+    logits_fn = as_logits_fn(model)
     total, count = 0.0, 0
     chunks = list(iterate_batches(encoded, config.batch_size, shuffle=False))
     for chunk in tqdm(chunks, desc="loss", leave=False, disable=None):
         batch = collate(chunk, pad_id)
-        logits = forward_with_prefix(model, batch.input_ids, batch.attention_mask, kv)
+        logits = logits_fn(batch.input_ids, batch.attention_mask, kv)
         loss_sum, n = token_loss_sum(logits, batch.labels)
         total, count = total + float(loss_sum), count + n
     if count == 0:
@@ -64,7 +114,7 @@ def evaluate_loss(
 
 @torch.no_grad()
 def generate_answers(
-    model: PreTrainedModel,
+    model: Scorer,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     kv: torch.Tensor | None,
@@ -76,15 +126,22 @@ def generate_answers(
     chunks = list(iterate_batches(prompts, config.batch_size, shuffle=False))
     for chunk in tqdm(chunks, desc="generate", leave=False, disable=None):
         batch = prompt_batch(tokenizer, chunk, "left", config.max_length)
-        new = generate_with_prefix(
-            model, batch.input_ids, batch.attention_mask, kv, max_new_tokens, resolve_pad_id(tokenizer)
-        )
+        pad_id = resolve_pad_id(tokenizer)
+        if isinstance(model, PreTrainedModel):
+            new = generate_with_prefix(
+                model, batch.input_ids, batch.attention_mask, kv, max_new_tokens, pad_id
+            )
+        else:
+            eos = tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, int) else None
+            new = greedy_generate(
+                model, batch.input_ids, batch.attention_mask, kv, max_new_tokens, pad_id, eos
+            )
         answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     return answers
 
 
 def evaluate(
-    model: PreTrainedModel,
+    model: Scorer,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
     kv: torch.Tensor | None = None,

@@ -141,8 +141,26 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+LOAD_TIME_CONFIG_KEYS = (
+    "_name_or_path",
+    "dtype",
+    "torch_dtype",
+    "_attn_implementation",
+    "transformers_version",
+)
+"""Config fields that say how and where a model was loaded, not which model it is."""
+
+
 def config_fingerprint(model: PreTrainedModel) -> str:
-    return hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()
+    """Hash of the model's config, the same whatever path, dtype or library version loaded it.
+
+    The model party loads its top from the stored dtype (bf16 for the shipped model) while the
+    emulator was built from an fp32 copy; both must agree on the fingerprint.
+    """
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    for key in LOAD_TIME_CONFIG_KEYS:
+        config.pop(key, None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def verify_bottom(

@@ -24,16 +24,22 @@ CONTENT_TYPE = "application/vnd.splitprefix.safetensors"
 
 
 class WireFormatError(SplitPrefixError, ValueError):
-    """A message is not a valid splitprefix blob; `status` is the HTTP status to answer with."""
+    """A message is not a valid splitprefix blob; `status` and `code` go into the HTTP answer."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code or _DEFAULT_CODES.get(status, "bad_message")
+
+
+_DEFAULT_CODES = {400: "bad_message", 413: "too_large", 422: "bad_tensor"}
 
 
 def wire_dtype(name: str) -> torch.dtype:
     if name not in WIRE_DTYPES:
-        raise WireFormatError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}; got {name!r}", 422)
+        raise WireFormatError(
+            f"wire_dtype must be one of {sorted(WIRE_DTYPES)}; got {name!r}", 422, "invalid_meta"
+        )
     return WIRE_DTYPES[name]
 
 
@@ -62,7 +68,11 @@ def decode(blob: bytes, max_bytes: int | None = None) -> tuple[dict[str, torch.T
     for name, tensor in tensors.items():
         if tensor.is_floating_point():
             if not torch.isfinite(tensor).all():
-                raise WireFormatError(f"tensor {name!r} contains NaN or Inf", 422)
+                raise WireFormatError(
+                    f"tensor {name!r} contains NaN or Inf; check the data party's loss scale and inputs",
+                    422,
+                    "non_finite",
+                )
             tensor = tensor.float()
         out[name] = tensor
     return out, meta

@@ -1,0 +1,72 @@
+"""The `serve` command: the model party's split-training server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from splitprefix.model_party.settings import ServerSettings
+
+
+def serve_command(
+    model: str = typer.Argument(..., help="Full model directory, or 'builtin'."),
+    split_at: int = typer.Option(
+        ..., "--split-at", help="K: data parties run layers [0, K); this server the rest."
+    ),
+    host: str = typer.Option(ServerSettings.host, help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(ServerSettings.port, help="TCP port."),
+    head: str = typer.Option(
+        ServerSettings.head, help="Head modes offered: client (labels stay private), server, or both."
+    ),
+    tokens_file: Path | None = typer.Option(
+        None, help="Bearer tokens per data party: JSON {name: token} or 'name token' lines."
+    ),
+    tls_cert: Path | None = typer.Option(None, help="PEM certificate for HTTPS."),
+    tls_key: Path | None = typer.Option(None, help="PEM private key for HTTPS."),
+    max_request_bytes: int = typer.Option(ServerSettings.max_request_bytes, help="Largest request body."),
+    max_batch_size: int = typer.Option(ServerSettings.max_batch_size, help="Largest batch per request."),
+    max_tokens: int = typer.Option(ServerSettings.max_tokens, help="Largest prefix + tokens per sequence."),
+    graph_ttl_s: float = typer.Option(ServerSettings.graph_ttl_s, help="Seconds a forward graph is held."),
+    max_graph_bytes: int = typer.Option(ServerSettings.max_graph_bytes, help="Memory cap of held graphs."),
+    max_graphs_per_client: int = typer.Option(
+        ServerSettings.max_graphs_per_client, help="Held graphs per data party."
+    ),
+    device: str = typer.Option(ServerSettings.device, help="Torch device: cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option(ServerSettings.dtype, help="Compute dtype: fp32, bf16 or fp16."),
+) -> None:
+    """Model party: serve layers [K, L), the norm and the head of MODEL to data parties for training."""
+    import logging
+
+    import uvicorn
+
+    from splitprefix.model_party.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        model_dir=model,
+        split_at=split_at,
+        head=head,  # type: ignore[arg-type]  # checked in __post_init__
+        host=host,
+        port=port,
+        tokens_file=tokens_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        max_request_bytes=max_request_bytes,
+        max_batch_size=max_batch_size,
+        max_tokens=max_tokens,
+        graph_ttl_s=graph_ttl_s,
+        max_graph_bytes=max_graph_bytes,
+        max_graphs_per_client=max_graphs_per_client,
+        device=device,
+        dtype=dtype,  # type: ignore[arg-type]
+    )
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
+        log_level="info",
+    )

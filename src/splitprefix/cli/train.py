@@ -1,0 +1,115 @@
+"""`splitprefix train`: the data party refines a full-model prefix through the model party's server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from splitprefix.data_party.remote import ClientSettings
+from splitprefix.data_party.split_train import SplitTrainConfig
+from splitprefix.data_party.train import TrainConfig
+
+TOKEN_ENV = "SPLITPREFIX_TOKEN"
+
+
+def client_settings(
+    server: str,
+    token: str | None,
+    head: str,
+    wire_dtype: str,
+    recompute: bool = False,
+    timeout_s: float = ClientSettings.timeout_s,
+    max_retries: int = ClientSettings.max_retries,
+    ca_path: Path | None = None,
+) -> ClientSettings:
+    """ClientSettings from command-line values; the dataclass validates them."""
+    return ClientSettings(
+        server_url=server,
+        token=token,
+        head=head,  # type: ignore[arg-type]
+        wire_dtype=wire_dtype,  # type: ignore[arg-type]
+        keep_graph=not recompute,
+        timeout_s=timeout_s,
+        max_retries=max_retries,
+        ca_path=ca_path,
+    )
+
+
+def train_command(
+    emulator: Path = typer.Argument(
+        ..., help="Emulator directory from the model party (`splitprefix emulate`)."
+    ),
+    server: str = typer.Option(
+        ..., "--server", help="URL of `splitprefix serve`, e.g. http://127.0.0.1:8000."
+    ),
+    data: Path = typer.Option(..., "--data", help="Training JSONL."),
+    out: Path = typer.Option(
+        ..., "--out", help="Prefix directory to write; rerunning resumes its checkpoint."
+    ),
+    init: Path | None = typer.Option(
+        None, "--init", help="Full-layout prefix to start from (e.g. from `splitprefix integrate`)."
+    ),
+    eval_data: Path | None = typer.Option(
+        None, "--eval-data", help="Held-out JSONL (default: a slice of --data)."
+    ),
+    head: str = typer.Option(
+        ClientSettings.head, help="'client' keeps labels here; 'server' sends them away."
+    ),
+    token: str | None = typer.Option(
+        None, "--token", envvar=TOKEN_ENV, help="Bearer token from the model party."
+    ),
+    wire_dtype: str = typer.Option(
+        ClientSettings.wire_dtype, help="Tensors on the wire: fp32, bf16 or fp16."
+    ),
+    recompute: bool = typer.Option(
+        False, "--recompute", help="Stateless server: it recomputes for each backward."
+    ),
+    prefix_len: int | None = typer.Option(
+        None, help="Virtual tokens per layer (default: --init's, else 16)."
+    ),
+    max_length: int = typer.Option(SplitTrainConfig.max_length, help="Tokens kept per example."),
+    steps: int = typer.Option(TrainConfig.steps, help="Optimiser steps."),
+    epochs: float | None = typer.Option(None, help="Passes over the data (overrides --steps)."),
+    lr: float = typer.Option(TrainConfig.lr, help="Peak learning rate."),
+    batch_size: int = typer.Option(TrainConfig.batch_size, help="Examples per micro-batch."),
+    grad_accum: int = typer.Option(TrainConfig.grad_accum, help="Micro-batches per optimiser step."),
+    eval_every: int = typer.Option(
+        TrainConfig.eval_every, help="Steps between held-out evaluations (0 = at the end)."
+    ),
+    checkpoint_every: int = typer.Option(TrainConfig.checkpoint_every, help="Steps between checkpoints."),
+    seed: int = typer.Option(TrainConfig.seed, help="Seed of the prefix initialisation and data order."),
+    timeout_s: float = typer.Option(ClientSettings.timeout_s, help="Seconds to wait for one answer."),
+    max_retries: int = typer.Option(
+        ClientSettings.max_retries, help="Retries per call on network errors and 5xx."
+    ),
+    ca_path: Path | None = typer.Option(None, "--ca", help="CA bundle of a self-signed https server."),
+) -> None:
+    """Data party: train a prefix for all L layers through the server; text and labels stay here."""
+    from splitprefix.data_party.split_train import train_split
+
+    settings = client_settings(server, token, head, wire_dtype, recompute, timeout_s, max_retries, ca_path)
+    train = TrainConfig(
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        warmup_steps=min(TrainConfig.warmup_steps, steps),
+    )
+    config = SplitTrainConfig(
+        prefix_len=prefix_len,
+        init=init,
+        max_length=max_length,
+        epochs=epochs,
+        eval_data=eval_data,
+        train=train,
+    )
+    report = train_split(emulator, settings, data, out, config)
+    held_out = {k: v for k, v in report.get("held_out", {}).items() if k != "samples"}
+    typer.echo(
+        json.dumps({k: v for k, v in report.items() if k != "held_out"} | {"held_out": held_out}, indent=2)
+    )

@@ -1,0 +1,406 @@
+"""The data party's link to the model party's server: an HTTP client and the `RemoteTop` module.
+
+`RemoteTop` runs the server's layers [K, L) as if they were local: its forward and backward cross
+the network through a `torch.autograd.Function`, so the training loop stays ordinary PyTorch. Every
+call has a timeout and bounded retries with exponential backoff, all set in `ClientSettings`.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from splitprefix.errors import ConfigError, SplitPrefixError
+from splitprefix.model.emulator import EmulatorManifest
+from splitprefix.model.split import Activations
+from splitprefix.wire import schemas
+from splitprefix.wire.schemas import HeadMode, ModelInfo
+from splitprefix.wire.tensors import (
+    CONTENT_TYPE,
+    WIRE_DTYPES,
+    WireDtype,
+    WireFormatError,
+    decode,
+    encode,
+    payload_bytes,
+)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+"""Answers that say "try again later" rather than "your request is wrong"."""
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How the data party reaches the model party's server. Every network knob lives here."""
+
+    server_url: str
+    """Base URL of `splitprefix serve`, e.g. http://127.0.0.1:8000."""
+    token: str | None = None
+    """Bearer token the model party issued to this data party; None when the server has no tokens file."""
+    head: HeadMode = "client"
+    """Where the final norm and LM head run: 'client' keeps labels local, 'server' exposes them."""
+    wire_dtype: WireDtype = "fp32"
+    """Float dtype of tensors on the wire: fp32 is exact, bf16 and fp16 halve the traffic."""
+    keep_graph: bool = True
+    """True: the server holds the forward's graph until the backward. False: stateless, every
+    backward resends the forward inputs and the server recomputes."""
+    timeout_s: float = 120.0
+    """Seconds to wait for an answer to one request."""
+    connect_timeout_s: float = 5.0
+    """Seconds to wait for a connection."""
+    max_retries: int = 5
+    """Retries of one call after connection errors, timeouts, 429 and 5xx (0 = fail at once)."""
+    backoff_s: float = 0.5
+    """Wait before the first retry; it doubles with every retry."""
+    backoff_max_s: float = 10.0
+    """Cap on the wait between retries."""
+    verify_tls: bool = True
+    """Check the server's TLS certificate (https only)."""
+    ca_path: Path | None = None
+    """CA bundle that signed the server's certificate, for a self-signed model party."""
+
+    def __post_init__(self) -> None:
+        if not self.server_url.startswith(("http://", "https://")):
+            raise ConfigError(f"server_url must start with http:// or https://; got {self.server_url!r}")
+        if self.head not in ("server", "client"):
+            raise ConfigError(f"head must be 'server' or 'client'; got {self.head!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}; got {self.wire_dtype!r}")
+        if not (self.timeout_s > 0 and self.connect_timeout_s > 0):
+            raise ConfigError(
+                f"timeouts must be > 0; got timeout_s={self.timeout_s}, connect_timeout_s={self.connect_timeout_s}"
+            )
+        if self.max_retries < 0 or self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
+            raise ConfigError(
+                "need max_retries >= 0 and 0 <= backoff_s <= backoff_max_s; got "
+                f"{self.max_retries}, {self.backoff_s}, {self.backoff_max_s}"
+            )
+        if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
+            raise ConfigError("token must be a non-empty string without whitespace")
+        if self.ca_path is not None and not Path(self.ca_path).is_file():
+            raise ConfigError(f"ca_path {self.ca_path} is not a file")
+
+    @property
+    def base_url(self) -> str:
+        return self.server_url.rstrip("/")
+
+
+class RemoteError(SplitPrefixError):
+    """The server refused a request; `status`, `code` and `detail` are what it answered."""
+
+    def __init__(self, status: int | None, code: str, detail: str, url: str) -> None:
+        where = f"{url} answered {status} ({code})" if status is not None else f"{url}: {code}"
+        super().__init__(f"{where}: {detail}")
+        self.status, self.code, self.detail, self.url = status, code, detail, url
+
+
+class ServerUnreachableError(RemoteError):
+    """Every attempt of a call failed with a connection error, a timeout or a retryable status."""
+
+
+class IncompatibleServerError(SplitPrefixError, ValueError):
+    """The server runs another model, split or protocol than the data party's emulator was cut from."""
+
+
+@dataclass
+class Traffic:
+    """Bytes of message bodies that crossed the network, retries included."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    requests: int = 0
+    retries: int = 0
+    recomputes: int = 0
+    """Backwards resent with the forward inputs because the server had lost the graph."""
+    payload_sent: int = 0
+    """The tensors' own size in the messages that got an answer: the floor for `bytes_sent`."""
+    payload_received: int = 0
+    """The tensors' own size in the answers: the floor for `bytes_received`."""
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+class SplitClient:
+    """HTTP client of the split-training protocol (`wire.schemas`), with timeouts and bounded retries."""
+
+    def __init__(self, settings: ClientSettings, transport: httpx.BaseTransport | None = None) -> None:
+        """`transport` replaces the network, for tests (e.g. `httpx.MockTransport`)."""
+        self.settings = settings
+        self.traffic = Traffic()
+        self._identity: dict[str, Any] | None = None
+        self._info: ModelInfo | None = None
+        headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+        self._http = httpx.Client(
+            base_url=settings.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
+            verify=_tls_verify(settings),
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> SplitClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- JSON endpoints -------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return dict(self._request("GET", schemas.HEALTH_PATH).json())
+
+    def info(self) -> ModelInfo:
+        """The server's model info (cached after the first call)."""
+        if self._info is None:
+            response = self._request("GET", schemas.INFO_PATH)
+            try:
+                self._info = ModelInfo.model_validate(response.json())
+            except (ValidationError, ValueError) as error:
+                raise RemoteError(
+                    response.status_code,
+                    "bad_info",
+                    f"not a splitprefix model info: {error}",
+                    self._url(schemas.INFO_PATH),
+                ) from None
+        return self._info
+
+    def check_compatible(self, manifest: EmulatorManifest) -> ModelInfo:
+        """Raise IncompatibleServerError naming every difference between the server and `manifest`.
+
+        On success, forward requests carry the manifest's split point and bottom fingerprint, so
+        the server re-checks them on every call.
+        """
+        info = self.info()
+        theirs = {
+            "protocol_version": info.protocol_version,
+            "num_layers": info.num_layers,
+            "split_at (K)": info.split_at,
+            "base_config_sha256": info.fingerprints.base_config_sha256,
+            "tokenizer_sha256": info.fingerprints.tokenizer_sha256,
+            "bottom_sha256": info.fingerprints.bottom_sha256,
+        }
+        ours = {
+            "protocol_version": schemas.PROTOCOL_VERSION,
+            "num_layers": manifest.num_layers,
+            "split_at (K)": manifest.split_at,
+            "base_config_sha256": manifest.base_config_sha256,
+            "tokenizer_sha256": manifest.tokenizer_sha256,
+            "bottom_sha256": manifest.bottom_sha256,
+        }
+        diffs = [f"{k}: server {theirs[k]!r} vs emulator {ours[k]!r}" for k in ours if ours[k] != theirs[k]]
+        if self.settings.head not in info.head_modes:
+            diffs.append(f"head: server offers {info.head_modes}, client asks {self.settings.head!r}")
+        if self.settings.wire_dtype not in info.wire_dtypes:
+            diffs.append(
+                f"wire_dtype: server offers {info.wire_dtypes}, client asks {self.settings.wire_dtype!r}"
+            )
+        if diffs:
+            raise IncompatibleServerError(
+                f"the server at {self.settings.base_url} does not match the emulator of {manifest.base_model}: "
+                + "; ".join(diffs)
+                + ". Use the emulator the model party built for this server, or the server for this emulator."
+            )
+        self._identity = {"split_at": manifest.split_at, "bottom_sha256": manifest.bottom_sha256}
+        return info
+
+    # --- training endpoints ---------------------------------------------------------------------
+
+    def forward(self, inputs: dict[str, torch.Tensor], step_id: str, keep_graph: bool) -> torch.Tensor:
+        """Send forward inputs (see `wire.schemas`); returns the server's `output` as fp32."""
+        if self._identity is None:
+            raise ConfigError(
+                "call check_compatible(manifest) before forward: requests carry its fingerprint"
+            )
+        meta = self._meta(step_id) | self._identity | {"keep_graph": keep_graph}
+        tensors = self._exchange(schemas.FORWARD_PATH, inputs, meta)
+        return _expect(tensors, schemas.OUTPUT, self._url(schemas.FORWARD_PATH))
+
+    def backward(
+        self, step_id: str, grad_output: torch.Tensor, inputs: dict[str, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients (hidden, prefix_kv) for `grad_output`. With `inputs` the server recomputes the
+        forward; without, it uses the graph it holds, and on `graph_missing` we resend with them."""
+        try:
+            tensors = self._backward(step_id, grad_output, inputs if not self.settings.keep_graph else None)
+        except RemoteError as error:
+            if error.code != schemas.GRAPH_MISSING or inputs is None:
+                raise
+            self.traffic.recomputes += 1  # the server restarted or evicted the graph
+            tensors = self._backward(step_id, grad_output, inputs)
+        url = self._url(schemas.BACKWARD_PATH)
+        return _expect(tensors, schemas.GRAD_HIDDEN, url), _expect(tensors, schemas.GRAD_PREFIX, url)
+
+    def _backward(
+        self, step_id: str, grad_output: torch.Tensor, inputs: dict[str, torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        meta = self._meta(step_id) | (self._identity or {})
+        return self._exchange(
+            schemas.BACKWARD_PATH, {schemas.GRAD_OUTPUT: grad_output, **(inputs or {})}, meta
+        )
+
+    def _meta(self, step_id: str) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "protocol_version": schemas.PROTOCOL_VERSION,
+            "step_id": step_id,
+            "head": s.head,
+            "wire_dtype": s.wire_dtype,
+        }
+
+    def _exchange(
+        self, path: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        dtype = self.settings.wire_dtype
+        response = self._request("POST", path, encode(tensors, meta, dtype))
+        try:
+            out, _ = decode(response.content)
+        except WireFormatError as error:
+            raise RemoteError(response.status_code, "bad_response", str(error), self._url(path)) from None
+        self.traffic.payload_sent += payload_bytes(tensors, dtype)
+        self.traffic.payload_received += payload_bytes(out, dtype)  # the server answers in our dtype
+        return out
+
+    # --- transport ------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, content: bytes | None = None) -> httpx.Response:
+        """One call with bounded retries; 4xx other than 429 raise RemoteError at once."""
+        s, url = self.settings, self._url(path)
+        headers = {"Content-Type": CONTENT_TYPE} if content is not None else {}
+        last, last_response = "no attempt", None
+        for attempt in range(s.max_retries + 1):
+            if attempt:
+                self.traffic.retries += 1
+                time.sleep(self._delay(attempt, last_response))
+            last_response = None
+            self.traffic.requests += 1
+            self.traffic.bytes_sent += len(content or b"")
+            try:
+                response = self._http.request(method, path, content=content, headers=headers)
+            except httpx.TransportError as error:  # refused, reset, timed out: the server may come back
+                last = f"{type(error).__name__}: {error}"
+                continue
+            self.traffic.bytes_received += len(response.content)
+            if response.status_code < 400:
+                return response
+            if response.status_code not in RETRY_STATUSES:
+                raise RemoteError(response.status_code, *_error_body(response), url)
+            last_response, last = response, "{} {}: {}".format(response.status_code, *_error_body(response))
+        raise ServerUnreachableError(
+            None,
+            "unreachable",
+            f"{s.max_retries + 1} attempts failed, the last with {last}. Check that `splitprefix serve` "
+            f"is running and reachable at {s.base_url} (host, port, http vs https, firewall), or raise "
+            "max_retries / timeout_s if it is overloaded.",
+            url,
+        )
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        """Exponential backoff, or the server's Retry-After, both capped."""
+        s = self.settings
+        delay = s.backoff_s * 2 ** (attempt - 1)
+        if response is not None and response.headers.get("Retry-After", "").isdigit():
+            delay = float(response.headers["Retry-After"])
+        return min(delay, s.backoff_max_s)
+
+    def _url(self, path: str) -> str:
+        return self.settings.base_url + path
+
+
+def _tls_verify(settings: ClientSettings) -> bool | ssl.SSLContext:
+    if settings.ca_path is not None:
+        return ssl.create_default_context(cafile=str(settings.ca_path))
+    return settings.verify_tls
+
+
+def _error_body(response: httpx.Response) -> tuple[str, str]:
+    """(code, detail) of an error answer: our ErrorBody, FastAPI's {"detail": ...}, or raw text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return "http_error", response.text[:500] or response.reason_phrase
+    if isinstance(body, dict):
+        return str(body.get("code", "http_error")), str(body.get("detail", body))
+    return "http_error", str(body)
+
+
+def _expect(tensors: dict[str, torch.Tensor], name: str, url: str) -> torch.Tensor:
+    if name not in tensors:
+        raise RemoteError(200, "bad_response", f"answer lacks tensor {name!r}; got {sorted(tensors)}", url)
+    return tensors[name]
+
+
+class _RemoteTopFunction(torch.autograd.Function):
+    """Forward and backward of the server's layers, each one HTTP call."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        client: SplitClient,
+        hidden: torch.Tensor,
+        top_kv: torch.Tensor,
+        inputs: dict[str, torch.Tensor],
+        keep_graph: bool,
+    ) -> torch.Tensor:
+        step_id = uuid.uuid4().hex
+        output = client.forward(inputs, step_id, keep_graph)
+        # the inputs are kept even when the server holds the graph: a restart makes us resend them
+        ctx.client, ctx.step_id, ctx.inputs = client, step_id, inputs
+        # wire tensors arrive on the CPU in fp32; hand them back where and as the inputs were
+        ctx.places = ((hidden.device, hidden.dtype), (top_kv.device, top_kv.dtype))
+        return output.to(hidden.device, hidden.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        grad_hidden, grad_kv = ctx.client.backward(ctx.step_id, grad_output, ctx.inputs)
+        (hidden_device, hidden_dtype), (kv_device, kv_dtype) = ctx.places
+        ctx.inputs = None
+        return None, grad_hidden.to(hidden_device, hidden_dtype), grad_kv.to(kv_device, kv_dtype), None, None
+
+
+class RemoteTop(nn.Module):
+    """The server's layers [K, L) (and its head, with head=server) as a local module."""
+
+    def __init__(self, client: SplitClient) -> None:
+        super().__init__()
+        self.client = client
+
+    @property
+    def head(self) -> HeadMode:
+        return self.client.settings.head
+
+    def forward(
+        self, x: Activations, top_kv: torch.Tensor, supervised: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`top_kv` (L-K, 2, n_kv, P, hd); `supervised` (B, T), head=server only.
+
+        Returns head=client: hidden states (B, T, d) before the final norm; head=server: logits
+        (N, V) at the N supervised positions in row-major order.
+        """
+        if (supervised is None) != (self.head == "client"):
+            raise ConfigError(f"supervised positions are needed with head=server only; head={self.head!r}")
+        inputs = {
+            "hidden": x.hidden.detach(),  # (B, T, d)
+            "attention_mask": x.attention_mask,  # (B, P + T)
+            "positions": x.positions,  # (B, T)
+            "prefix_kv": top_kv.detach(),  # (L - K, 2, n_kv, P, hd)
+        }
+        if supervised is not None:
+            inputs[schemas.SUPERVISED] = supervised.long()  # (B, T)
+        wants_grad = torch.is_grad_enabled() and (x.hidden.requires_grad or top_kv.requires_grad)
+        # without a backward to come, the server need not hold a graph
+        keep_graph = wants_grad and self.client.settings.keep_graph
+        output = _RemoteTopFunction.apply(self.client, x.hidden, top_kv, inputs, keep_graph)
+        return output

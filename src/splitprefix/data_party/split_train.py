@@ -1,0 +1,358 @@
+"""Prefix training and evaluation through the split model: bottom and head here, layers [K, L) remote.
+
+The data party runs the emulator's bottom K layers, which are the full model's bit for bit, with the
+bottom slice of its prefix; the server runs the upper layers with the rest of the prefix, which
+travels with every request. The prefix always covers all L layers of the full model, so the result
+plugs into the whole model (`splitprefix eval MODEL_DIR --prefix`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from splitprefix.data.batching import IGNORE_INDEX, Batch, encode_examples, resolve_pad_id
+from splitprefix.data.formats import load_jsonl
+from splitprefix.data_party.offsite import split_held_out, steps_for
+from splitprefix.data_party.remote import ClientSettings, RemoteTop, SplitClient
+from splitprefix.data_party.train import LossFn, StepHooks, TrainConfig, train_prefix
+from splitprefix.errors import ConfigError, ShapeMismatchError
+from splitprefix.evaluation.evaluate import EvalConfig, LogitsFn, evaluate
+from splitprefix.evaluation.metrics import token_loss_sum
+from splitprefix.model.emulator import EmulatorManifest, verify_bottom
+from splitprefix.model.loading import load_causal_lm, load_tokenizer
+from splitprefix.model.prefix import Prefix, PrefixConfig, prefix_cache
+from splitprefix.model.split import Bottom, Head, extend_mask, token_positions
+from splitprefix.wire.schemas import ModelInfo
+
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "train_config.json"
+EVAL_FILE = "eval.json"
+DEFAULT_PREFIX_LEN = 16
+
+
+def run_split(
+    bottom: Bottom,
+    remote_top: RemoteTop,
+    input_ids: torch.Tensor,
+    token_mask: torch.Tensor,
+    kv: torch.Tensor,
+    split_at: int,
+    supervised: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bottom with `kv[:K]` here, then the server's layers with `kv[K:]`: the `RemoteTop` output.
+
+    `kv` is (L, 2, n_kv, P, hd) and may have P = 0 (no prefix).
+    """
+    p = kv.shape[3]
+    mask, positions = extend_mask(token_mask, p), token_positions(token_mask, p)
+    cache = prefix_cache(kv[:split_at], bottom.stack.config, input_ids.shape[0]) if p else None
+    x = bottom(input_ids, mask, positions, cache)  # hidden (B, T, d) at layer K
+    return remote_top(x, kv[split_at:], supervised)
+
+
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supervised positions (B, T) (those whose next label counts) and their targets (N,), row-major."""
+    following = torch.full_like(labels, IGNORE_INDEX)
+    following[:, :-1] = labels[:, 1:]
+    supervised = following != IGNORE_INDEX
+    return supervised, following[supervised]
+
+
+def split_loss_fn(bottom: Bottom, remote_top: RemoteTop, head: Head | None, split_at: int) -> LossFn:
+    """A `LossFn` for `train_prefix` through the split; equals `token_loss_sum` of the whole model.
+
+    head=client applies the data party's `head` to the returned hidden states; head=server asks for
+    logits only where the next label counts and takes their cross-entropy here.
+    """
+    if remote_top.head == "server":
+        return _server_head_loss(bottom, remote_top, split_at)
+    if head is None:
+        raise ConfigError("head=client needs the data party's Head (the emulator's final norm and LM head)")
+    local_head = head
+
+    def loss_fn(batch: Batch, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
+        hidden = run_split(bottom, remote_top, batch.input_ids, batch.attention_mask, kv, split_at)
+        return token_loss_sum(local_head(hidden), batch.labels)  # hidden (B, T, d)
+
+    return loss_fn
+
+
+def _server_head_loss(bottom: Bottom, remote_top: RemoteTop, split_at: int) -> LossFn:
+    def loss_fn(batch: Batch, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
+        supervised, targets = next_token_targets(batch.labels)
+        if not targets.numel():  # nothing to learn from: skip the round trip
+            return kv.sum() * 0.0, 0
+        logits = run_split(
+            bottom, remote_top, batch.input_ids, batch.attention_mask, kv, split_at, supervised
+        )
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())  # (N, V)
+
+    return loss_fn
+
+
+@dataclass
+class SplitSession:
+    """Everything the data party needs to run the split model: its emulator parts and the server link."""
+
+    manifest: EmulatorManifest
+    """How the emulator relates to the server's full model."""
+    tokenizer: PreTrainedTokenizerBase
+    """The full model's tokenizer, shipped with the emulator."""
+    client: SplitClient
+    """The link to the server, already checked compatible with `manifest`."""
+    info: ModelInfo
+    """The server's model info."""
+    bottom: Bottom
+    """Embeddings and layers [0, K): the full model's, bit for bit."""
+    head: Head | None
+    """Final norm and LM head, with head=client; None when the server applies them."""
+    remote_top: RemoteTop
+    """Layers [K, L) on the server."""
+
+    @property
+    def split_at(self) -> int:
+        return self.manifest.split_at
+
+    def prefix_config(self, num_virtual_tokens: int) -> PrefixConfig:
+        """A prefix over all L layers of the server's model."""
+        layout = self.info.prefix
+        return PrefixConfig(self.info.num_layers, layout.num_kv_heads, layout.head_dim, num_virtual_tokens)
+
+    def check_prefix(self, prefix: Prefix, where: str = "the prefix") -> None:
+        """Raise ShapeMismatchError unless `prefix` covers every layer of the server's model."""
+        c, layout = prefix.config, self.info.prefix
+        expected = (self.info.num_layers, layout.num_kv_heads, layout.head_dim)
+        actual = (c.num_layers, c.num_kv_heads, c.head_dim)
+        if expected != actual:
+            hint = ""
+            if c.num_layers == len(self.manifest.kept_layers):
+                hint = " It has the emulator's layout: map it with `splitprefix integrate` first."
+            raise ShapeMismatchError(
+                f"{where} must cover the full model: expected (layers, kv_heads, head_dim) = {expected}, "
+                f"got {actual}.{hint}"
+            )
+
+    def empty_kv(self) -> torch.Tensor:
+        """A prefix with P = 0: the base model."""
+        return torch.zeros(self.prefix_config(1).kv_shape)[:, :, :, :0]
+
+    def loss_fn(self) -> LossFn:
+        return split_loss_fn(self.bottom, self.remote_top, self.head, self.split_at)
+
+    def logits_fn(self) -> LogitsFn:
+        """Logits (B, T, V) through the split, for evaluation; head=server sends every real position."""
+
+        @torch.no_grad()
+        def logits(
+            input_ids: torch.Tensor, token_mask: torch.Tensor, kv: torch.Tensor | None
+        ) -> torch.Tensor:
+            kv = self.empty_kv() if kv is None else kv
+            if self.head is not None:
+                return self.head(
+                    run_split(self.bottom, self.remote_top, input_ids, token_mask, kv, self.split_at)
+                )
+            real = token_mask.bool()
+            rows = run_split(self.bottom, self.remote_top, input_ids, token_mask, kv, self.split_at, real)
+            out = rows.new_zeros(*real.shape, rows.shape[-1])  # (B, T, V); padding keeps zeros
+            out[real] = rows
+            return out
+
+        return logits
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_split(emulator_dir: str | Path, settings: ClientSettings) -> SplitSession:
+    """Load the emulator's bottom (and head, for head=client) and connect to a compatible server."""
+    manifest = EmulatorManifest.load(emulator_dir)
+    emulator, tokenizer = load_causal_lm(emulator_dir), load_tokenizer(emulator_dir)
+    verify_bottom(manifest, emulator, tokenizer)
+    client = SplitClient(settings)
+    try:
+        info = client.check_compatible(manifest)
+    except BaseException:
+        client.close()
+        raise
+    return SplitSession(
+        manifest=manifest,
+        tokenizer=tokenizer,
+        client=client,
+        info=info,
+        bottom=Bottom(emulator, manifest.split_at),
+        head=Head(emulator) if settings.head == "client" else None,
+        remote_top=RemoteTop(client),
+    )
+
+
+@dataclass(frozen=True)
+class SplitTrainConfig:
+    """Everything that defines a split training run; saved next to the prefix."""
+
+    prefix_len: int | None = None
+    """Virtual tokens P per layer; None = the --init prefix's, else 16."""
+    init: Path | None = None
+    """Full-layout prefix to start from (e.g. from `splitprefix integrate`); None = random."""
+    max_length: int = 128
+    """Tokens kept per training example."""
+    epochs: float | None = None
+    """Passes over the data; when set, overrides `train.steps`."""
+    eval_fraction: float = 0.1
+    """Share of the training file held out for evaluation when no eval_data is given."""
+    eval_data: Path | None = None
+    """Held-out JSONL file."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation settings."""
+
+    def __post_init__(self) -> None:
+        if self.prefix_len is not None and self.prefix_len < 1:
+            raise ConfigError(f"prefix_len must be >= 1; got {self.prefix_len}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1); got {self.eval_fraction}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"epochs must be > 0; got {self.epochs}")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2; got {self.max_length}")
+
+
+def initial_prefix(session: SplitSession, config: SplitTrainConfig) -> Prefix:
+    """The --init prefix (checked against the server's model), or a seeded random one."""
+    if config.init is None:
+        with torch.random.fork_rng():  # reproducible without touching the caller's RNG
+            torch.manual_seed(config.train.seed)
+            return Prefix(session.prefix_config(config.prefix_len or DEFAULT_PREFIX_LEN))
+    prefix = Prefix.load(config.init).fold()
+    session.check_prefix(prefix, f"the --init prefix {config.init}")
+    p = prefix.config.num_virtual_tokens
+    if config.prefix_len is not None and config.prefix_len != p:
+        raise ConfigError(
+            f"prefix_len {config.prefix_len} conflicts with the --init prefix's {p} virtual tokens"
+        )
+    return prefix
+
+
+class _Meter:
+    """Per-step traffic for the metrics log, with evaluation traffic kept apart from training's."""
+
+    def __init__(self, session: SplitSession, held_out: list, max_length: int) -> None:
+        self.session, self.held_out = session, held_out
+        self.eval_config = EvalConfig(max_length=max_length, exact_match=False)
+        self.last = session.client.traffic.snapshot()
+        self.eval_report: dict[str, Any] = {}
+
+    def evaluate(self, prefix: Prefix) -> dict[str, Any]:
+        if not self.held_out:
+            return {}
+        before = self.session.client.traffic.snapshot()
+        s = self.session
+        report = evaluate(s.logits_fn(), s.tokenizer, self.held_out, prefix().detach(), self.eval_config)
+        after = s.client.traffic.snapshot()
+        self.eval_report = {"eval_loss": report["loss"]}
+        self.last = {k: self.last[k] + after[k] - before[k] for k in after}  # not the step's traffic
+        return report
+
+    def metrics(self) -> dict[str, Any]:
+        now = self.session.client.traffic.snapshot()
+        line = {k: now[k] - self.last[k] for k in ("bytes_sent", "bytes_received", "retries", "recomputes")}
+        self.last, report, self.eval_report = now, self.eval_report, {}
+        return line | report
+
+
+def train_split(
+    emulator_dir: Path, settings: ClientSettings, data: Path, out: Path, config: SplitTrainConfig
+) -> dict[str, Any]:
+    """Train a full-layout prefix through the server; write it, its settings and its evaluation to `out`.
+
+    Rerunning an interrupted job with the same `out` resumes from its last checkpoint.
+    """
+    session = open_split(emulator_dir, settings)
+    try:
+        return _train(session, emulator_dir, settings, data, out, config)
+    finally:
+        session.close()
+
+
+def _train(
+    session: SplitSession,
+    emulator_dir: Path,
+    settings: ClientSettings,
+    data: Path,
+    out: Path,
+    config: SplitTrainConfig,
+) -> dict[str, Any]:
+    train, held_out = split_held_out(load_jsonl(data), config.eval_fraction, config.eval_data)
+    train_config = steps_for(config.train, config.epochs, len(train))
+    prefix = initial_prefix(session, config)
+    encoded = encode_examples(session.tokenizer, train, config.max_length)
+    if not (out / CHECKPOINT_DIR).exists():
+        (out / METRICS_FILE).unlink(missing_ok=True)  # a fresh run: drop the log of an older one
+    meter = _Meter(session, held_out, config.max_length)
+    hooks = StepHooks(
+        evaluate=meter.evaluate if held_out else None, metrics=meter.metrics, metrics_log=out / METRICS_FILE
+    )
+    start = time.perf_counter()
+    history = train_prefix(
+        prefix,
+        session.loss_fn(),
+        encoded,
+        resolve_pad_id(session.tokenizer),
+        train_config,
+        out / CHECKPOINT_DIR,
+        f"split ({settings.head} head)",
+        hooks,
+    )
+    report: dict[str, Any] = {
+        "n_train": len(train),
+        "steps": train_config.steps,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "final_train_loss": history.losses[-1],
+        "evals": [{k: v for k, v in e.items() if k != "samples"} for e in history.evals],
+        "traffic": session.client.traffic.snapshot(),
+    }
+    if held_out:
+        eval_config = EvalConfig(max_length=config.max_length)
+        report["held_out"] = evaluate(
+            session.logits_fn(), session.tokenizer, held_out, prefix().detach(), eval_config
+        )
+    prefix.save(out)
+    _write_json(out / RUN_FILE, _run_record(session, emulator_dir, settings, data, config, train_config))
+    _write_json(out / EVAL_FILE, report)
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    return report
+
+
+def _run_record(
+    session: SplitSession,
+    emulator_dir: Path,
+    settings: ClientSettings,
+    data: Path,
+    config: SplitTrainConfig,
+    train_config: TrainConfig,
+) -> dict[str, Any]:
+    client = {k: v for k, v in asdict(settings).items() if k != "token"}  # never write the secret
+    return {
+        "layout": "full",
+        "base_model": session.manifest.base_model,
+        "emulator": str(emulator_dir),
+        "split_at": session.split_at,
+        "num_layers": session.info.num_layers,
+        "data": str(data),
+        "client": client,
+        "config": asdict(config),
+        "effective_steps": train_config.steps,
+    }
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

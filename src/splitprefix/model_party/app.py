@@ -1,0 +1,239 @@
+"""The model party's HTTP service: routes translate between HTTP and `TopBackend`, nothing more.
+
+Every client mistake is answered with a 4xx and a JSON `ErrorBody {code, detail}` whose detail says
+what to do; a bug in the server answers 500 with a generic body, is logged, and the server keeps
+serving. Status codes and error codes:
+
+    401 unauthorized          missing or wrong bearer token (with `WWW-Authenticate: Bearer`)
+    400 bad_message           the body is not a splitprefix safetensors message
+    413 too_large             the body is over `max_request_bytes` (checked before reading it)
+    413 limit_exceeded        batch size or P + T over the limits in /v1/info
+    415 unsupported_media     the body was sent as another content type (JSON, form, ...)
+    422 non_finite            a tensor holds NaN or Inf
+    422 see model_party.validation: unsupported_protocol, invalid_meta, head_not_enabled,
+        split_mismatch, fingerprint_mismatch, bad_tensor
+    422 bad_request           any other bad input the model itself refused
+    409 graph_missing         backward without inputs for a step whose graph is not held
+    500 internal_error        a server bug
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from splitprefix.errors import SplitPrefixError
+from splitprefix.model_party.auth import TokenAuth, Unauthorized
+from splitprefix.model_party.backend import TopBackend
+from splitprefix.model_party.settings import ServerSettings
+from splitprefix.model_party.validation import RequestError
+from splitprefix.wire import schemas
+from splitprefix.wire.tensors import CONTENT_TYPE, WireFormatError, decode, encode
+
+logger = logging.getLogger(__name__)
+Handler = Callable[
+    [dict[str, torch.Tensor], dict[str, Any], str], tuple[dict[str, torch.Tensor], dict[str, Any]]
+]
+# A raw byte stream is a fair way to send a blob; a JSON or form body never is.
+ACCEPTED_TYPES = (CONTENT_TYPE, "application/octet-stream")
+_bearer = HTTPBearer(auto_error=False, description="One token per data party, from the tokens file.")
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": schemas.ErrorBody, "description": text}
+    for status, text in {
+        400: "Not a splitprefix safetensors message (code bad_message).",
+        401: "Missing or invalid bearer token (code unauthorized).",
+        409: "Backward for a step whose graph is not held (code graph_missing): resend it with the inputs.",
+        413: "Body over max_request_bytes (too_large), or batch/tokens over the limits (limit_exceeded).",
+        415: "Body sent with a content type other than " + CONTENT_TYPE + " (unsupported_media).",
+        422: "Metadata or tensors inconsistent with this model; `code` says which check failed.",
+    }.items()
+}
+
+
+def _client_id(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    """The data party behind the request's bearer token (the HTTPBearer dependency documents it)."""
+    auth: TokenAuth = request.app.state.auth
+    return auth.client_id(request.headers.get("authorization"))
+
+
+Client = Annotated[str, Depends(_client_id)]
+
+
+def _binary_route(summary: str, request_text: str, response_text: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "response_class": Response,
+        "openapi_extra": {
+            "requestBody": {"required": True, "description": request_text, "content": {CONTENT_TYPE: _BINARY}}
+        },
+        "responses": {200: {"description": response_text, "content": {CONTENT_TYPE: _BINARY}}, **_ERRORS},
+    }
+
+
+def create_app(source: ServerSettings | TopBackend, auth: TokenAuth | None = None) -> FastAPI:
+    """The FastAPI app serving `source` (settings to load a model from, or a loaded backend)."""
+    backend = source if isinstance(source, TopBackend) else TopBackend(source)
+    settings = backend.settings
+    auth = auth or TokenAuth.from_file(settings.tokens_file)
+    _log_startup_warnings(settings, auth)
+    app = FastAPI(
+        title="splitprefix model party",
+        version=str(schemas.PROTOCOL_VERSION),
+        description="Split prefix-tuning: the top of the model (layers [K, L), norm, head). "
+        "Binary bodies are safetensors blobs; see splitprefix.wire.schemas for the tensors.",
+    )
+    app.state.backend, app.state.auth = backend, auth
+
+    @app.get(schemas.HEALTH_PATH, summary="Liveness: answers without a token.")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "protocol_version": schemas.PROTOCOL_VERSION}
+
+    @app.get(schemas.INFO_PATH, response_model=schemas.ModelInfo, responses={401: _ERRORS[401]})
+    def info(client: Client) -> schemas.ModelInfo:
+        """Sizes, prefix layout, fingerprints, head modes, limits and warnings of this server."""
+        return backend.info()
+
+    forward_doc = _binary_route(
+        "Forward of the top for one training step.",
+        "Tensors hidden, attention_mask, positions, prefix_kv (+ supervised for head=server); metadata "
+        "protocol_version, step_id, head, wire_dtype, split_at, bottom_sha256 [, keep_graph].",
+        "Tensor `output`: (B, T, d) last hidden states (head=client) or (N, V) supervised logits (head=server).",
+    )
+
+    @app.post(schemas.FORWARD_PATH, **forward_doc)
+    async def forward(request: Request, client: Client) -> Response:
+        return await _serve(request, settings.max_request_bytes, backend.forward, client)
+
+    backward_doc = _binary_route(
+        "Backward of the top for one training step.",
+        "Tensor grad_output (+ every forward input to have the forward recomputed); metadata as forward.",
+        "Tensors grad_hidden (B, T, d) and grad_prefix_kv (L - K, 2, n_kv, P, head_dim).",
+    )
+
+    @app.post(schemas.BACKWARD_PATH, **backward_doc)
+    async def backward(request: Request, client: Client) -> Response:
+        return await _serve(request, settings.max_request_bytes, backend.backward, client)
+
+    _add_error_handlers(app)
+    return app
+
+
+async def _serve(request: Request, limit: int, handler: Handler, client: str) -> Response:
+    body = await _read_body(request, limit)
+
+    def run() -> bytes:
+        tensors, meta = decode(body, limit)
+        try:
+            out, reply = handler(tensors, meta, client)
+        except RequestError:
+            raise
+        except SplitPrefixError as error:
+            # bad input that slipped past validation is still the client's mistake, not a crash
+            raise RequestError(422, "bad_request", str(error)) from error
+        except Exception as error:
+            # a bug: answer 500 here, so the ASGI server does not also treat it as a crash
+            logger.exception("internal error in %s for client %s", request.url.path, client)
+            raise InternalError from error
+        return encode(out, reply, reply["wire_dtype"])
+
+    return Response(await run_in_threadpool(run), media_type=CONTENT_TYPE)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 before it is read when Content-Length (or the stream) is over `limit`."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media and media not in ACCEPTED_TYPES:
+        raise RequestError(
+            415,
+            "unsupported_media",
+            f"send the body as a safetensors blob with Content-Type {CONTENT_TYPE}; got {media!r}",
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and not declared.isdigit():
+        raise RequestError(400, "bad_message", f"Content-Length must be a byte count; got {declared!r}")
+    if declared is not None and int(declared) > limit:
+        raise _too_large(f"{declared} bytes", limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"over {limit} bytes", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: str, limit: int) -> RequestError:
+    return RequestError(
+        413,
+        "too_large",
+        f"the body is {size}; this server accepts at most {limit} bytes (max_request_bytes in /v1/info). "
+        "Send smaller micro-batches.",
+    )
+
+
+class InternalError(Exception):
+    """A server bug met while serving a request; the client gets a generic 500."""
+
+
+def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = schemas.ErrorBody(code=code, detail=detail).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def request_error(_: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestError | WireFormatError)
+        return _error(error.status, error.code, str(error))
+
+    async def unauthorized(_: Request, error: Exception) -> JSONResponse:
+        return _error(401, "unauthorized", str(error), {"WWW-Authenticate": "Bearer"})
+
+    async def http_error(_: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        detail = f"{error.detail}; the API is documented at /docs (OpenAPI at /openapi.json)"
+        return _error(error.status_code, code, detail, getattr(error, "headers", None))
+
+    async def invalid_request(_: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        return _error(422, "invalid_request", f"the request does not match the API: {error.errors()}")
+
+    async def internal(_: Request, error: Exception) -> JSONResponse:
+        if not isinstance(error, InternalError):
+            logger.error("internal error while serving a request", exc_info=error)
+        return _error(500, "internal_error", "internal server error; it was logged for the model party")
+
+    app.add_exception_handler(RequestError, request_error)
+    app.add_exception_handler(WireFormatError, request_error)
+    app.add_exception_handler(Unauthorized, unauthorized)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(InternalError, internal)
+    app.add_exception_handler(Exception, internal)
+
+
+def _log_startup_warnings(settings: ServerSettings, auth: TokenAuth) -> None:
+    if "server" in settings.head_modes:
+        logger.warning(schemas.HEAD_SERVER_WARNING)
+    if not settings.loopback and not auth.enabled:
+        logger.warning(
+            "listening on %s without a tokens file: anyone who can reach it can use the model; "
+            "pass --tokens-file",
+            settings.host,
+        )
+    if not settings.loopback and settings.tls_cert is None:
+        logger.warning(
+            "listening on %s without TLS: activations travel in clear; pass --tls-cert/--tls-key",
+            settings.host,
+        )

@@ -1,0 +1,89 @@
+"""Settings of the model party's split-training server, shared by the CLI, the Python API and tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from splitprefix.errors import ConfigError
+
+HeadSetting = Literal["server", "client", "both"]
+ComputeDtype = Literal["fp32", "bf16", "fp16"]
+MiB = 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    """What the server loads, where it listens and the limits it enforces on every request."""
+
+    model_dir: str | Path
+    """Full model directory written by `save_pretrained`, or 'builtin' for the shipped model."""
+    split_at: int
+    """K: the data party runs layers [0, K); this server runs layers [K, L)."""
+    head: HeadSetting = "client"
+    """Head modes offered: 'client' keeps labels at the data party; 'server' exposes them (see warnings)."""
+    host: str = "127.0.0.1"
+    """Interface to bind; anything but loopback should come with a tokens file and TLS."""
+    port: int = 8000
+    """TCP port to listen on (0 lets the OS choose)."""
+    tokens_file: Path | None = None
+    """Bearer tokens per data party (see `model_party.auth`); None turns authentication off."""
+    tls_cert: Path | None = None
+    """PEM certificate for HTTPS; give it together with `tls_key`."""
+    tls_key: Path | None = None
+    """PEM private key for HTTPS; give it together with `tls_cert`."""
+    max_request_bytes: int = 256 * MiB
+    """Largest request body accepted, in bytes (413 beyond)."""
+    max_batch_size: int = 64
+    """Largest batch B accepted in one request."""
+    max_tokens: int = 4096
+    """Largest P + T (prefix plus tokens) per sequence."""
+    graph_ttl_s: float = 120.0
+    """Seconds a held forward graph waits for its backward before it is dropped."""
+    max_graph_bytes: int = 2048 * MiB
+    """Memory cap for all held graphs together; the oldest are dropped beyond it."""
+    max_graphs_per_client: int = 8
+    """Held graphs per data party; its oldest is dropped beyond it."""
+    device: str = "cpu"
+    """Torch device that runs the top ('cpu', 'cuda', 'cuda:1', ...)."""
+    dtype: ComputeDtype = "fp32"
+    """Compute dtype of the top's weights and activations."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.split_at, int) or self.split_at < 1:
+            raise ConfigError(f"split_at must satisfy 1 <= K < L (the layer count); got K={self.split_at!r}")
+        if self.head not in ("server", "client", "both"):
+            raise ConfigError(f"head must be 'server', 'client' or 'both'; got {self.head!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535]; got {self.port}")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"dtype must be 'fp32', 'bf16' or 'fp16'; got {self.dtype!r}")
+        for name in ("max_request_bytes", "max_batch_size", "max_tokens", "max_graphs_per_client"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.max_graph_bytes < 0 or self.graph_ttl_s <= 0:
+            raise ConfigError(
+                f"max_graph_bytes must be >= 0 and graph_ttl_s > 0; got {self.max_graph_bytes}, {self.graph_ttl_s}"
+            )
+        self._check_files()
+
+    def _check_files(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(
+                f"give both tls_cert and tls_key, or neither; got cert={self.tls_cert}, key={self.tls_key}"
+            )
+        for name in ("tokens_file", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{name} {path} does not exist or is not a file")
+
+    @property
+    def head_modes(self) -> list[Literal["server", "client"]]:
+        """The head placements a data party may ask for."""
+        return ["server", "client"] if self.head == "both" else [self.head]
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the server only listens on this machine."""
+        return self.host in ("127.0.0.1", "localhost", "::1")

@@ -1,0 +1,239 @@
+"""Checking a training request before it touches the model: metadata, tensor names, shapes, values.
+
+Every failure is a `RequestError` with an HTTP status, a machine-readable code and a message that
+states what was expected, what arrived and what to do. Codes:
+
+    unsupported_protocol  422  protocol_version is not this server's
+    invalid_meta          422  a metadata field is missing or has the wrong type
+    head_not_enabled      422  the head mode asked for is not offered by this server
+    split_mismatch        422  split_at is not this server's K
+    fingerprint_mismatch  422  bottom_sha256 is not this model's bottom
+    bad_tensor            422  a tensor is missing, unexpected, or has the wrong shape, dtype or values
+    limit_exceeded        413  batch size or P + T is over the server's limit
+    graph_missing         409  backward without inputs for a step whose graph the server does not hold
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import torch
+
+from splitprefix.errors import SplitPrefixError
+from splitprefix.model.registry import ModelDims
+from splitprefix.wire.schemas import FORWARD_INPUTS, GRAD_OUTPUT, PROTOCOL_VERSION, SUPERVISED, HeadMode
+from splitprefix.wire.tensors import WIRE_DTYPES
+
+MAX_STEP_ID_CHARS = 200
+
+
+class RequestError(SplitPrefixError, ValueError):
+    """A data party's request the server refuses; `status` and `code` go into the HTTP answer."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+@dataclass(frozen=True)
+class TopShape:
+    """What the server's part expects from a request."""
+
+    dims: ModelDims
+    split_at: int
+    bottom_sha256: str
+    head_modes: list[HeadMode]
+    max_batch_size: int
+    max_tokens: int
+
+    @property
+    def kv_layers(self) -> int:
+        return self.dims.num_layers - self.split_at
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """The control fields of one request."""
+
+    step_id: str
+    head: HeadMode
+    wire_dtype: str
+    keep_graph: bool
+
+
+@dataclass(frozen=True)
+class ForwardInputs:
+    """The checked forward tensors; masks and positions as int64."""
+
+    hidden: torch.Tensor  # (B, T, d)
+    attention_mask: torch.Tensor  # (B, P + T)
+    positions: torch.Tensor  # (B, T)
+    prefix_kv: torch.Tensor  # (L - K, 2, n_kv, P, hd)
+    supervised: torch.Tensor | None  # (B, T), head=server only
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix_kv.shape[3]
+
+
+def check_meta(meta: dict[str, Any], top: TopShape, forward: bool) -> StepMeta:
+    """The request's control fields; split_at and bottom_sha256 are required on forward only."""
+    version = meta.get("protocol_version")
+    if version != PROTOCOL_VERSION:
+        raise RequestError(
+            422,
+            "unsupported_protocol",
+            f"protocol_version must be {PROTOCOL_VERSION}; got {version!r}. Use a splitprefix client "
+            f"that speaks protocol {PROTOCOL_VERSION}.",
+        )
+    step_id = meta.get("step_id")
+    if not isinstance(step_id, str | int) or isinstance(step_id, bool) or not str(step_id):
+        raise _meta_error("step_id", "a non-empty string", step_id)
+    if len(str(step_id)) > MAX_STEP_ID_CHARS:
+        raise _meta_error("step_id", f"at most {MAX_STEP_ID_CHARS} characters", f"{len(str(step_id))} chars")
+    head = meta.get("head")
+    if head not in ("server", "client"):
+        raise _meta_error("head", "'server' or 'client'", head)
+    if head not in top.head_modes:
+        raise RequestError(
+            422,
+            "head_not_enabled",
+            f"head={head} is not enabled on this server (it offers {top.head_modes}); ask for "
+            f"head={top.head_modes[0]} or ask the model party to start the server with --head both",
+        )
+    wire = meta.get("wire_dtype")
+    if wire not in WIRE_DTYPES:
+        raise _meta_error("wire_dtype", f"one of {sorted(WIRE_DTYPES)}", wire)
+    keep_graph = meta.get("keep_graph", True)
+    if not isinstance(keep_graph, bool):
+        raise _meta_error("keep_graph", "true or false", keep_graph)
+    _check_model_identity(meta, top, forward)
+    return StepMeta(str(step_id), head, wire, keep_graph)
+
+
+def _check_model_identity(meta: dict[str, Any], top: TopShape, forward: bool) -> None:
+    """split_at and bottom_sha256 must match when given; a forward must give them."""
+    for field in ("split_at", "bottom_sha256"):
+        if forward and field not in meta:
+            raise _meta_error(field, "present in every forward request", None)
+    if "split_at" in meta and meta["split_at"] != top.split_at:
+        raise RequestError(
+            422,
+            "split_mismatch",
+            f"this server runs layers [{top.split_at}, {top.dims.num_layers}), so split_at must be "
+            f"{top.split_at}; got {meta['split_at']!r}. Use an emulator built with --split-at {top.split_at}.",
+        )
+    if "bottom_sha256" in meta and meta["bottom_sha256"] != top.bottom_sha256:
+        raise RequestError(
+            422,
+            "fingerprint_mismatch",
+            f"bottom_sha256 {str(meta['bottom_sha256'])[:12]}… is not this model's bottom "
+            f"({top.bottom_sha256[:12]}…): your layers [0, {top.split_at}) come from another model. "
+            "Use the emulator the model party built from this model.",
+        )
+
+
+def _meta_error(field: str, expected: str, actual: object) -> RequestError:
+    return RequestError(422, "invalid_meta", f"metadata field {field!r} must be {expected}; got {actual!r}")
+
+
+def has_forward_inputs(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether a backward carries forward inputs (the stateless, recompute path)."""
+    return any(name in tensors for name in FORWARD_INPUTS)
+
+
+def check_names(tensors: dict[str, torch.Tensor], expected: list[str], what: str) -> None:
+    """Exactly the tensors `expected`: a typo or a missing one is caught before any compute."""
+    missing = [name for name in expected if name not in tensors]
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise RequestError(
+            422,
+            "bad_tensor",
+            f"a {what} must carry exactly the tensors {expected}; missing {missing}, unexpected {extra}",
+        )
+
+
+def forward_names(head: HeadMode) -> list[str]:
+    return [*FORWARD_INPUTS, SUPERVISED] if head == "server" else list(FORWARD_INPUTS)
+
+
+def check_forward_inputs(tensors: dict[str, torch.Tensor], top: TopShape, head: HeadMode) -> ForwardInputs:
+    """Forward tensors with consistent shapes, dtypes and values, within the server's limits."""
+    hidden = _floating(tensors, "hidden")
+    kv = _floating(tensors, "prefix_kv")
+    d, n_kv, hd = top.dims.hidden_size, top.dims.num_kv_heads, top.dims.head_dim
+    if hidden.ndim != 3 or hidden.shape[2] != d or 0 in hidden.shape[:2]:
+        _bad_shape("hidden", f"(B, T, {d}) with B, T >= 1", hidden)
+    batch, length = hidden.shape[:2]
+    if kv.ndim != 5 or (kv.shape[:3], kv.shape[4]) != ((top.kv_layers, 2, n_kv), hd):
+        _bad_shape("prefix_kv", f"(L - K, 2, n_kv, P, head_dim) = ({top.kv_layers}, 2, {n_kv}, P, {hd})", kv)
+    prefix = kv.shape[3]
+    _check_limits(batch, prefix + length, top)
+    mask = _integer(
+        tensors, "attention_mask", (batch, prefix + length), f"(B, P + T) = ({batch}, {prefix} + {length})"
+    )
+    _binary(mask, "attention_mask")
+    positions = _integer(tensors, "positions", (batch, length), f"(B, T) = ({batch}, {length})")
+    if (positions < 0).any():
+        raise RequestError(422, "bad_tensor", "positions must be >= 0")
+    supervised = None
+    if head == "server":
+        supervised = _integer(tensors, SUPERVISED, (batch, length), f"(B, T) = ({batch}, {length})")
+        _binary(supervised, SUPERVISED)
+    return ForwardInputs(hidden, mask, positions, kv, supervised)
+
+
+def check_grad_output(tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """The backward's incoming gradient, shaped like the forward's output."""
+    grad = _floating(tensors, GRAD_OUTPUT)
+    if tuple(grad.shape) != shape:
+        _bad_shape(GRAD_OUTPUT, f"the forward output's shape {shape}", grad)
+    return grad
+
+
+def _check_limits(batch: int, tokens: int, top: TopShape) -> None:
+    if batch > top.max_batch_size:
+        raise RequestError(
+            413,
+            "limit_exceeded",
+            f"batch size {batch} is over this server's limit of {top.max_batch_size}; split the batch "
+            "into micro-batches (see /v1/info limits)",
+        )
+    if tokens > top.max_tokens:
+        raise RequestError(
+            413,
+            "limit_exceeded",
+            f"P + T = {tokens} prefix and tokens per sequence is over this server's limit of "
+            f"{top.max_tokens}; use shorter sequences (see /v1/info limits)",
+        )
+
+
+def _floating(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    tensor = tensors[name]
+    if not tensor.is_floating_point():
+        raise RequestError(
+            422, "bad_tensor", f"{name} must be a floating tensor (fp32, bf16 or fp16); got {tensor.dtype}"
+        )
+    return tensor
+
+
+def _integer(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, int], text: str) -> torch.Tensor:
+    tensor = tensors[name]
+    if tensor.is_floating_point() or tensor.is_complex():
+        raise RequestError(422, "bad_tensor", f"{name} must be an integer tensor (int64); got {tensor.dtype}")
+    if tuple(tensor.shape) != shape:
+        _bad_shape(name, text, tensor)
+    return tensor.long()
+
+
+def _binary(tensor: torch.Tensor, name: str) -> None:
+    if ((tensor != 0) & (tensor != 1)).any():
+        raise RequestError(
+            422, "bad_tensor", f"{name} must hold only 0 and 1; got values {tensor.unique().tolist()[:8]}"
+        )
+
+
+def _bad_shape(name: str, expected: str, tensor: torch.Tensor) -> NoReturn:
+    raise RequestError(422, "bad_tensor", f"{name} must have shape {expected}; got {tuple(tensor.shape)}")

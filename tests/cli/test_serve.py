@@ -1,0 +1,66 @@
+"""The `serve` command: a thin wrapper that builds the app and hands it to uvicorn."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from splitprefix.cli.main import app
+from splitprefix.errors import ConfigError
+from top_helpers import save_model_dir
+
+runner = CliRunner()
+
+
+def test_serve_help_lists_the_options():
+    result = runner.invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0
+    for option in ("--split-at", "--head", "--tokens-file", "--tls-cert", "--tls-key", "--max-request-bytes"):
+        assert option in result.output
+
+
+def test_serve_runs_uvicorn_with_the_settings(tmp_path, monkeypatch):
+    # Prepare
+    model_dir = save_model_dir(tmp_path / "model", "gpt2")
+    cert, key, tokens = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "tokens.txt"
+    for path in (cert, key):
+        path.write_text("pem")
+    tokens.write_text("alice alice-token-0123456789\n")
+    calls = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: calls.append((app, kwargs)))
+
+    # Execute
+    args = ["serve", str(model_dir), "--split-at", "2", "--port", "9123", "--head", "both"]
+    args += ["--tokens-file", str(tokens), "--tls-cert", str(cert), "--tls-key", str(key)]
+    result = runner.invoke(app, args)
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    served, kwargs = calls[0]
+    assert kwargs | {
+        "ssl_certfile": str(kwargs["ssl_certfile"]),
+        "ssl_keyfile": str(kwargs["ssl_keyfile"]),
+    } == {
+        "host": "127.0.0.1",
+        "port": 9123,
+        "ssl_certfile": str(cert),
+        "ssl_keyfile": str(key),
+        "log_level": "info",
+    }
+    assert served.state.auth.enabled and served.state.backend.settings.head_modes == ["server", "client"]
+
+
+def test_serve_refuses_a_certificate_without_its_key(tmp_path):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("pem")
+    result = runner.invoke(app, ["serve", "builtin", "--split-at", "2", "--tls-cert", str(cert)])
+    assert isinstance(result.exception, ConfigError)
+    assert "give both tls_cert and tls_key" in str(result.exception)
+
+
+@pytest.mark.parametrize("split_at", ["0", "4"])
+def test_serve_refuses_a_split_outside_the_model(tmp_path, split_at):
+    model_dir = save_model_dir(tmp_path / "model", "llama")
+    result = runner.invoke(app, ["serve", str(model_dir), "--split-at", split_at])
+    assert isinstance(result.exception, ConfigError)
+    assert "1 <= K < L" in str(result.exception)
