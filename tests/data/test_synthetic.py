@@ -8,6 +8,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from splitprefix.data.synthetic import (
+    ANSWERS,
     FILLERS,
     INTENTS,
     PROMPT_TEMPLATE,
@@ -35,7 +36,7 @@ def test_records_have_the_prompt_form_and_the_canonical_completion() -> None:
 
     for example in train + test:
         assert example.label in INTENTS
-        assert example.completion == completion_for(example.label) == f" {example.label}"
+        assert example.completion == completion_for(example.label) == f" {ANSWERS[example.label]}"
         prefix, suffix = PROMPT_TEMPLATE.split("{message}")
         assert example.prompt.startswith(prefix) and example.prompt.endswith(suffix)
         assert "\n" not in example.prompt[len(prefix) : -len(suffix)]

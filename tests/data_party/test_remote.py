@@ -131,7 +131,7 @@ def forward_inputs(session, batch: int = 2, length: int = 5) -> dict[str, torch.
 
 def test_a_rejected_request_raises_the_servers_detail_and_the_server_keeps_serving(dirs, server):
     # Prepare
-    session = open_split(dirs.emulator, ClientSettings(server.url))
+    session = open_split(dirs.emulator, ClientSettings(server.url, head="client"))
     good = forward_inputs(session)
     bad = good | {"hidden": good["hidden"][..., :10]}
 
@@ -151,8 +151,8 @@ def test_a_missing_token_is_refused_and_the_right_one_accepted(dirs, tmp_path):
     tokens.write_text(json.dumps({"clinic": "c" * 24}))
     with LiveServer(create_app(server_settings(dirs, tokens_file=tokens))) as live:
         with pytest.raises(RemoteError, match="401") as info:
-            open_split(dirs.emulator, ClientSettings(live.url))
-        session = open_split(dirs.emulator, ClientSettings(live.url, token="c" * 24))
+            open_split(dirs.emulator, ClientSettings(live.url, head="client"))
+        session = open_split(dirs.emulator, ClientSettings(live.url, head="client", token="c" * 24))
         session.close()
     assert info.value.code == "unauthorized"
 
@@ -160,14 +160,14 @@ def test_a_missing_token_is_refused_and_the_right_one_accepted(dirs, tmp_path):
 def test_an_emulator_of_another_model_is_detected(dirs, server, tmp_path):
     other = make_dirs(tmp_path, seed=1)  # same architecture and config, other weights
     with pytest.raises(IncompatibleServerError, match="bottom_sha256: server") as info:
-        open_split(other.emulator, ClientSettings(server.url))
+        open_split(other.emulator, ClientSettings(server.url, head="client"))
     assert "split_at" not in str(info.value)
 
 
 def test_an_emulator_cut_at_another_layer_is_detected(dirs, server, tmp_path):
     other = make_dirs(dirs.full.parent, split_at=1)
     with pytest.raises(IncompatibleServerError, match=r"split_at \(K\): server 2 vs emulator 1"):
-        open_split(other.emulator, ClientSettings(server.url))
+        open_split(other.emulator, ClientSettings(server.url, head="client"))
 
 
 def test_a_head_mode_the_server_does_not_offer_is_detected(dirs):

@@ -130,7 +130,7 @@ def test_training_survives_server_restarts_that_lose_its_state(dirs, whole_run):
         server.app = create_app(server_settings(dirs))
         threading.Timer(0.3, server.start).start()
 
-    session = open_split(dirs.emulator, ClientSettings(server.url, **FAST_RETRIES))
+    session = open_split(dirs.emulator, ClientSettings(server.url, head="client", **FAST_RETRIES))
     calls = {"forward": 0, "backward": 0}
 
     def failing(name, real, at):
@@ -167,7 +167,7 @@ def test_a_crashed_client_resumes_from_its_last_checkpoint(dirs, server, tmp_pat
     data = write_jsonl(tmp_path / "train.jsonl")
     train = TrainConfig(steps=4, batch_size=4, warmup_steps=1, lr=5e-2, checkpoint_every=2)
     config = SplitTrainConfig(prefix_len=2, eval_fraction=0, train=train)
-    settings = ClientSettings(server.url)
+    settings = ClientSettings(server.url, head="client")
     train_split(dirs.emulator, settings, data, tmp_path / "straight", config)
     real_loss_fn = SplitSession.loss_fn
 

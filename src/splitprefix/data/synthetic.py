@@ -1,8 +1,9 @@
 """A seeded synthetic customer-service "industry" task: classify a customer's message into an intent.
 
-Each record reads ``Customer: <message>\\nIntent:`` and its completion is `" " + intent`, e.g.
-``" cancel_subscription"``: a short answer fixed by the intent alone, so held-out exact match is a
-meaningful score that a small prefix can learn.
+Each record reads ``Customer: <message>\\nIntent:`` and its completion is the intent's short
+routing word from `ANSWERS`, e.g. ``" cancel"`` for `cancel_subscription`: an answer fixed by the
+intent alone (one or two tokens of the built-in tokenizer), so held-out exact match is a meaningful
+score that a small prefix can learn. The record's `label` keeps the intent name.
 
 Messages come from templates (`TEMPLATES`) filled from slot vocabularies (`FILLERS`) and roughened by
 noise (case, typos, filler words, punctuation). The test split measures generalization: every
@@ -314,9 +315,23 @@ def _counts(labels: list[str]) -> dict[str, Any]:
     return {"n": len(labels), "labels": dict(sorted(Counter(labels).items()))}
 
 
+ANSWERS: dict[str, str] = {
+    "refund": "refund",
+    "cancel_subscription": "cancel",
+    "change_address": "address",
+    "track_order": "track",
+    "reset_password": "password",
+    "damaged_item": "broken",
+    "upgrade_plan": "plan",
+    "billing_question": "bill",
+    "update_payment": "payment",
+    "human_agent": "agent",
+}
+
+
 def completion_for(intent: str) -> str:
-    """The canonical completion of an intent: a space and the intent name."""
-    return f" {intent}"
+    """The canonical completion of an intent: a space and its routing word."""
+    return f" {ANSWERS[intent]}"
 
 
 def _split_sources(config: SyntheticTaskConfig, rng: random.Random) -> tuple[_Split, _Split]:

@@ -9,6 +9,7 @@ plugs into the whole model (`splitprefix eval MODEL_DIR --prefix`).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,9 @@ from splitprefix.model.emulator import EmulatorManifest, verify_bottom
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig, prefix_cache
 from splitprefix.model.split import Bottom, Head, extend_mask, token_positions
-from splitprefix.wire.schemas import ModelInfo
+from splitprefix.wire.schemas import HEAD_SERVER_WARNING, ModelInfo
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
@@ -178,6 +181,8 @@ def open_split(emulator_dir: str | Path, settings: ClientSettings) -> SplitSessi
     manifest = EmulatorManifest.load(emulator_dir)
     emulator, tokenizer = load_causal_lm(emulator_dir), load_tokenizer(emulator_dir)
     verify_bottom(manifest, emulator, tokenizer)
+    if settings.head == "server":
+        logger.warning(HEAD_SERVER_WARNING)
     client = SplitClient(settings)
     try:
         info = client.check_compatible(manifest)

@@ -45,8 +45,8 @@ class TrainConfig:
     """Optimiser steps."""
     batch_size: int = 16
     """Examples per step."""
-    lr: float = 1e-2
-    """Peak learning rate of AdamW."""
+    lr: float = 0.1
+    """Peak learning rate of AdamW (suits plain keys/values; use ~1e-3 with projection_dim)."""
     warmup_steps: int = 10
     """Linear warm-up steps before the cosine decay."""
     weight_decay: float = 0.0

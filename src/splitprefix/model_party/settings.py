@@ -21,7 +21,7 @@ class ServerSettings:
     """Full model directory written by `save_pretrained`, or 'builtin' for the shipped model."""
     split_at: int
     """K: the data party runs layers [0, K); this server runs layers [K, L)."""
-    head: HeadSetting = "client"
+    head: HeadSetting = "both"
     """Head modes offered: 'client' keeps labels at the data party; 'server' exposes them (see warnings)."""
     host: str = "127.0.0.1"
     """Interface to bind; anything but loopback should come with a tokens file and TLS."""
