@@ -42,8 +42,8 @@ def test_schedule_warms_up_then_decays():
 
 
 def test_bad_config_is_rejected():
-    with pytest.raises(ConfigError, match="warmup_steps"):
-        TrainConfig(steps=5, warmup_steps=6)
+    with pytest.raises(ConfigError, match="warmup_steps must be >= 0; got -1"):
+        TrainConfig(steps=5, warmup_steps=-1)
 
 
 def test_training_resumes_after_a_crash_with_the_same_result(tmp_path):

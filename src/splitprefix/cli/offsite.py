@@ -68,7 +68,6 @@ def train_offsite_command(
         batch_size=batch_size,
         checkpoint_every=checkpoint_every,
         seed=seed,
-        warmup_steps=min(TrainConfig.warmup_steps, steps),
     )
     config = OffsiteConfig(prefix_len=prefix_len, projection_dim=projection_dim, epochs=epochs, train=train)
     report = train_offsite(emulator, data, out, config, eval_data)

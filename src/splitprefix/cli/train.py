@@ -98,7 +98,6 @@ def train_command(
         eval_every=eval_every,
         checkpoint_every=checkpoint_every,
         seed=seed,
-        warmup_steps=min(TrainConfig.warmup_steps, steps),
     )
     config = SplitTrainConfig(
         prefix_len=prefix_len,

@@ -67,7 +67,7 @@ def steps_for(train: TrainConfig, epochs: float | None, n_train: int) -> TrainCo
     steps = train.steps
     if epochs is not None:
         steps = max(1, math.ceil(epochs * n_train / train.batch_size))
-    return TrainConfig(**{**asdict(train), "steps": steps, "warmup_steps": min(train.warmup_steps, steps)})
+    return TrainConfig(**{**asdict(train), "steps": steps})
 
 
 def train_offsite(

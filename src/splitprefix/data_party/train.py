@@ -48,7 +48,7 @@ class TrainConfig:
     lr: float = 0.1
     """Peak learning rate of AdamW (suits plain keys/values; use ~1e-3 with projection_dim)."""
     warmup_steps: int = 10
-    """Linear warm-up steps before the cosine decay."""
+    """Linear warm-up steps before the cosine decay (at most `steps`)."""
     weight_decay: float = 0.0
     """AdamW weight decay on the prefix."""
     max_grad_norm: float = 1.0
@@ -69,8 +69,8 @@ class TrainConfig:
             )
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0; got {self.lr}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}]; got {self.warmup_steps}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
 
 
 @dataclass
@@ -96,9 +96,10 @@ class StepHooks(NamedTuple):
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine decay to 10% of the peak."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    warmup = min(config.warmup_steps, config.steps)  # short runs warm up for their whole length
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, config.steps - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 

@@ -1,0 +1,123 @@
+"""Warm start: split training from the integrated offsite prefix against split training from a cold
+prefix. Counts the networked steps each needs to reach the held-out loss of a reference prefix
+trained directly on the full model for the same number of steps. Prints JSON.
+
+The model party's server runs as a separate process on loopback; head=client, fp32 wire.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/warm_start.py --model builtin --split-at 2 --keep 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from split_training import free_port, server_process
+
+from splitprefix.data.formats import write_jsonl
+from splitprefix.data.synthetic import SyntheticTaskConfig, make_task
+from splitprefix.data_party.remote import ClientSettings
+from splitprefix.data_party.split_train import SplitTrainConfig, train_split
+from splitprefix.data_party.train import TrainConfig, fit_prefix
+from splitprefix.evaluation.evaluate import EvalConfig, evaluate_loss
+from splitprefix.model.emulator import EmulatorManifest, integrate_kv
+from splitprefix.model.loading import load_causal_lm, load_tokenizer
+from splitprefix.model.prefix import Prefix, PrefixConfig
+from splitprefix.model_party.compress import emulate
+
+
+def split_curve(
+    emulator: Path, url: str, data: Path, held_out: Path, out: Path, init: Path | None, train: TrainConfig
+):
+    """Held-out loss after every `eval_every` split-training steps, read from the metrics log."""
+    settings = ClientSettings(url, head="client")
+    train_split(
+        emulator,
+        settings,
+        data,
+        out,
+        SplitTrainConfig(prefix_len=16, init=init, eval_data=held_out, train=train),
+    )
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(line["step"], round(line["eval_loss"], 4)) for line in lines if "eval_loss" in line]
+
+
+def first_reaching(curve: list[tuple[int, float]], target: float) -> int | None:
+    """The first evaluated step at the target loss; the tolerance covers the curve's 4-decimal rounding."""
+    return next((step for step, loss in curve if loss <= target + 1e-4), None)
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    full, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
+    train, test = make_task(SyntheticTaskConfig(n_train=2000, n_test=300, seed=args.seed))
+    held = test[: args.eval_examples]
+    write_jsonl(work / "train.jsonl", train)
+    write_jsonl(work / "held.jsonl", held)
+    train_config = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, eval_every=args.eval_every)
+    eval_config = EvalConfig(exact_match=False)
+
+    torch.manual_seed(args.seed)
+    reference, _ = fit_prefix(
+        full, tokenizer, train, PrefixConfig.for_model(full.config, 16), train_config, desc="reference"
+    )
+    target = evaluate_loss(full, tokenizer, held, reference().detach(), eval_config)["loss"]
+
+    emulate(args.model, args.split_at, args.keep, work / "emu")
+    emulator = load_causal_lm(work / "emu")
+    torch.manual_seed(args.seed)
+    offsite, _ = fit_prefix(
+        emulator, tokenizer, train, PrefixConfig.for_model(emulator.config, 16), train_config, desc="offsite"
+    )
+    warm_kv = integrate_kv(offsite().detach(), EmulatorManifest.load(work / "emu"))
+    Prefix(PrefixConfig.for_model(full.config, 16), warm_kv).save(work / "warm")
+
+    curves = {}
+    with server_process(args.model, args.split_at, free_port(), work / "server.log") as url:
+        for name, init in (("warm", work / "warm"), ("cold", None)):
+            torch.manual_seed(args.seed)
+            start = time.perf_counter()
+            curves[name] = {
+                "curve": split_curve(
+                    work / "emu",
+                    url,
+                    work / "train.jsonl",
+                    work / "held.jsonl",
+                    work / name / "run",
+                    init,
+                    train_config,
+                )
+            }
+            curves[name]["wall_s"] = round(time.perf_counter() - start, 1)
+            curves[name]["steps_to_reference_loss"] = first_reaching(curves[name]["curve"], target)
+    return {
+        "benchmark": "warm_start",
+        "config": vars(args),
+        "reference_heldout_loss": round(target, 4),
+        **curves,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--split-at", type=int, default=2)
+    parser.add_argument("--keep", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--eval-examples", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        print(json.dumps(run(args, Path(work)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
