@@ -16,6 +16,8 @@ from transformers import (
     Qwen2Config,
 )
 
+pytest_plugins = ["app_fixtures"]  # the model-party app fixtures, shared by two test modules
+
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 VOCAB = 96
 

@@ -9,63 +9,14 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from app_fixtures import ALICE, BOB, assert_a_valid_step_succeeds, post, step_for
 from splitprefix.errors import ShapeMismatchError
-from splitprefix.model.loading import load_causal_lm
 from splitprefix.model_party.app import create_app
-from splitprefix.model_party.auth import TokenAuth
 from splitprefix.model_party.backend import TopBackend
 from splitprefix.model_party.settings import ServerSettings
 from splitprefix.wire import schemas
 from splitprefix.wire.tensors import CONTENT_TYPE, decode
-from top_helpers import SPLIT_AT, assert_error, binary_headers, blob, local_step, save_model_dir
-
-ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789abcd"
-LIMITS = dict(max_request_bytes=100_000, max_batch_size=4, max_tokens=16)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model_dir(tmp_path_factory.mktemp("llama"), "llama")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return load_causal_lm(model_dir)
-
-
-@pytest.fixture(scope="module")
-def backend(model_dir):
-    return TopBackend(ServerSettings(model_dir, SPLIT_AT, head="both", **LIMITS))
-
-
-@pytest.fixture(scope="module")
-def client(backend):
-    app = create_app(backend, TokenAuth({"alice": ALICE, "bob": BOB}))
-    with TestClient(app, raise_server_exceptions=False) as test_client:
-        yield test_client
-
-
-def _step(model, backend, head="server", step_id="step-1", **kwargs):
-    return local_step(model, head, backend.top.bottom_sha256, step_id=step_id, **kwargs)
-
-
-def _post(client, path, tensors, meta, token=ALICE):
-    return client.post(path, content=blob(tensors, meta), headers=binary_headers(token))
-
-
-def _assert_a_valid_step_succeeds(client, model, backend, step_id="valid"):
-    """Forward and backward of a fresh step, as the server must still serve after any mistake."""
-    step = _step(model, backend, step_id=step_id)
-    forward = _post(client, schemas.FORWARD_PATH, step.tensors, step.meta)
-    assert forward.status_code == 200, forward.text
-    assert forward.headers["content-type"] == CONTENT_TYPE
-    output, reply = decode(forward.content)
-    assert reply["graph_held"] is True
-    grad = {schemas.GRAD_OUTPUT: torch.ones_like(output[schemas.OUTPUT])}
-    backward = _post(client, schemas.BACKWARD_PATH, grad, step.meta)
-    assert backward.status_code == 200, backward.text
-    grads, _ = decode(backward.content)
-    assert set(grads) == {schemas.GRAD_HIDDEN, schemas.GRAD_PREFIX}
+from top_helpers import SPLIT_AT, assert_error, binary_headers
 
 
 def _set(name, value):
@@ -174,15 +125,15 @@ FORWARD_CASES = {
 def test_a_bad_forward_gets_a_4xx_that_says_what_to_fix(client, model, backend, case):
     # Prepare
     mutate, status, code, pattern = FORWARD_CASES[case]
-    step = _step(model, backend, step_id=f"bad-forward-{case}")
+    step = step_for(model, backend, step_id=f"bad-forward-{case}")
     tensors, meta = mutate(step.tensors, step.meta)
 
     # Execute
-    response = _post(client, schemas.FORWARD_PATH, tensors, meta)
+    response = post(client, schemas.FORWARD_PATH, tensors, meta)
 
     # Assert
     assert_error(response, status, code, pattern)
-    _assert_a_valid_step_succeeds(client, model, backend)
+    assert_a_valid_step_succeeds(client, model, backend)
 
 
 def _grad(shape_change=None):
@@ -230,26 +181,26 @@ BACKWARD_CASES = {
 def test_a_bad_backward_gets_a_4xx_and_keeps_the_graph(client, model, backend, case):
     # Prepare: a held forward
     mutate, status, code, pattern = BACKWARD_CASES[case]
-    step = _step(model, backend, step_id=f"bad-backward-{case}")
-    forward = _post(client, schemas.FORWARD_PATH, step.tensors, step.meta)
+    step = step_for(model, backend, step_id=f"bad-backward-{case}")
+    forward = post(client, schemas.FORWARD_PATH, step.tensors, step.meta)
     grad = {"grad_output": torch.ones_like(decode(forward.content)[0]["output"])}
     tensors, meta = mutate(grad, step.meta)
 
     # Execute
-    response = _post(client, schemas.BACKWARD_PATH, tensors, meta)
+    response = post(client, schemas.BACKWARD_PATH, tensors, meta)
 
     # Assert: refused, and the correct backward of the same step still works
     assert_error(response, status, code, pattern)
-    assert _post(client, schemas.BACKWARD_PATH, grad, step.meta).status_code == 200
-    _assert_a_valid_step_succeeds(client, model, backend)
+    assert post(client, schemas.BACKWARD_PATH, grad, step.meta).status_code == 200
+    assert_a_valid_step_succeeds(client, model, backend)
 
 
 def test_a_backward_for_an_unknown_step_without_inputs_gets_409(client, model, backend):
-    step = _step(model, backend, step_id="never-forwarded")
-    response = _post(client, schemas.BACKWARD_PATH, {"grad_output": torch.ones(21, 320)}, step.meta)
+    step = step_for(model, backend, step_id="never-forwarded")
+    response = post(client, schemas.BACKWARD_PATH, {"grad_output": torch.ones(21, 320)}, step.meta)
     assert_error(response, 409, "graph_missing", "resend this backward with the forward inputs hidden, ")
     # the stateless path: the same backward with the inputs is recomputed
-    recompute = _post(
+    recompute = post(
         client, schemas.BACKWARD_PATH, {"grad_output": torch.ones(21, 320)} | step.tensors, step.meta
     )
     assert recompute.status_code == 200, recompute.text
@@ -257,13 +208,13 @@ def test_a_backward_for_an_unknown_step_without_inputs_gets_409(client, model, b
 
 def test_a_party_cannot_run_the_backward_of_anothers_step(client, model, backend):
     # Prepare
-    step = _step(model, backend, step_id="alice-only")
-    _post(client, schemas.FORWARD_PATH, step.tensors, step.meta, token=ALICE)
+    step = step_for(model, backend, step_id="alice-only")
+    post(client, schemas.FORWARD_PATH, step.tensors, step.meta, token=ALICE)
     grad = {"grad_output": torch.ones(21, 320)}
 
     # Execute
-    as_bob = _post(client, schemas.BACKWARD_PATH, grad, step.meta, token=BOB)
-    as_alice = _post(client, schemas.BACKWARD_PATH, grad, step.meta, token=ALICE)
+    as_bob = post(client, schemas.BACKWARD_PATH, grad, step.meta, token=BOB)
+    as_alice = post(client, schemas.BACKWARD_PATH, grad, step.meta, token=ALICE)
 
     # Assert
     assert_error(as_bob, 409, "graph_missing", "'alice-only'")
@@ -287,7 +238,7 @@ def test_a_missing_or_bad_token_gets_401(client, model, backend, method, path, a
     response = client.request(method, path, content=b"x" if method == "POST" else None, headers=headers)
     assert_error(response, 401, "unauthorized", pattern)
     assert response.headers["www-authenticate"] == "Bearer"
-    _assert_a_valid_step_succeeds(client, model, backend)
+    assert_a_valid_step_succeeds(client, model, backend)
 
 
 @pytest.mark.parametrize("path", [schemas.FORWARD_PATH, schemas.BACKWARD_PATH])
@@ -298,7 +249,7 @@ def test_an_oversized_body_gets_413_before_it_is_read(client, model, backend, pa
     chunks = iter([b"\0" * 60_000, b"\0" * 60_000])
     streamed = client.post(path, content=chunks, headers=binary_headers(ALICE))
     assert_error(streamed, 413, "too_large", r"over 100000 bytes")
-    _assert_a_valid_step_succeeds(client, model, backend)
+    assert_a_valid_step_succeeds(client, model, backend)
 
 
 @pytest.mark.parametrize("path", [schemas.FORWARD_PATH, schemas.BACKWARD_PATH])
@@ -315,23 +266,23 @@ def test_a_body_that_is_not_a_message_gets_4xx(
 ):
     headers = {"content-type": content_type, "authorization": f"Bearer {ALICE}"}
     assert_error(client.post(path, content=body, headers=headers), status, code, pattern)
-    _assert_a_valid_step_succeeds(client, model, backend)
+    assert_a_valid_step_succeeds(client, model, backend)
 
 
 def test_a_head_mode_the_server_does_not_offer_gets_422(model_dir, model):
     # Prepare: a server that keeps labels at the data parties
     backend = TopBackend(ServerSettings(model_dir, SPLIT_AT, head="client"))
     client = TestClient(create_app(backend))
-    step = _step(model, backend, head="server")
+    step = step_for(model, backend, head="server")
 
     # Execute
-    response = _post(client, schemas.FORWARD_PATH, step.tensors, step.meta, token=None)
+    response = post(client, schemas.FORWARD_PATH, step.tensors, step.meta, token=None)
 
     # Assert
     assert_error(response, 422, "head_not_enabled", r"head=server is not enabled .* ask for head=client")
     assert client.get(schemas.INFO_PATH).json()["warnings"] == []
-    ok = _step(model, backend, head="client")
-    assert _post(client, schemas.FORWARD_PATH, ok.tensors, ok.meta, token=None).status_code == 200
+    ok = step_for(model, backend, head="client")
+    assert post(client, schemas.FORWARD_PATH, ok.tensors, ok.meta, token=None).status_code == 200
 
 
 def test_unknown_routes_and_methods_get_an_error_body(client):
@@ -346,13 +297,13 @@ def test_a_server_bug_gets_a_generic_500_and_the_server_keeps_serving(
     def broken(*args):
         raise RuntimeError("secret internals")
 
-    step = _step(model, backend, step_id="bug")
+    step = step_for(model, backend, step_id="bug")
     monkeypatch.setattr(backend, "forward", broken)
     monkeypatch.setattr(backend, "info", broken)
 
     # Execute
     with caplog.at_level(logging.ERROR):
-        response = _post(client, schemas.FORWARD_PATH, step.tensors, step.meta)
+        response = post(client, schemas.FORWARD_PATH, step.tensors, step.meta)
         info = client.get(schemas.INFO_PATH, headers=binary_headers(ALICE))
 
     # Assert
@@ -361,7 +312,7 @@ def test_a_server_bug_gets_a_generic_500_and_the_server_keeps_serving(
         assert "secret" not in answer.text
     assert "secret internals" in caplog.text
     monkeypatch.undo()
-    _assert_a_valid_step_succeeds(client, model, backend)
+    assert_a_valid_step_succeeds(client, model, backend)
 
 
 def test_bad_input_found_deep_in_the_model_is_still_a_4xx(client, model, backend, monkeypatch):
@@ -369,13 +320,13 @@ def test_bad_input_found_deep_in_the_model_is_still_a_4xx(client, model, backend
     def refuse(*args):
         raise ShapeMismatchError("attention_mask must be (3, 10); got (3, 7)")
 
-    step = _step(model, backend, step_id="deep")
+    step = step_for(model, backend, step_id="deep")
     monkeypatch.setattr(backend, "forward", refuse)
 
     # Execute
-    response = _post(client, schemas.FORWARD_PATH, step.tensors, step.meta)
+    response = post(client, schemas.FORWARD_PATH, step.tensors, step.meta)
 
     # Assert
     assert_error(response, 422, "bad_request", r"attention_mask must be \(3, 10\); got \(3, 7\)")
     monkeypatch.undo()
-    _assert_a_valid_step_succeeds(client, model, backend)
+    assert_a_valid_step_succeeds(client, model, backend)
