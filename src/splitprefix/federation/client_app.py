@@ -1,0 +1,184 @@
+"""The data party as a Flower ClientApp: each round it refines the joint prefix through the split.
+
+Settings come from Flower's run config, overridden by the node's own config (kebab-case keys, see
+`PartyConfig.from_flower`). A party that raises mid-round replies with an error; the server's
+FedAvg logs it and aggregates the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from splitprefix.data.batching import Batch, encode_examples, resolve_pad_id
+from splitprefix.data.formats import load_jsonl
+from splitprefix.data_party.offsite import steps_for
+from splitprefix.data_party.remote import ClientSettings
+from splitprefix.data_party.split_train import open_split
+from splitprefix.data_party.train import LossFn, TrainConfig, train_prefix
+from splitprefix.errors import ConfigError, ShapeMismatchError
+from splitprefix.model.prefix import Prefix
+from splitprefix.wire.schemas import HeadMode
+
+logger = logging.getLogger(__name__)
+
+KV_KEY = "kv"
+"""Name of the prefix kv (L, 2, n_kv, P, head_dim) in the ArrayRecord, both ways."""
+NUM_EXAMPLES = "num-examples"
+"""MetricRecord key of the FedAvg weight."""
+TRAIN_LOSS = "train-loss"
+"""MetricRecord key of the round's mean token loss."""
+
+FlowerConfig = Mapping[str, bool | float | int | str]
+
+
+@dataclass(frozen=True)
+class PartyConfig:
+    """One data party's settings for every round."""
+
+    emulator_dir: str
+    """The emulator this party received from the model party."""
+    server_url: str
+    """Base URL of the model party's `splitprefix serve`."""
+    data_file: str
+    """This party's training JSONL file."""
+    head: HeadMode = "server"
+    """Where the final norm and LM head run ('client' keeps labels local)."""
+    token: str | None = None
+    """Bearer token the model party issued to this party."""
+    local_steps: int = 10
+    """Optimiser steps per round (ignored when local_epochs is set)."""
+    local_epochs: float | None = None
+    """Passes over the party's data per round; overrides local_steps."""
+    batch_size: int = 8
+    """Examples per step."""
+    lr: float = 0.05
+    """Peak AdamW learning rate of each round."""
+    warmup_steps: int = 0
+    """Linear warm-up steps at the start of each round."""
+    max_length: int = 128
+    """Tokens kept per example."""
+    seed: int = 0
+    """Seed of the data order; round r uses seed + r, so rounds see different batches."""
+
+    def __post_init__(self) -> None:
+        if self.local_epochs is not None and self.local_epochs <= 0:
+            raise ConfigError(f"local_epochs must be > 0; got {self.local_epochs}")
+        self.train_config(1)  # validates steps, batch size and lr
+
+    @classmethod
+    def from_flower(cls, run_config: FlowerConfig, node_config: FlowerConfig) -> PartyConfig:
+        """Fields from kebab-case keys (`emulator-dir`, `local-steps`, ...); the node's config wins.
+
+        Without `data-file`, the party takes entry `partition-id` of the comma-separated `data-files`.
+        """
+        merged = {**run_config, **node_config}
+        if "data-file" not in merged and "data-files" in merged:
+            files = str(merged["data-files"]).split(",")
+            index = int(merged.get("partition-id", -1))
+            if not 0 <= index < len(files):
+                raise ConfigError(f"partition-id {index} has no entry in data-files ({len(files)} files)")
+            merged["data-file"] = files[index].strip()
+        known = {f.name for f in fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in merged.items() if k.replace("-", "_") in known}
+        missing = sorted({"emulator_dir", "server_url", "data_file"} - set(values))
+        if missing:
+            raise ConfigError(f"the party's config lacks {[m.replace('_', '-') for m in missing]}")
+        return cls(**values)  # type: ignore[arg-type]
+
+    def client_settings(self) -> ClientSettings:
+        return ClientSettings(self.server_url, token=self.token, head=self.head)
+
+    def train_config(self, server_round: int) -> TrainConfig:
+        return TrainConfig(
+            steps=self.local_steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            seed=self.seed + server_round,
+            checkpoint_every=0,
+        )
+
+
+class PartyRound(NamedTuple):
+    """What a party sends back after one round."""
+
+    kv: torch.Tensor
+    """The refined prefix, (L, 2, n_kv, P, head_dim)."""
+    num_examples: int
+    """Examples the loss saw this round, counted once per step they were drawn in."""
+    train_loss: float
+    """Mean of the round's per-step token losses."""
+
+
+def train_round(config: PartyConfig, kv: torch.Tensor, server_round: int) -> PartyRound:
+    """Refine the joint prefix `kv` (L, 2, n_kv, P, head_dim) through the split on this party's data.
+
+    `num_examples` is the number of examples drawn into this round's batches: steps x batch_size,
+    less the short last batch of an epoch. With local_epochs it is about epochs x the data size, so
+    FedAvg weights parties by how much data they have; with local_steps it weights them equally
+    unless a party's data set is smaller than one round's batches.
+    """
+    if kv.ndim != 5 or kv.shape[1] != 2:
+        raise ShapeMismatchError(f"the joint prefix must be (L, 2, n_kv, P, head_dim); got {tuple(kv.shape)}")
+    examples = load_jsonl(Path(config.data_file))
+    session = open_split(config.emulator_dir, config.client_settings())
+    try:
+        prefix = Prefix(session.prefix_config(kv.shape[3]), kv)  # raises on a wrong layout
+        train = steps_for(config.train_config(server_round), config.local_epochs, len(examples))
+        encoded = encode_examples(session.tokenizer, examples, config.max_length)
+        seen = [0]
+        loss_fn = _counting(session.loss_fn(), seen)
+        history = train_prefix(
+            prefix, loss_fn, encoded, resolve_pad_id(session.tokenizer), train, desc=f"round {server_round}"
+        )
+    finally:
+        session.close()
+    return PartyRound(prefix().detach(), seen[0], sum(history.losses) / len(history.losses))
+
+
+def _counting(loss_fn: LossFn, seen: list[int]) -> LossFn:
+    def counted(batch: Batch, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
+        seen[0] += batch.input_ids.shape[0]  # input_ids (B, T)
+        return loss_fn(batch, kv)
+
+    return counted
+
+
+def make_client_app(defaults: FlowerConfig | None = None) -> ClientApp:
+    """A ClientApp whose settings are `defaults`, overridden by the run config, then the node config."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = PartyConfig.from_flower({**(defaults or {}), **context.run_config}, context.node_config)
+        arrays = msg.content.array_records
+        if len(arrays) != 1 or KV_KEY not in next(iter(arrays.values())):
+            raise ConfigError(f"the train message must carry one ArrayRecord with '{KV_KEY}'")
+        kv = next(iter(arrays.values()))[KV_KEY].numpy()
+        round_config = msg.content.config_records.get("config")
+        server_round = round_config.get("server-round", 0) if round_config is not None else 0
+        if not isinstance(server_round, int):
+            raise ConfigError(f"server-round must be an int; got {server_round!r}")
+        result = train_round(config, torch.from_numpy(kv.copy()), server_round)
+        logger.info("round %d: %d examples, loss %.4f", server_round, result.num_examples, result.train_loss)
+        reply = RecordDict(
+            {
+                "arrays": ArrayRecord({KV_KEY: result.kv}),
+                "metrics": MetricRecord({NUM_EXAMPLES: result.num_examples, TRAIN_LOSS: result.train_loss}),
+            }
+        )
+        return Message(reply, reply_to=msg)
+
+    return app
+
+
+app = make_client_app()
+"""The ClientApp Flower loads (`splitprefix.federation.client_app:app`)."""

@@ -1,0 +1,236 @@
+"""The federation's server as a Flower ServerApp: FedAvg of the parties' prefixes, weighted by examples.
+
+After every round the joint prefix is saved (`out_dir/prefix`, with `state.json` naming the round),
+evaluated on the operator's held-out data when given, and its metrics appended to
+`out_dir/rounds.jsonl`. Rerunning with the same `out_dir` resumes after the last saved round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from splitprefix.data.formats import Example, load_jsonl
+from splitprefix.data_party.remote import ClientSettings
+from splitprefix.data_party.split_train import SplitSession, SplitTrainConfig, initial_prefix, open_split
+from splitprefix.data_party.train import TrainConfig
+from splitprefix.errors import ConfigError
+from splitprefix.evaluation.evaluate import EvalConfig, evaluate
+from splitprefix.federation.client_app import KV_KEY, NUM_EXAMPLES, FlowerConfig
+from splitprefix.model.prefix import Prefix
+from splitprefix.wire.schemas import HeadMode
+
+logger = logging.getLogger(__name__)
+
+PREFIX_DIR = "prefix"
+STATE_FILE = "state.json"
+ROUNDS_FILE = "rounds.jsonl"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The operator's settings for a federation."""
+
+    emulator_dir: str
+    """The operator's emulator: it gives the prefix layout and runs the held-out evaluation."""
+    server_url: str
+    """Base URL of the model party's server."""
+    out_dir: str
+    """Where the joint prefix, `state.json` and `rounds.jsonl` go."""
+    num_rounds: int = 3
+    """Rounds in all, counting those of a resumed run."""
+    min_parties: int = 2
+    """Parties that must be connected before a round starts; all of them are sampled."""
+    min_replies: int = 1
+    """Successful replies a round needs to change the joint prefix; fewer keep the old one."""
+    prefix_len: int = 16
+    """Virtual tokens P of a fresh prefix (ignored with init)."""
+    init: str | None = None
+    """Full-layout prefix directory to start from; None = seeded random."""
+    eval_data: str | None = None
+    """Operator's held-out JSONL, evaluated after every round; None = no evaluation."""
+    exact_match: bool = False
+    """Also generate and score exact match in each evaluation (slower)."""
+    max_length: int = 128
+    """Tokens kept per evaluation example."""
+    head: HeadMode = "server"
+    """Where the operator's evaluation runs the final norm and LM head."""
+    token: str | None = None
+    """Bearer token of the operator at the model party's server."""
+    round_timeout_s: float = 3600.0
+    """Seconds a round waits for the parties' replies."""
+    seed: int = 0
+    """Seed of the fresh prefix."""
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1 or self.min_parties < 1 or self.min_replies < 1:
+            raise ConfigError(
+                "num_rounds, min_parties and min_replies must be >= 1; got "
+                f"{self.num_rounds}, {self.min_parties}, {self.min_replies}"
+            )
+        if self.min_replies > self.min_parties:
+            raise ConfigError(f"min_replies {self.min_replies} exceeds min_parties {self.min_parties}")
+
+    @classmethod
+    def from_flower(cls, run_config: FlowerConfig) -> FederationConfig:
+        """Fields from kebab-case run-config keys (`emulator-dir`, `num-rounds`, ...)."""
+        known = {f.name for f in fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in run_config.items() if k.replace("-", "_") in known}
+        missing = sorted({"emulator_dir", "server_url", "out_dir"} - set(values))
+        if missing:
+            raise ConfigError(f"the run config lacks {[m.replace('_', '-') for m in missing]}")
+        return cls(**values)  # type: ignore[arg-type]
+
+
+class PrefixFedAvg(FedAvg):
+    """Flower's FedAvg weighted by `num-examples`, which records each round's replies and failures."""
+
+    def __init__(self, config: FederationConfig) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,  # the operator evaluates; parties only train
+            min_train_nodes=config.min_parties,
+            min_available_nodes=config.min_parties,
+            weighted_by_key=NUM_EXAMPLES,
+        )
+        self.min_replies = config.min_replies
+        self.last_round: dict[str, Any] = {}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error()]
+        for m in replies:
+            if m.has_error():
+                logger.warning(
+                    "round %d: party %d failed: %s", server_round, m.metadata.src_node_id, m.error.reason
+                )
+        self.last_round = {"parties": len(ok), "failed": len(replies) - len(ok)}
+        if len(ok) < self.min_replies:
+            logger.warning(
+                "round %d: %d replies, fewer than min_replies=%d; the joint prefix stays as it was",
+                server_round,
+                len(ok),
+                self.min_replies,
+            )
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if metrics is not None:
+            self.last_round |= {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        return arrays, metrics
+
+
+class _RoundKeeper:
+    """Flower's `evaluate_fn`: saves, evaluates and logs the joint prefix after each round."""
+
+    def __init__(
+        self,
+        session: SplitSession,
+        config: FederationConfig,
+        strategy: PrefixFedAvg,
+        done: int,
+        template: Prefix,
+    ) -> None:
+        self.session, self.config, self.strategy = session, config, strategy
+        self.done, self.template, self.out = done, template, Path(config.out_dir)
+        self.held_out: list[Example] = load_jsonl(Path(config.eval_data)) if config.eval_data else []
+        self.start = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        kv = torch.from_numpy(arrays[KV_KEY].numpy().copy())  # (L, 2, n_kv, P, head_dim)
+        metrics = self.evaluate(kv)
+        if server_round == 0:  # the starting prefix: already saved, or given
+            logger.info("joint prefix before round %d: %s", self.done + 1, metrics)
+            return MetricRecord(metrics) if metrics else None
+        global_round = self.done + server_round
+        Prefix(self.template.config, kv).save(self.out / PREFIX_DIR)
+        (self.out / STATE_FILE).write_text(json.dumps({"round": global_round}) + "\n")
+        line = {"round": global_round, "wall_s": round(time.perf_counter() - self.start, 2)}
+        line |= self.strategy.last_round | metrics
+        with (self.out / ROUNDS_FILE).open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        logger.info("round %d: %s", global_round, line)
+        return MetricRecord(metrics) if metrics else None
+
+    def evaluate(self, kv: torch.Tensor) -> dict[str, int | float | list[int] | list[float]]:
+        if not self.held_out:
+            return {}
+        c, s = self.config, self.session
+        report = evaluate(
+            s.logits_fn(),
+            s.tokenizer,
+            self.held_out,
+            kv,
+            EvalConfig(max_length=c.max_length, exact_match=c.exact_match),
+        )
+        return {f"eval-{k}": float(v) for k, v in report.items() if isinstance(v, int | float)}
+
+
+def resume_or_init(session: SplitSession, config: FederationConfig) -> tuple[int, Prefix]:
+    """(rounds already done, joint prefix): the saved ones in `out_dir`, else round 0 and a new prefix."""
+    out = Path(config.out_dir)
+    if (out / STATE_FILE).is_file() and (out / PREFIX_DIR).is_dir():
+        prefix = Prefix.load(out / PREFIX_DIR)
+        session.check_prefix(prefix, f"the saved joint prefix in {out}")
+        return int(json.loads((out / STATE_FILE).read_text())["round"]), prefix
+    init = Path(config.init) if config.init else None
+    split_config = SplitTrainConfig(
+        prefix_len=None if init else config.prefix_len, init=init, train=TrainConfig(seed=config.seed)
+    )
+    return 0, initial_prefix(session, split_config)
+
+
+def run_federation(grid: Grid, config: FederationConfig) -> dict[str, Any]:
+    """Run the remaining rounds of the federation on `grid`; returns the rounds' metrics and the output paths."""
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    session = open_split(
+        config.emulator_dir, ClientSettings(config.server_url, token=config.token, head=config.head)
+    )
+    try:
+        done, prefix = resume_or_init(session, config)
+        if done == 0:
+            (out / ROUNDS_FILE).unlink(missing_ok=True)  # a fresh run: drop an older run's log
+            (out / "federation_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        remaining = config.num_rounds - done
+        if remaining > 0:
+            strategy = PrefixFedAvg(config)
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord({KV_KEY: prefix().detach()}),
+                num_rounds=remaining,
+                timeout=config.round_timeout_s,
+                train_config=ConfigRecord(),
+                evaluate_fn=_RoundKeeper(session, config, strategy, done, prefix),
+            )
+    finally:
+        session.close()
+    log = out / ROUNDS_FILE
+    rounds = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return {"rounds": rounds, "prefix": str(out / PREFIX_DIR)}
+
+
+def make_server_app(defaults: FlowerConfig | None = None) -> ServerApp:
+    """A ServerApp whose settings are `defaults`, overridden by the run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, FederationConfig.from_flower({**(defaults or {}), **context.run_config}))
+
+    return app
+
+
+app = make_server_app()
+"""The ServerApp Flower loads (`splitprefix.federation.server_app:app`)."""

@@ -1,0 +1,162 @@
+"""The Flower apps against a real model-party server on loopback, with tiny models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from live_server import LiveServer
+from split_helpers import EXAMPLES, make_dirs, server_settings, write_jsonl
+from splitprefix.data_party.remote import ClientSettings
+from splitprefix.data_party.split_train import open_split
+from splitprefix.errors import ConfigError
+from splitprefix.federation.client_app import PartyConfig, make_client_app
+from splitprefix.federation.server_app import (
+    PREFIX_DIR,
+    STATE_FILE,
+    FederationConfig,
+    PrefixFedAvg,
+    resume_or_init,
+)
+from splitprefix.model.loading import load_causal_lm
+from splitprefix.model.prefix import Prefix, PrefixConfig
+from splitprefix.model_party.app import create_app
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return make_dirs(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def server(dirs):
+    with LiveServer(create_app(server_settings(dirs))) as live:
+        yield live
+
+
+@pytest.fixture
+def as_superlink(monkeypatch):
+    """The process identity Flower sets before it builds messages, as its SuperLink would."""
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def joint_kv(dirs, prefix_len: int = 2) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(PrefixConfig.for_model(load_causal_lm(dirs.full).config, prefix_len).kv_shape)
+
+
+def train_message(kv: torch.Tensor, server_round: int = 1) -> Message:
+    content = RecordDict(
+        {"arrays": ArrayRecord({"kv": kv}), "config": ConfigRecord({"server-round": server_round})}
+    )
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def party_context(run_config: dict, node_config: dict) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+@pytest.mark.parametrize(
+    ("local", "expected_examples"),
+    [({"local-steps": 3}, 4 + 2 + 4), ({"local-epochs": 1.0}, 4 + 2)],
+    ids=["steps", "one-epoch"],
+)
+def test_client_app_replies_with_its_prefix_and_example_count(
+    dirs, server, tmp_path, as_superlink, local, expected_examples
+):
+    # Prepare: 6 examples in batches of 4: each epoch is a full batch, then a short one
+    data = write_jsonl(tmp_path / "party.jsonl", EXAMPLES[:6])
+    run_config = {"emulator-dir": str(dirs.emulator), "server-url": server.url, "batch-size": 4, **local}
+    kv = joint_kv(dirs)
+    app = make_client_app()
+
+    # Execute
+    reply = app(train_message(kv), party_context(run_config, {"data-file": str(data)}))
+
+    # Assert
+    assert not reply.has_error()
+    returned = torch.from_numpy(reply.content["arrays"]["kv"].numpy())
+    metrics = reply.content["metrics"]
+    assert returned.shape == kv.shape
+    assert not torch.equal(returned, kv)  # it trained
+    assert metrics["num-examples"] == expected_examples
+    assert math.isfinite(metrics["train-loss"])
+
+
+def test_a_party_takes_its_file_from_data_files_by_partition_id():
+    run_config = {"emulator-dir": "emu", "server-url": "http://127.0.0.1:1", "data-files": "a.jsonl, b.jsonl"}
+
+    config = PartyConfig.from_flower(run_config, {"partition-id": 1, "num-partitions": 2})
+
+    assert config.data_file == "b.jsonl"
+
+
+def test_a_party_without_its_data_says_what_is_missing():
+    with pytest.raises(ConfigError, match="data-file"):
+        PartyConfig.from_flower({"emulator-dir": "emu", "server-url": "http://127.0.0.1:1"}, {})
+
+
+def test_a_failed_party_is_logged_and_the_round_averages_the_others(as_superlink, caplog):
+    # Prepare: three parties were asked; the second one raised mid-round
+    strategy = PrefixFedAvg(FederationConfig("emu", "http://127.0.0.1:1", "out", min_parties=3))
+    asked = [train_message(torch.zeros(1, 2, 1, 1, 1)) for _ in range(3)]
+    replies = [
+        Message(trained(torch.full((1, 2, 1, 1, 1), 1.0), 1), reply_to=asked[0]),
+        Message(Error(code=0, reason="party crashed"), reply_to=asked[1]),
+        Message(trained(torch.full((1, 2, 1, 1, 1), 5.0), 3), reply_to=asked[2]),
+    ]
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+
+    # Assert: (1*1 + 3*5) / 4 = 4 from the two that replied; the failure is logged
+    assert arrays is not None and metrics is not None
+    torch.testing.assert_close(torch.from_numpy(arrays["kv"].numpy()), torch.full((1, 2, 1, 1, 1), 4.0))
+    assert strategy.last_round["parties"] == 2 and strategy.last_round["failed"] == 1
+    assert "party crashed" in caplog.text
+
+
+def test_too_few_replies_keep_the_joint_prefix(as_superlink):
+    strategy = PrefixFedAvg(
+        FederationConfig("emu", "http://127.0.0.1:1", "out", min_parties=2, min_replies=2)
+    )
+    asked = [train_message(torch.zeros(1, 2, 1, 1, 1)) for _ in range(2)]
+    replies = [
+        Message(trained(torch.ones(1, 2, 1, 1, 1), 1), reply_to=asked[0]),
+        Message(Error(code=0, reason="party crashed"), reply_to=asked[1]),
+    ]
+
+    assert strategy.aggregate_train(1, replies) == (None, None)
+
+
+def test_a_rerun_resumes_from_the_saved_joint_prefix(dirs, server, tmp_path):
+    # Prepare: a run that saved its joint prefix after round 2
+    out = tmp_path / "federation"
+    saved = Prefix(PrefixConfig.for_model(load_causal_lm(dirs.full).config, 2))
+    saved.save(out / PREFIX_DIR)
+    (out / STATE_FILE).write_text(json.dumps({"round": 2}))
+    session = open_split(dirs.emulator, ClientSettings(server.url))
+
+    # Execute
+    try:
+        done, prefix = resume_or_init(session, FederationConfig(str(dirs.emulator), server.url, str(out)))
+    finally:
+        session.close()
+
+    # Assert
+    assert done == 2
+    torch.testing.assert_close(prefix(), saved())
+
+
+def trained(kv: torch.Tensor, num_examples: int) -> RecordDict:
+    return RecordDict(
+        {"arrays": ArrayRecord({"kv": kv}), "metrics": MetricRecord({"num-examples": num_examples})}
+    )
