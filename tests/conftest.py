@@ -16,7 +16,7 @@ from transformers import (
     Qwen2Config,
 )
 
-pytest_plugins = ["app_fixtures"]  # the model-party app fixtures, shared by two test modules
+pytest_plugins = ["app_fixtures", "split_fixtures"]  # fixtures shared by several test modules
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 VOCAB = 96

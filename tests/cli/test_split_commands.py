@@ -7,24 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from live_server import LiveServer
-from split_helpers import EXAMPLES, make_dirs, server_settings, write_jsonl
+from split_helpers import EXAMPLES, write_jsonl
 from splitprefix.cli.main import app
 from splitprefix.model.prefix import Prefix, PrefixConfig
-from splitprefix.model_party.app import create_app
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    return make_dirs(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def server(dirs):
-    with LiveServer(create_app(server_settings(dirs))) as live:
-        yield live
 
 
 @pytest.fixture(scope="module")

@@ -109,17 +109,6 @@ def test_training_calls_need_a_compatibility_check_first():
 # --- against a real server on loopback --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    return make_dirs(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def server(dirs):
-    with LiveServer(create_app(server_settings(dirs))) as live:
-        yield live
-
-
 def forward_inputs(session, batch: int = 2, length: int = 5) -> dict[str, torch.Tensor]:
     """A valid forward request for the session's server, without a prefix."""
     mask = torch.ones(batch, length, dtype=torch.long)

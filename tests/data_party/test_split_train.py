@@ -30,17 +30,6 @@ from splitprefix.model_party.validation import has_forward_inputs
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    return make_dirs(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def server(dirs):
-    with LiveServer(create_app(server_settings(dirs))) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
 def whole_run(dirs):
     """The reference: the same training run on the whole model in this process."""
     full, tok = load_causal_lm(dirs.full), load_tokenizer(dirs.full)

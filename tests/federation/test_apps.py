@@ -11,8 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from live_server import LiveServer
-from split_helpers import EXAMPLES, make_dirs, server_settings, write_jsonl
+from split_helpers import EXAMPLES, write_jsonl
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.split_train import open_split
 from splitprefix.errors import ConfigError
@@ -26,18 +25,6 @@ from splitprefix.federation.server_app import (
 )
 from splitprefix.model.loading import load_causal_lm
 from splitprefix.model.prefix import Prefix, PrefixConfig
-from splitprefix.model_party.app import create_app
-
-
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    return make_dirs(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def server(dirs):
-    with LiveServer(create_app(server_settings(dirs))) as live:
-        yield live
 
 
 @pytest.fixture

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from flwr.simulation import run_simulation
 
 from live_server import LiveServer
-from split_helpers import EXAMPLES, make_dirs, server_settings, write_jsonl
+from split_helpers import EXAMPLES, server_settings, write_jsonl
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.split_train import open_split
 from splitprefix.federation import weighted_average
@@ -20,11 +19,6 @@ from splitprefix.model_party.app import create_app
 
 SIZES = (2, 4, 6)
 """Examples per party: unequal, so that the FedAvg weights differ."""
-
-
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    return make_dirs(tmp_path_factory.mktemp("models"))
 
 
 def simulate(server_config: dict, party_config: dict, parties: int) -> None:
