@@ -5,7 +5,6 @@ Both run at the data party with no network: the emulator is all it ever receives
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -17,6 +16,7 @@ from splitprefix.data.formats import Example, load_jsonl
 from splitprefix.data_party.train import TrainConfig, fit_prefix
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
+from splitprefix.files import write_json
 from splitprefix.model.emulator import DroppedLayers, EmulatorManifest, integrate_kv
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig
@@ -102,7 +102,7 @@ def train_offsite(
     if held_out:
         report["held_out"] = evaluate(model, tokenizer, held_out, prefix().detach(), EvalConfig())
     prefix.save(out)
-    _write_json(
+    write_json(
         out / RUN_FILE,
         {
             "layout": "emulator",
@@ -113,8 +113,8 @@ def train_offsite(
             "effective_steps": steps,
         },
     )
-    _write_json(out / EVAL_FILE, report)
-    _write_json(out / "train_losses.json", history.losses)
+    write_json(out / EVAL_FILE, report)
+    write_json(out / "train_losses.json", history.losses)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return report
 
@@ -134,7 +134,7 @@ def integrate(prefix_dir: Path, emulator_dir: Path, out: Path, dropped: DroppedL
         full_kv,
     )
     full.save(out)
-    _write_json(
+    write_json(
         out / RUN_FILE,
         {
             "layout": "full",
@@ -146,8 +146,3 @@ def integrate(prefix_dir: Path, emulator_dir: Path, out: Path, dropped: DroppedL
         },
     )
     return full
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -8,7 +8,6 @@ plugs into the whole model (`splitprefix eval MODEL_DIR --prefix`).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -28,6 +27,7 @@ from splitprefix.data_party.train import LossFn, StepHooks, TrainConfig, train_p
 from splitprefix.errors import ConfigError, ShapeMismatchError
 from splitprefix.evaluation.evaluate import EvalConfig, LogitsFn, evaluate
 from splitprefix.evaluation.metrics import token_loss_sum
+from splitprefix.files import write_json
 from splitprefix.model.emulator import EmulatorManifest, verify_bottom
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig, prefix_cache
@@ -330,8 +330,8 @@ def _train(
             session.logits_fn(), session.tokenizer, held_out, prefix().detach(), eval_config
         )
     prefix.save(out)
-    _write_json(out / RUN_FILE, _run_record(session, emulator_dir, settings, data, config, train_config))
-    _write_json(out / EVAL_FILE, report)
+    write_json(out / RUN_FILE, _run_record(session, emulator_dir, settings, data, config, train_config))
+    write_json(out / EVAL_FILE, report)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return report
 
@@ -356,8 +356,3 @@ def _run_record(
         "config": asdict(config),
         "effective_steps": train_config.steps,
     }
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -10,7 +10,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import random
@@ -36,6 +35,7 @@ from transformers import (
 
 from splitprefix.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from splitprefix.errors import ConfigError
+from splitprefix.files import write_json
 from splitprefix.model_party.corpus import DEFAULT_WORDNET_DIR, Corpus, build_corpus
 
 # The trainer assigns ids in this order, so pad=0, bos=1, eos=2, unk=3.
@@ -357,9 +357,9 @@ def _pretrain(config: PretrainConfig) -> Path:
     elapsed, train_loss = _train_loop(model, optimizer, scheduler, sampler, config, start, elapsed)
     _write_model(out, model, tokenizer)
     scores = _evaluate(out, heldout_blocks[: config.eval_max_blocks], config.vocab_size)
-    _write_json(out / "eval.json", scores)
+    write_json(out / "eval.json", scores)
     sizes = {**corpus.sizes(), "train_tokens": train_blocks.numel(), "heldout_tokens": heldout_blocks.numel()}
-    _write_json(out / "recipe.json", _recipe(config, sizes, elapsed, train_loss))
+    write_json(out / "recipe.json", _recipe(config, sizes, elapsed, train_loss))
     _check_size(out, config.max_output_mb)
     if not config.keep_checkpoint:
         shutil.rmtree(root)
@@ -462,7 +462,3 @@ def _check_size(out: Path, max_mb: float | None) -> None:
     megabytes = sum(path.stat().st_size for path in files) / 1e6
     if max_mb is not None and megabytes > max_mb:
         raise RuntimeError(f"{out} takes {megabytes:.1f} MB, over max_output_mb={max_mb}")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
