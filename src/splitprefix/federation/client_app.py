@@ -13,8 +13,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client import Client, NumPyClient
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from splitprefix.data.batching import Batch, encode_examples, resolve_pad_id
@@ -35,6 +38,8 @@ NUM_EXAMPLES = "num-examples"
 """MetricRecord key of the FedAvg weight."""
 TRAIN_LOSS = "train-loss"
 """MetricRecord key of the round's mean token loss."""
+SERVER_ROUND = "server-round"
+"""ConfigRecord key of the round number the server sends with the joint prefix."""
 
 FlowerConfig = Mapping[str, bool | float | int | str]
 
@@ -77,15 +82,17 @@ class PartyConfig:
     def from_flower(cls, run_config: FlowerConfig, node_config: FlowerConfig) -> PartyConfig:
         """Fields from kebab-case keys (`emulator-dir`, `local-steps`, ...); the node's config wins.
 
-        Without `data-file`, the party takes entry `partition-id` of the comma-separated `data-files`.
+        Without `data-file`, the party takes entry `partition-id` of the comma-separated `data-files`;
+        likewise `token` from `tokens`.
         """
         merged = {**run_config, **node_config}
-        if "data-file" not in merged and "data-files" in merged:
-            files = str(merged["data-files"]).split(",")
-            index = int(merged.get("partition-id", -1))
-            if not 0 <= index < len(files):
-                raise ConfigError(f"partition-id {index} has no entry in data-files ({len(files)} files)")
-            merged["data-file"] = files[index].strip()
+        for one, many in (("data-file", "data-files"), ("token", "tokens")):
+            if one not in merged and many in merged:
+                entries = str(merged[many]).split(",")
+                index = int(merged.get("partition-id", -1))
+                if not 0 <= index < len(entries):
+                    raise ConfigError(f"partition-id {index} has no entry in {many} ({len(entries)} entries)")
+                merged[one] = entries[index].strip()
         known = {f.name for f in fields(cls)}
         values = {k.replace("-", "_"): v for k, v in merged.items() if k.replace("-", "_") in known}
         missing = sorted({"emulator_dir", "server_url", "data_file"} - set(values))
@@ -164,7 +171,7 @@ def make_client_app(defaults: FlowerConfig | None = None) -> ClientApp:
             raise ConfigError(f"the train message must carry one ArrayRecord with '{KV_KEY}'")
         kv = next(iter(arrays.values()))[KV_KEY].numpy()
         round_config = msg.content.config_records.get("config")
-        server_round = round_config.get("server-round", 0) if round_config is not None else 0
+        server_round = round_config.get(SERVER_ROUND, 0) if round_config is not None else 0
         if not isinstance(server_round, int):
             raise ConfigError(f"server-round must be an int; got {server_round!r}")
         result = train_round(config, torch.from_numpy(kv.copy()), server_round)
@@ -180,5 +187,40 @@ def make_client_app(defaults: FlowerConfig | None = None) -> ClientApp:
     return app
 
 
+class _SecureParty(NumPyClient):
+    """The same data party as a legacy client, which is what `secaggplus_mod` can wrap."""
+
+    def __init__(self, config: PartyConfig) -> None:
+        self.config = config
+
+    def fit(
+        self, parameters: list[np.ndarray], config: dict[str, bool | bytes | float | int | str]
+    ) -> tuple[list[np.ndarray], int, dict[str, bool | bytes | float | int | str]]:
+        server_round = config.get(SERVER_ROUND, 0)
+        if len(parameters) != 1 or not isinstance(server_round, int):
+            raise ConfigError(
+                f"expected one array (the joint prefix) and an int round; got {len(parameters)}"
+            )
+        result = train_round(self.config, torch.from_numpy(parameters[0].copy()), server_round)
+        logger.info("round %d: %d examples, loss %.4f", server_round, result.num_examples, result.train_loss)
+        return [result.kv.numpy()], result.num_examples, {TRAIN_LOSS: result.train_loss}
+
+
+def make_secure_client_app(defaults: FlowerConfig | None = None) -> ClientApp:
+    """`make_client_app`'s party behind Flower's SecAgg+ mod: its prefix leaves only masked.
+
+    Pair it with a ServerApp whose config sets `secure`.
+    """
+
+    def client_fn(context: Context) -> Client:
+        config = PartyConfig.from_flower({**(defaults or {}), **context.run_config}, context.node_config)
+        return _SecureParty(config).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+
+
 app = make_client_app()
 """The ClientApp Flower loads (`splitprefix.federation.client_app:app`)."""
+
+secure_app = make_secure_client_app()
+"""The ClientApp for SecAgg+ runs (`splitprefix.federation.client_app:secure_app`)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ from splitprefix.data_party.train import TrainConfig
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
 from splitprefix.federation.client_app import KV_KEY, NUM_EXAMPLES, FlowerConfig
+from splitprefix.federation.secure import run_secure_rounds
+from splitprefix.federation.traffic import CountingGrid
 from splitprefix.model.prefix import Prefix
 from splitprefix.wire.schemas import HeadMode
 
@@ -71,6 +73,14 @@ class FederationConfig:
     """Seconds a round waits for the parties' replies."""
     seed: int = 0
     """Seed of the fresh prefix."""
+    secure: bool = False
+    """Aggregate with SecAgg+: the server learns only the weighted sum (parties run `secure_app`)."""
+    secagg_max_weight: float = 1000.0
+    """SecAgg+: the largest num-examples a party reports in a round; keep it tight (see README)."""
+    secagg_clipping_range: float = 8.0
+    """SecAgg+: prefix values are clipped to [-range, range] before quantisation."""
+    secagg_threshold: float = 0.67
+    """SecAgg+: share of the key shares needed to unmask; more is more private, less drop-tolerant."""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1 or self.min_parties < 1 or self.min_replies < 1:
@@ -80,6 +90,13 @@ class FederationConfig:
             )
         if self.min_replies > self.min_parties:
             raise ConfigError(f"min_replies {self.min_replies} exceeds min_parties {self.min_parties}")
+        if self.secagg_max_weight <= 0 or self.secagg_clipping_range <= 0:
+            raise ConfigError(
+                "secagg_max_weight and secagg_clipping_range must be > 0; got "
+                f"{self.secagg_max_weight}, {self.secagg_clipping_range}"
+            )
+        if not 0 < self.secagg_threshold <= 1:
+            raise ConfigError(f"secagg_threshold must be in (0, 1]; got {self.secagg_threshold}")
 
     @classmethod
     def from_flower(cls, run_config: FlowerConfig) -> FederationConfig:
@@ -111,12 +128,10 @@ class PrefixFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
-        for m in replies:
-            if m.has_error():
-                logger.warning(
-                    "round %d: party %d failed: %s", server_round, m.metadata.src_node_id, m.error.reason
-                )
-        self.last_round = {"parties": len(ok), "failed": len(replies) - len(ok)}
+        errors = [f"party {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
+        for error in errors:
+            logger.warning("round %d: %s", server_round, error)
+        self.last_round = {"parties": len(ok), "failed": len(errors), "errors": errors}
         if len(ok) < self.min_replies:
             logger.warning(
                 "round %d: %d replies, fewer than min_replies=%d; the joint prefix stays as it was",
@@ -138,12 +153,14 @@ class _RoundKeeper:
         self,
         session: SplitSession,
         config: FederationConfig,
-        strategy: PrefixFedAvg,
+        grid: CountingGrid,
         done: int,
         template: Prefix,
     ) -> None:
-        self.session, self.config, self.strategy = session, config, strategy
+        self.session, self.config, self.grid = session, config, grid
         self.done, self.template, self.out = done, template, Path(config.out_dir)
+        self.last_round: Callable[[], dict[str, Any]] = dict
+        """What the strategy recorded of the round just aggregated (parties, failures)."""
         self.held_out: list[Example] = load_jsonl(Path(config.eval_data)) if config.eval_data else []
         self.start = time.perf_counter()
 
@@ -157,7 +174,7 @@ class _RoundKeeper:
         Prefix(self.template.config, kv).save(self.out / PREFIX_DIR)
         (self.out / STATE_FILE).write_text(json.dumps({"round": global_round}) + "\n")
         line = {"round": global_round, "wall_s": round(time.perf_counter() - self.start, 2)}
-        line |= self.strategy.last_round | metrics
+        line |= self.last_round() | self.grid.snapshot() | metrics
         with (self.out / ROUNDS_FILE).open("a") as f:
             f.write(json.dumps(line) + "\n")
         logger.info("round %d: %s", global_round, line)
@@ -192,7 +209,11 @@ def resume_or_init(session: SplitSession, config: FederationConfig) -> tuple[int
 
 
 def run_federation(grid: Grid, config: FederationConfig) -> dict[str, Any]:
-    """Run the remaining rounds of the federation on `grid`; returns the rounds' metrics and the output paths."""
+    """Run the remaining rounds of the federation on `grid`; returns the rounds' metrics and the output paths.
+
+    Each line of `rounds.jsonl` counts the bytes the server exchanged with the parties so far
+    (this process's share of the run: a resumed run starts counting again).
+    """
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     session = open_split(
@@ -204,15 +225,20 @@ def run_federation(grid: Grid, config: FederationConfig) -> dict[str, Any]:
             (out / ROUNDS_FILE).unlink(missing_ok=True)  # a fresh run: drop an older run's log
             (out / "federation_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         remaining = config.num_rounds - done
-        if remaining > 0:
+        counting = CountingGrid(grid)
+        keeper = _RoundKeeper(session, config, counting, done, prefix)
+        if remaining > 0 and config.secure:
+            run_secure_rounds(counting, config, prefix().detach(), remaining, keeper)
+        elif remaining > 0:
             strategy = PrefixFedAvg(config)
+            keeper.last_round = lambda: strategy.last_round
             strategy.start(
-                grid=grid,
+                grid=counting,
                 initial_arrays=ArrayRecord({KV_KEY: prefix().detach()}),
                 num_rounds=remaining,
                 timeout=config.round_timeout_s,
                 train_config=ConfigRecord(),
-                evaluate_fn=_RoundKeeper(session, config, strategy, done, prefix),
+                evaluate_fn=keeper,
             )
     finally:
         session.close()

@@ -1,0 +1,102 @@
+"""Secure aggregation with Flower's SecAgg+: the server learns the example-weighted sum of the
+parties' prefixes, never one party's prefix.
+
+SecAgg+ runs only on Flower's legacy API: `SecAggPlusWorkflow` inside `DefaultWorkflow`, with the
+legacy `FedAvg`, and parties that are legacy clients behind `secaggplus_mod`
+(`client_app.secure_app`). Each party uploads `[n, n * kv]`, quantised and masked with pairwise
+and private masks; the masks cancel only in the sum over parties, which the server divides by the
+summed `n`. So the num-examples weighting of claim 9 holds, up to the quantisation step
+`2 * clipping_range / 2**22`, amplified by `max_weight / sum(n)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
+from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from splitprefix.federation.client_app import KV_KEY, SERVER_ROUND
+
+if TYPE_CHECKING:
+    from splitprefix.federation.server_app import FederationConfig
+
+logger = logging.getLogger(__name__)
+
+FitResults = list[tuple[ClientProxy, FitRes]]
+FitFailures = list[tuple[ClientProxy, FitRes] | BaseException]
+
+
+class RoundKeeper(Protocol):
+    """Saves, evaluates and logs the joint prefix after each round (server_app._RoundKeeper)."""
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None: ...
+
+
+class SecureFedAvg(LegacyFedAvg):
+    """Legacy FedAvg that records each round's parties and failures; SecAgg+ gives it only the sum."""
+
+    def __init__(self, config: FederationConfig, kv: torch.Tensor, keeper: RoundKeeper) -> None:
+        super().__init__(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=config.min_parties,
+            min_available_clients=config.min_parties,
+            initial_parameters=ndarrays_to_parameters([kv.numpy()]),
+            evaluate_fn=self._evaluate,
+            on_fit_config_fn=lambda server_round: {SERVER_ROUND: server_round},
+            accept_failures=True,
+        )
+        self.keeper = keeper
+        self.last_round: dict[str, Any] = {}
+
+    def aggregate_fit(
+        self, server_round: int, results: FitResults, failures: FitFailures
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        errors = [f"party failed: {f!r}" for f in failures]
+        for error in errors:
+            logger.warning("round %d: %s", server_round, error)
+        self.last_round = {"parties": len(results), "failed": len(failures), "errors": errors}
+        # every result carries the unmasked joint prefix already: SecAgg+ replaced each party's
+        return super().aggregate_fit(server_round, results, failures)
+
+    def _evaluate(
+        self, server_round: int, ndarrays: list[np.ndarray], config: dict[str, Scalar]
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        metrics = self.keeper(server_round, ArrayRecord({KV_KEY: torch.from_numpy(ndarrays[0].copy())}))
+        if metrics is None:
+            return None
+        values = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        return float(values.get("eval-loss", 0.0)), values  # type: ignore[return-value]
+
+
+def run_secure_rounds(
+    grid: Grid, config: FederationConfig, kv: torch.Tensor, num_rounds: int, keeper: Any
+) -> None:
+    """Run `num_rounds` SecAgg+ rounds from the joint prefix `kv` (L, 2, n_kv, P, head_dim).
+
+    `keeper` is called with each round's joint prefix, and its `last_round` is pointed at the
+    strategy's record of the round.
+    """
+    strategy = SecureFedAvg(config, kv, keeper)
+    keeper.last_round = lambda: strategy.last_round
+    workflow = DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=1.0,  # every party holds a share of every other party's keys
+            reconstruction_threshold=config.secagg_threshold,
+            max_weight=config.secagg_max_weight,
+            clipping_range=config.secagg_clipping_range,
+            timeout=config.round_timeout_s,
+        )
+    )
+    run = grid.run
+    context = Context(run.run_id, 0, {}, RecordDict(), dict(run.override_config))
+    workflow(grid, LegacyContext(context, ServerConfig(num_rounds, config.round_timeout_s), strategy))

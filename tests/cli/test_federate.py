@@ -1,0 +1,56 @@
+"""`splitprefix federate`: a local Flower simulation against a model-party server it starts itself."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from split_helpers import EXAMPLES, write_jsonl
+from splitprefix.cli.main import app
+from splitprefix.model.prefix import Prefix
+
+runner = CliRunner()
+
+
+def test_federate_help_lists_the_options():
+    result = runner.invoke(app, ["federate", "--help"])
+    assert result.exit_code == 0
+    for option in ("--data", "--parties", "--model", "--server", "--token", "--rounds", "--secure", "--out"):
+        assert option in result.output
+
+
+def test_federate_starts_a_server_cuts_the_data_and_writes_results(dirs, tmp_path):
+    # Prepare: one file of 12 examples, cut between 2 parties
+    data, held_out = write_jsonl(tmp_path / "all.jsonl"), write_jsonl(tmp_path / "test.jsonl", EXAMPLES[:4])
+    out = tmp_path / "run"
+    args = ["federate", str(dirs.emulator), "--data", str(data), "--parties", "2", "--model", str(dirs.full)]
+    args += ["--out", str(out), "--eval-data", str(held_out), "--rounds", "2", "--local-steps", "2"]
+    args += ["--batch-size", "2", "--prefix-len", "2"]
+
+    # Execute
+    result = runner.invoke(app, args)
+
+    # Assert: results, rounds, parties' files and a full-layout prefix; the child server is gone
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert all(r["parties"] == 2 and r["failed"] == 0 for r in results["rounds"])
+    assert results["server"]["started"] and results["bytes_received"] > 0 and results["wall_s"] > 0
+    assert sum(p["examples"] for p in results["parties"]) == len(EXAMPLES)
+    assert "eval-loss" in results["final"]
+    assert Prefix.load(out / "prefix").config.num_layers == 4
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(results["server"]["url"] + "/v1/health", timeout=2)
+
+
+def test_federate_needs_exactly_one_model_party(dirs, tmp_path):
+    data = write_jsonl(tmp_path / "all.jsonl")
+    args = ["federate", str(dirs.emulator), "--data", str(data), "--out", str(tmp_path / "run")]
+
+    result = runner.invoke(app, args)
+
+    assert result.exit_code != 0
+    assert "exactly one of model" in str(result.exception)
