@@ -82,7 +82,7 @@ class PartyConfig:
     def from_flower(cls, run_config: FlowerConfig, node_config: FlowerConfig) -> PartyConfig:
         """Fields from kebab-case keys (`emulator-dir`, `local-steps`, ...); the node's config wins.
 
-        Without `data-file`, the party takes entry `partition-id` of the comma-separated `data-files`;
+        An empty string means unset. Without `data-file`, the party takes entry `partition-id` of the comma-separated `data-files`;
         likewise `token` from `tokens`.
         """
         merged = {**run_config, **node_config}
@@ -94,7 +94,9 @@ class PartyConfig:
                     raise ConfigError(f"partition-id {index} has no entry in {many} ({len(entries)} entries)")
                 merged[one] = entries[index].strip()
         known = {f.name for f in fields(cls)}
-        values = {k.replace("-", "_"): v for k, v in merged.items() if k.replace("-", "_") in known}
+        values = {
+            k.replace("-", "_"): v for k, v in merged.items() if k.replace("-", "_") in known and v != ""
+        }
         missing = sorted({"emulator_dir", "server_url", "data_file"} - set(values))
         if missing:
             raise ConfigError(f"the party's config lacks {[m.replace('_', '-') for m in missing]}")

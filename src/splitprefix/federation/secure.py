@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
-from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters
+from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
@@ -56,7 +57,16 @@ class SecureFedAvg(LegacyFedAvg):
             accept_failures=True,
         )
         self.keeper = keeper
+        self.dtype = kv.numpy().dtype
         self.last_round: dict[str, Any] = {}
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        # what the round's record says if SecAgg+ halts before it reaches aggregate_fit
+        halted = "SecAgg+ halted (too few parties completed it); the joint prefix stays as it was"
+        self.last_round = {"parties": 0, "failed": 0, "errors": [halted]}
+        return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: FitFailures
@@ -66,7 +76,13 @@ class SecureFedAvg(LegacyFedAvg):
             logger.warning("round %d: %s", server_round, error)
         self.last_round = {"parties": len(results), "failed": len(failures), "errors": errors}
         # every result carries the unmasked joint prefix already: SecAgg+ replaced each party's
-        return super().aggregate_fit(server_round, results, failures)
+        parameters, metrics = super().aggregate_fit(server_round, results, failures)
+        if parameters is None:
+            return None, metrics
+        # SecAgg+ dequantises to float64; the prefix travels and trains in float32
+        return ndarrays_to_parameters(
+            [a.astype(self.dtype) for a in parameters_to_ndarrays(parameters)]
+        ), metrics
 
     def _evaluate(
         self, server_round: int, ndarrays: list[np.ndarray], config: dict[str, Scalar]

@@ -100,9 +100,11 @@ class FederationConfig:
 
     @classmethod
     def from_flower(cls, run_config: FlowerConfig) -> FederationConfig:
-        """Fields from kebab-case run-config keys (`emulator-dir`, `num-rounds`, ...)."""
+        """Fields from kebab-case run-config keys (`emulator-dir`, `num-rounds`, ...); "" means unset."""
         known = {f.name for f in fields(cls)}
-        values = {k.replace("-", "_"): v for k, v in run_config.items() if k.replace("-", "_") in known}
+        values = {
+            k.replace("-", "_"): v for k, v in run_config.items() if k.replace("-", "_") in known and v != ""
+        }
         missing = sorted({"emulator_dir", "server_url", "out_dir"} - set(values))
         if missing:
             raise ConfigError(f"the run config lacks {[m.replace('_', '-') for m in missing]}")

@@ -1,0 +1,192 @@
+"""Federation benchmark: does the joint prefix of 3 non-IID data parties beat each party alone, and
+come close to one prefix trained centrally on the union? Prints JSON.
+
+The synthetic intent task's training split is cut among 3 parties by a Dirichlet label skew. All
+prefixes start from the same seeded prefix and train through the split against one model-party
+server (a child process on loopback), head=client. Budgets:
+- (a) alone: each party trains on its own data for rounds x local_steps steps, what it spends in (b);
+- (b) federated: rounds of local_steps steps per party, FedAvg by num-examples (Flower simulation);
+- (c) central: 3 x rounds x local_steps steps on the union: (b)'s total steps and examples.
+Each prefix is scored on the global held-out test split with the whole model (loss, exact match).
+With --secure, (b) runs again with SecAgg+ to measure its cost in time and bytes.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/federation.py --rounds 5 --local-steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splitprefix.data.batching import encode_examples, resolve_pad_id
+from splitprefix.data.formats import Example, write_jsonl
+from splitprefix.data.partition import dirichlet_partition
+from splitprefix.data.synthetic import SyntheticTaskConfig, make_task
+from splitprefix.data_party.remote import ClientSettings
+from splitprefix.data_party.split_train import SplitTrainConfig, initial_prefix, open_split
+from splitprefix.data_party.train import TrainConfig, train_prefix
+from splitprefix.evaluation.evaluate import EvalConfig, evaluate
+from splitprefix.federation.local import LocalFederation, run_local_federation
+from splitprefix.model.loading import load_causal_lm, load_tokenizer
+from splitprefix.model.prefix import Prefix
+from splitprefix.model_party.child import serve_in_child
+from splitprefix.model_party.compress import emulate
+
+PARTIES = 3
+
+
+def train_alone(
+    args: argparse.Namespace, emulator: Path, url: str, token: str, data: list[Example], steps: int
+):
+    """A prefix trained through the split on `data` for `steps` steps, from the shared starting prefix."""
+    session = open_split(emulator, ClientSettings(url, token=token, head="client"))
+    try:
+        start = TrainConfig(seed=args.seed)
+        prefix = initial_prefix(session, SplitTrainConfig(prefix_len=args.prefix_len, train=start))
+        train = TrainConfig(
+            steps=steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_steps=0,
+            seed=args.seed,
+            checkpoint_every=0,
+        )
+        encoded = encode_examples(session.tokenizer, data, args.max_length)
+        train_prefix(
+            prefix, session.loss_fn(), encoded, resolve_pad_id(session.tokenizer), train, desc="alone"
+        )
+        return prefix().detach()
+    finally:
+        session.close()
+
+
+def federate(
+    args: argparse.Namespace, emulator: Path, url: str, token: str, files: list[Path], out: Path, secure: bool
+) -> dict[str, Any]:
+    flower: dict[str, bool | float | int | str] = {
+        "num-rounds": args.rounds,
+        "local-steps": args.local_steps,
+        "batch-size": args.batch_size,
+        "lr": args.lr,
+        "prefix-len": args.prefix_len,
+        "head": "client",
+        "seed": args.seed,
+        "secure": secure,
+        "secagg-max-weight": float(args.local_steps * args.batch_size),
+    }
+    run = LocalFederation(
+        str(emulator), tuple(map(str, files)), str(out), server_url=url, token=token, flower=flower
+    )
+    return run_local_federation(run)
+
+
+def score(model, tokenizer, test: list[Example], kv: torch.Tensor, max_length: int) -> dict[str, float]:
+    report = evaluate(model, tokenizer, test, kv, EvalConfig(max_length=max_length, exact_match=True))
+    return {"exact_match": round(report["exact_match"], 4), "loss": round(report["loss"], 4)}
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    train, test = make_task(SyntheticTaskConfig(n_train=args.n_train, n_test=args.n_test, seed=args.seed))
+    parts = dirichlet_partition([str(e.label) for e in train], PARTIES, args.alpha, args.seed)
+    shards = [[train[i] for i in part] for part in parts]
+    files = [work / f"party-{k}.jsonl" for k in range(PARTIES)]
+    for path, shard in zip(files, shards, strict=True):
+        write_jsonl(path, shard)
+    emulator = work / "emulator"
+    emulate(args.model, args.split_at, args.keep, emulator)
+    full, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
+    per_party_steps = args.rounds * args.local_steps
+    results: dict[str, Any] = {}
+    with serve_in_child(args.model, args.split_at, work / "server", ["bench"]) as child:
+        url, token = child.url, child.tokens["bench"]
+        start = time.perf_counter()
+        alone = [train_alone(args, emulator, url, token, shard, per_party_steps) for shard in shards]
+        results["alone_wall_s"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        central = train_alone(args, emulator, url, token, train, PARTIES * per_party_steps)
+        results["central_wall_s"] = round(time.perf_counter() - start, 1)
+        fed = federate(args, emulator, url, token, files, work / "federated", secure=False)
+        if args.secure:
+            sec = federate(args, emulator, url, token, files, work / "secure", secure=True)
+    joint = Prefix.load(work / "federated" / "prefix")().detach()
+    a = [score(full, tokenizer, test, kv, args.max_length) for kv in alone]
+    b = score(full, tokenizer, test, joint, args.max_length)
+    c = score(full, tokenizer, test, central, args.max_length)
+    report = {
+        "model": args.model,
+        "split_at": args.split_at,
+        "task": {"n_train": args.n_train, "n_test": args.n_test, "alpha": args.alpha},
+        "party_sizes": [len(s) for s in shards],
+        "party_labels": [sorted({str(e.label) for e in s}) for s in shards],
+        "budget": {
+            "rounds": args.rounds,
+            "local_steps": args.local_steps,
+            "batch_size": args.batch_size,
+            "steps_per_party": per_party_steps,
+            "steps_total_federated": PARTIES * per_party_steps,
+            "steps_central": PARTIES * per_party_steps,
+        },
+        "no_prefix": score(full, tokenizer, test, torch.zeros_like(joint)[:, :, :, :0], args.max_length),
+        "a_alone": a,
+        "b_federated": b,
+        "c_central": c,
+        "b_over_c_exact_match": round(b["exact_match"] / c["exact_match"], 4) if c["exact_match"] else None,
+        "goal_met": bool(
+            b["exact_match"] >= 0.95 * c["exact_match"]
+            and all(b["exact_match"] > x["exact_match"] for x in a)
+        ),
+        "federated": {k: fed[k] for k in ("wall_s", "bytes_sent", "bytes_received")},
+        **results,
+    }
+    if args.secure:
+        secure_kv = Prefix.load(work / "secure" / "prefix")().detach()
+        report["secagg"] = {
+            **{k: sec[k] for k in ("wall_s", "bytes_sent", "bytes_received")},
+            "time_ratio": round(sec["wall_s"] / fed["wall_s"], 3),
+            "bytes_ratio": round(
+                (sec["bytes_sent"] + sec["bytes_received"]) / (fed["bytes_sent"] + fed["bytes_received"]), 3
+            ),
+            "max_abs_diff_to_plain": float((secure_kv - joint).abs().max()),
+            "score": score(full, tokenizer, test, secure_kv, args.max_length),
+        }
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="builtin", help="Full model directory, or 'builtin'.")
+    parser.add_argument("--split-at", type=int, default=2)
+    parser.add_argument("--keep", type=int, default=2, help="Upper layers the emulator keeps.")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-steps", type=int, default=20, help="Steps per party per round.")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--prefix-len", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--n-train", type=int, default=1200)
+    parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument("--alpha", type=float, default=0.3, help="Dirichlet label skew of the parties.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--secure", action="store_true", help="Also run (b) with SecAgg+ and report its cost."
+    )
+    args = parser.parse_args()
+    if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":
+        # idle OpenMP threads must sleep, not spin: parties and server take turns on the same cores
+        os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | {"OMP_WAIT_POLICY": "PASSIVE"})
+    with tempfile.TemporaryDirectory() as work:
+        print(json.dumps(run(args, Path(work)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
