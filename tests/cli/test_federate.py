@@ -42,6 +42,8 @@ def test_federate_starts_a_server_cuts_the_data_and_writes_results(dirs, tmp_pat
     assert sum(p["examples"] for p in results["parties"]) == len(EXAMPLES)
     assert "eval-loss" in results["final"]
     assert Prefix.load(out / "prefix").config.num_layers == 4
+    assert "token" not in json.loads((out / "federation_config.json").read_text())
+    assert not (out / "server" / "server_tokens.json").exists()
     with pytest.raises(httpx.ConnectError):
         httpx.get(results["server"]["url"] + "/v1/health", timeout=2)
 

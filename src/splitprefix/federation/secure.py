@@ -12,6 +12,7 @@ summed `n`. So the num-examples weighting of claim 9 holds, up to the quantisati
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -38,6 +39,9 @@ FitFailures = list[tuple[ClientProxy, FitRes] | BaseException]
 
 class RoundKeeper(Protocol):
     """Saves, evaluates and logs the joint prefix after each round (server_app._RoundKeeper)."""
+
+    last_round: Callable[[], dict[str, Any]]
+    """Reads the strategy's record of the round just aggregated."""
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None: ...
 
@@ -95,7 +99,7 @@ class SecureFedAvg(LegacyFedAvg):
 
 
 def run_secure_rounds(
-    grid: Grid, config: FederationConfig, kv: torch.Tensor, num_rounds: int, keeper: Any
+    grid: Grid, config: FederationConfig, kv: torch.Tensor, num_rounds: int, keeper: RoundKeeper
 ) -> None:
     """Run `num_rounds` SecAgg+ rounds from the joint prefix `kv` (L, 2, n_kv, P, head_dim).
 

@@ -225,7 +225,8 @@ def run_federation(grid: Grid, config: FederationConfig) -> dict[str, Any]:
         done, prefix = resume_or_init(session, config)
         if done == 0:
             (out / ROUNDS_FILE).unlink(missing_ok=True)  # a fresh run: drop an older run's log
-            (out / "federation_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+            saved = {k: v for k, v in asdict(config).items() if k != "token"}  # no secret on disk
+            (out / "federation_config.json").write_text(json.dumps(saved, indent=2) + "\n")
         remaining = config.num_rounds - done
         counting = CountingGrid(grid)
         keeper = _RoundKeeper(session, config, counting, done, prefix)

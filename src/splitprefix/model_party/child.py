@@ -56,8 +56,8 @@ def serve_in_child(
 ) -> Iterator[ChildServer]:
     """Run `splitprefix serve MODEL --split-at K` in a child process; yield its URL and tokens.
 
-    Each name in `clients` gets a random token. `work` receives the tokens file (mode 600) and
-    `server.log`, the child's output, which errors quote.
+    Each name in `clients` gets a random token. `work` receives the tokens file (mode 600, removed
+    when the server stops) and `server.log`, the child's output, which errors quote.
     """
     work.mkdir(parents=True, exist_ok=True)
     port, tokens = free_port(), {name: secrets.token_urlsafe(24) for name in clients}
@@ -80,6 +80,7 @@ def serve_in_child(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            tokens_file.unlink(missing_ok=True)  # the tokens die with the server
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, log: Path) -> None:
