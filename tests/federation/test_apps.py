@@ -85,6 +85,38 @@ def test_a_party_takes_its_file_from_data_files_by_partition_id():
     assert config.data_file == "b.jsonl"
 
 
+def test_a_party_takes_its_token_from_tokens_by_partition_id():
+    run_config = {"emulator-dir": "emu", "server-url": "http://127.0.0.1:1", "data-file": "a.jsonl"}
+
+    config = PartyConfig.from_flower(run_config | {"tokens": "t0,t1,t2"}, {"partition-id": 2})
+
+    assert config.token == "t2"
+
+
+def test_empty_strings_in_the_run_config_mean_unset():
+    # Flower's pyproject run config cannot hold None; the deployment app writes "" instead
+    run_config = {
+        "emulator-dir": "emu",
+        "server-url": "http://x",
+        "out-dir": "o",
+        "eval-data": "",
+        "token": "",
+    }
+
+    config = FederationConfig.from_flower(run_config)
+
+    assert config.eval_data is None and config.token is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("secagg_max_weight", 0.0), ("secagg_clipping_range", -1.0), ("secagg_threshold", 1.5)],
+)
+def test_bad_secure_aggregation_settings_are_refused(field, value):
+    with pytest.raises(ConfigError, match=field):
+        FederationConfig("emu", "http://x", "o", **{field: value})
+
+
 def test_a_party_without_its_data_says_what_is_missing():
     with pytest.raises(ConfigError, match="data-file"):
         PartyConfig.from_flower({"emulator-dir": "emu", "server-url": "http://127.0.0.1:1"}, {})
