@@ -48,6 +48,7 @@ def flower_env(home: Path) -> dict[str, str]:
     return os.environ | {"FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="Flower's executables are not installed")
 def test_superlink_and_two_supernodes_run_a_round(dirs, server, tmp_path):
     # Prepare: a SuperLink and two SuperNodes, each party's data file in its node config
