@@ -14,8 +14,9 @@ far, which it keeps, and carries on: the output is the same as without the loss.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,7 +187,7 @@ class SplitModel:
     @torch.no_grad()
     def iter_tokens(
         self, input_ids: torch.Tensor, token_mask: torch.Tensor, config: GenerationConfig
-    ) -> Iterator[torch.Tensor]:
+    ) -> Generator[torch.Tensor, None, None]:
         """Each step's next tokens (B,), until max_new_tokens or every row has produced EOS."""
         if input_ids.shape != token_mask.shape or not bool(token_mask[:, -1].all()):
             raise ConfigError("prompts must be left-padded: token_mask (B, T) like input_ids, last column 1")
@@ -203,7 +204,9 @@ class SplitModel:
         next_position = positions[:, -1:] + 1  # (B, 1)
         try:
             for step in range(config.max_new_tokens):
-                token = next_tokens(*self._scores(answer), config, generator).masked_fill(finished, self.pad_id)
+                token = next_tokens(*self._scores(answer), config, generator).masked_fill(
+                    finished, self.pad_id
+                )
                 yield token
                 if config.stop_at_eos and self.eos_ids:
                     finished |= torch.isin(token, torch.tensor(sorted(self.eos_ids)))
@@ -212,7 +215,9 @@ class SplitModel:
                 ones = token_mask.new_ones(batch, 1)
                 bottom_mask = torch.cat([bottom_mask, ones], dim=1)
                 x = self.bottom(token[:, None], bottom_mask, next_position, cache)
-                answer = self._step(session, self._outgoing(x.hidden), ones, next_position, max_length, config)
+                answer = self._step(
+                    session, self._outgoing(x.hidden), ones, next_position, max_length, config
+                )
                 next_position = next_position + 1
         finally:
             self._close(session)
@@ -250,7 +255,9 @@ class SplitModel:
         session.hidden, session.mask, session.positions = [hidden], [mask], [positions]
         return self._reopen(session, max_length, config)
 
-    def _reopen(self, session: _Session, max_length: int, config: GenerationConfig) -> dict[str, torch.Tensor]:
+    def _reopen(
+        self, session: _Session, max_length: int, config: GenerationConfig
+    ) -> dict[str, torch.Tensor]:
         """Open a session with the prefix and every token so far; the answer for the last ones."""
         tensors = {
             "hidden": torch.cat(session.hidden, dim=1),  # (B, T, d)
@@ -279,7 +286,9 @@ class SplitModel:
         path = schemas.SESSION_STEP_PATH.format(session_id=session.session_id)
         meta = self.client.request_meta(str(len(session.hidden)), with_identity=False)
         try:
-            return self.client.call(path, {"hidden": hidden, "token_mask": mask, "positions": positions}, meta)[0]
+            return self.client.call(
+                path, {"hidden": hidden, "token_mask": mask, "positions": positions}, meta
+            )[0]
         except RemoteError as error:
             if error.code != schemas.SESSION_MISSING:
                 raise
@@ -290,10 +299,9 @@ class SplitModel:
         """Free the server's cache now rather than at its expiry; a failure here changes nothing."""
         if not session.session_id:
             return
-        try:
+        # already gone (expired, restarted), or the server is down: then it expires anyway
+        with contextlib.suppress(RemoteError):
             self.client.delete(schemas.SESSION_PATH.format(session_id=session.session_id))
-        except RemoteError:
-            pass  # already gone (expired, restarted), or the server is down: it expires anyway
 
 
 class _RowText:
@@ -312,7 +320,7 @@ class _RowText:
         if token in self.eos:
             self.done, self.reason = True, "stop"
             return ""
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.text = str(self.tokenizer.decode(self.ids, skip_special_tokens=True))
         cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.done, self.reason = self.text[:cut], True, "stop"
@@ -335,4 +343,3 @@ class _RowText:
 
     def completion(self) -> Completion:
         return Completion(self.text, list(self.ids), self.reason)
-

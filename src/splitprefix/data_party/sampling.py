@@ -41,7 +41,9 @@ class GenerationConfig:
         if self.do_sample and not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0 when sampling; got {self.temperature}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"need top_k >= 0 and 0 < top_p <= 1; got top_k={self.top_k}, top_p={self.top_p}")
+            raise ConfigError(
+                f"need top_k >= 0 and 0 < top_p <= 1; got top_k={self.top_k}, top_p={self.top_p}"
+            )
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must not be empty")
 

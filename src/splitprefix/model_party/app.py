@@ -166,7 +166,9 @@ def _add_generation_routes(app: FastAPI, generation: GenerationBackend) -> None:
     async def step_session(session_id: str, request: Request, client: Client) -> Response:
         return await _serve(request, limit, partial(generation.step, session_id), client)
 
-    @app.delete(schemas.SESSION_PATH, summary="Close a generation session and free its cache.", responses=_ERRORS)
+    @app.delete(
+        schemas.SESSION_PATH, summary="Close a generation session and free its cache.", responses=_ERRORS
+    )
     def close_session(session_id: str, client: Client) -> dict[str, Any]:
         return generation.close(session_id, client)
 

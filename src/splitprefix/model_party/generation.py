@@ -50,7 +50,9 @@ class GenerationBackend:
                 "generate fewer prompts at once (see /v1/info limits)",
             )
         d = b.dims
-        nbytes = cache_bytes(batch, max_length, b.shape.kv_layers, d.num_kv_heads, d.head_dim, b.dtype.itemsize)
+        nbytes = cache_bytes(
+            batch, max_length, b.shape.kv_layers, d.num_kv_heads, d.head_dim, b.dtype.itemsize
+        )
         with b._lock:
             self.sessions.check_room(client_id, nbytes)
             kv = kv.to(b.settings.device, b.dtype)
@@ -138,7 +140,9 @@ class GenerationBackend:
         d = self.backend.dims.hidden_size
         if hidden.ndim != 3 or hidden.shape[2] != d or 0 in hidden.shape[:2]:
             raise RequestError(
-                422, "bad_tensor", f"hidden must have shape (B, T, {d}) with B, T >= 1; got {tuple(hidden.shape)}"
+                422,
+                "bad_tensor",
+                f"hidden must have shape (B, T, {d}) with B, T >= 1; got {tuple(hidden.shape)}",
             )
         shape = tuple(hidden.shape[:2])
         out = []
