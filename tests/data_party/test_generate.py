@@ -69,12 +69,15 @@ def test_seeded_sampling_is_reproducible_and_the_seed_matters(llama):
     assert not torch.equal(first, other)
 
 
-def test_top_k_sampling_from_the_servers_k_best_equals_sampling_from_full_logits(llama):
-    # head=server sends only the 5 best logits; head=client computes all of them here
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.9)])
+def test_sampling_with_the_head_on_the_server_equals_sampling_with_the_head_here(llama, top_k, top_p):
+    # with top-k alone head=server sends only the k best logits, with top-p all of them
     dirs, _ = llama
     ids, mask = random_batch(batch=2, length=5, padding="left")
-    config = GenerationConfig(max_new_tokens=12, do_sample=True, top_k=5, seed=3, stop_at_eos=False)
-    assert config.server_top_k == 5
+    config = GenerationConfig(
+        max_new_tokens=12, do_sample=True, top_k=top_k, top_p=top_p, seed=3, stop_at_eos=False
+    )
+    assert config.server_top_k == top_k
     with LiveServer(create_app(server_settings(dirs))) as server:
         with open_model(dirs, server.url, "server") as model:
             from_top_k = model.generate_ids(ids, mask, config)
