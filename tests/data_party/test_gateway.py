@@ -78,3 +78,16 @@ def test_a_bad_request_gets_an_openai_style_error(gateway):
     client, _ = gateway
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny-split", prompt=[], max_tokens=4)
+
+
+def test_an_unreachable_model_server_is_a_502_not_a_crash(tmp_path_factory):
+    dirs = make_dirs(tmp_path_factory.mktemp("down"))
+    with LiveServer(create_app(server_settings(dirs))) as server:
+        settings = ClientSettings(server.url, head="client", max_retries=0, timeout_s=2)
+        model = SplitModel.open(dirs.emulator, settings)
+    with LiveServer(create_gateway(model)) as front:  # the model server is gone now
+        client = openai.OpenAI(base_url=front.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as raised:
+            client.completions.create(model="splitprefix", prompt="The", max_tokens=3)
+    model.close()
+    assert raised.value.status_code == 502 and "model party" in str(raised.value)

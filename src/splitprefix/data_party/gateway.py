@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from splitprefix.data_party.generate import Completion, SplitModel
+from splitprefix.data_party.remote import RemoteError
 from splitprefix.data_party.sampling import GenerationConfig
 from splitprefix.errors import SplitPrefixError
 
@@ -123,6 +124,8 @@ def create_gateway(
 
     @app.exception_handler(SplitPrefixError)
     async def refused(_: Any, error: Exception) -> JSONResponse:
+        if isinstance(error, RemoteError):  # the model party's server refused or is unreachable
+            return _openai_error(502, f"the model party's server failed: {error}", "upstream_error")
         return _openai_error(400, str(error))
 
     return app
@@ -132,8 +135,8 @@ def _model_card(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "splitprefix"}
 
 
-def _openai_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+def _openai_error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
 class _TextShape:
