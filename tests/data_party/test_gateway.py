@@ -91,3 +91,14 @@ def test_an_unreachable_model_server_is_a_502_not_a_crash(tmp_path_factory):
             client.completions.create(model="splitprefix", prompt="The", max_tokens=3)
     model.close()
     assert raised.value.status_code == 502 and "model party" in str(raised.value)
+
+
+def test_chat_uses_the_tokenizers_chat_template_when_it_has_one(gateway):
+    _, model = gateway
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    model.tokenizer.chat_template = template
+    try:
+        prompt, stop = chat_prompt(model, [ChatMessage(role="user", content="hi")])
+    finally:
+        model.tokenizer.chat_template = None
+    assert (prompt, stop) == ("<user>hi<assistant>", ())

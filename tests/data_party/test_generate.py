@@ -138,3 +138,16 @@ def test_text_generation_streams_and_cuts_at_a_stop_string(llama):
     assert cut[0].text == free[0].text[: free[0].text.find(stop)] and cut[0].finish_reason == "stop"
     assert "".join(t for r, t in pieces if r == 0) == cut[0].text
     assert "".join(t for r, t in pieces if r == 1) == cut[1].text
+
+
+def test_a_saved_prefix_directory_is_generated_with_as_the_whole_model_would(llama, tmp_path):
+    dirs, whole = llama
+    prefix = seeded_prefix(whole.config, seed=4)
+    prefix.save(tmp_path / "prefix")
+    ids, mask = random_batch(batch=2, length=5, padding="left")
+    expected = generate_with_prefix(whole, ids, mask, prefix().detach(), 6, pad_token_id=0)
+    with LiveServer(create_app(server_settings(dirs))) as server:
+        settings = ClientSettings(server.url, head="client")
+        with SplitModel.open(dirs.emulator, settings, tmp_path / "prefix") as model:
+            generated = model.generate_ids(ids, mask, GenerationConfig(max_new_tokens=6))
+    assert torch.equal(generated, expected)

@@ -158,3 +158,23 @@ def test_idle_sessions_expire():
     assert len(store) == 1
     now[0] = 19.5
     assert len(store) == 0 and store.expired == 1 and store.reserved_bytes == 0
+
+
+def test_a_step_may_send_hidden_states_alone_and_gets_the_same_answer(server):
+    # Prepare: two sessions with the same prompt
+    client, backend = server
+    torch.manual_seed(0)
+    request = open_request(backend, top_k=4)
+    first = post(client, schemas.SESSIONS_PATH, request)
+    second = post(client, schemas.SESSIONS_PATH, request)
+    ids = [decode(r.content)[1]["session_id"] for r in (first, second)]
+    explicit = step_request(backend)
+
+    # Execute: the same step, with its mask and positions, and without them
+    full = post(client, step_path(ids[0]), explicit)
+    alone = post(client, step_path(ids[1]), ({"hidden": explicit[0]["hidden"]}, explicit[1]))
+
+    # Assert
+    assert full.status_code == alone.status_code == 200, alone.text
+    for name, tensor in decode(full.content)[0].items():
+        torch.testing.assert_close(decode(alone.content)[0][name], tensor, atol=0, rtol=0)

@@ -286,9 +286,8 @@ class SplitModel:
         path = schemas.SESSION_STEP_PATH.format(session_id=session.session_id)
         meta = self.client.request_meta(str(len(session.hidden)), with_identity=False)
         try:
-            return self.client.call(
-                path, {"hidden": hidden, "token_mask": mask, "positions": positions}, meta
-            )[0]
+            # one real token per row, right after its last: the server knows the mask and position
+            return self.client.call(path, {"hidden": hidden}, meta)[0]
         except RemoteError as error:
             if error.code != schemas.SESSION_MISSING:
                 raise

@@ -72,10 +72,16 @@ class GenerationBackend:
     ) -> tuple[Tensors, dict[str, Any]]:
         """One decoding step (or a chunk of tokens) on the client's session."""
         step = check_meta(meta, self.backend.shape, forward=False)
-        check_names(tensors, list(schemas.GENERATE_INPUTS), "generation step request")
-        hidden, mask, positions = self._check_tokens(tensors)
+        implicit = set(tensors) == {"hidden"}  # one real token per row, right after the last
+        if not implicit:
+            check_names(tensors, list(schemas.GENERATE_INPUTS), "generation step request")
         with self.backend._lock:
             session = self.sessions.get(client_id, session_id)
+            if implicit:
+                assert session.next_positions is not None  # set by the prefill
+                ones = torch.ones(session.batch_size, 1, dtype=torch.long)
+                tensors = tensors | {"token_mask": ones, "positions": session.next_positions}
+            hidden, mask, positions = self._check_tokens(tensors)
             if step.head != session.head:
                 raise RequestError(
                     422, "invalid_meta", f"session {session_id!r} was opened with head={session.head}"
@@ -116,6 +122,7 @@ class GenerationBackend:
         x = Activations(hidden.to(device, b.dtype), full_mask.to(device), positions.to(device))
         last = b.top.stack(x, session.cache)[:, -1]  # (B, d)
         session.mask = full_mask
+        session.next_positions = positions[:, -1:] + 1  # (B, 1)
         if session.head == "client":
             return {schemas.LAST_HIDDEN: last}
         logits = b.top.head(last)  # (B, V)

@@ -5,7 +5,8 @@ and reserves its cache's largest size (batch x `max_length` keys) when it opens,
 on count and memory hold for its whole life. A full store refuses new sessions with 429 (this party
 holds its share) or 503 (the server is full), and never evicts a live session to make room:
 another party's generation would break. A lost session costs only a prefill: the client opens a
-new one with every token so far.
+new one with every token so far. Expiry is checked on every access to the store, so an idle server
+keeps at most the reserved memory until the next request.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Session:
     """Most keys per row the session may hold (prefix included); its memory is reserved for this."""
     reserved_bytes: int
     """Memory counted against the store's cap."""
+    next_positions: torch.Tensor | None = None
+    """(B, 1): the position of each row's next token, for steps that send hidden states only."""
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     last_used: float = 0.0
 

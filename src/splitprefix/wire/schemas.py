@@ -31,8 +31,9 @@ Open request (`POST SESSIONS_PATH`), the prefill:
     prefix_kv       (L - K, 2, n_kv, P, hd)   seeds the session's cache once (P may be 0)
     metadata        as a training forward, plus `max_length` (P + every token the session will hold)
                     and `top_k` (head=server: 0 = full logits, k > 0 = the k best only)
-Step request (`POST SESSION_STEP_PATH`): hidden, token_mask and positions of the new tokens (T = 1
-per generated token); metadata protocol_version, step_id, head, wire_dtype.
+Step request (`POST SESSION_STEP_PATH`): hidden, token_mask and positions of the new tokens; or
+hidden (B, 1, d) alone for one real token per row at the position after each row's last (the usual
+decoding step, which saves two tensors per token); metadata protocol_version, step_id, head, wire_dtype.
 Open and step responses, at the last position of every row (which left padding keeps real):
     head=server, top_k = 0:  logits (B, V)
     head=server, top_k > 0:  top_values (B, k), top_indices (B, k), best first
