@@ -39,7 +39,12 @@ def generate_command(
     max_retries: int = _RETRIES,
     ca_path: Path | None = _CA,
 ) -> None:
-    """Data party: continue PROMPT through the split model and stream the text to the terminal."""
+    """Data party: continue PROMPT through the split model and stream the text to the terminal.
+
+    The prompt's text and token ids stay here; the server's generation session
+    (/v1/generate/sessions) receives layer-K hidden states only. A session the server lost is
+    reopened transparently.
+    """
     from splitprefix.data_party.generate import SplitModel
 
     settings = client_settings(server, token, head, wire_dtype, False, timeout_s, max_retries, ca_path)
@@ -72,8 +77,12 @@ def gateway_command(
     max_retries: int = _RETRIES,
     ca_path: Path | None = _CA,
 ) -> None:
-    """Data party: serve the split model as an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
-    /v1/models, streaming by server-sent events)."""
+    """Data party: serve the split model as an OpenAI-compatible API.
+
+    Endpoints: /v1/models, /v1/completions and /v1/chat/completions, with stream=true as server-sent
+    events. Chat uses the tokenizer's chat template, or 'role: content' lines and 'assistant:'
+    without one. Point any OpenAI client at http://HOST:PORT/v1.
+    """
     import uvicorn
 
     from splitprefix.data_party.gateway import create_gateway
