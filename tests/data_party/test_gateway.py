@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -102,3 +103,16 @@ def test_chat_uses_the_tokenizers_chat_template_when_it_has_one(gateway):
     finally:
         model.tokenizer.chat_template = None
     assert (prompt, stop) == ("<user>hi<assistant>", ())
+
+
+def test_a_client_that_leaves_mid_stream_does_not_block_the_gateway(gateway):
+    client, _ = gateway
+    url = str(client.base_url).rstrip("/")
+    body = {"model": "tiny-split", "prompt": "The", "max_tokens": 100, "stream": True, "stop": []}
+    with httpx.stream("POST", url + "/completions", json=body, timeout=10) as response:
+        first = next(response.iter_lines())  # read one event, then hang up
+    assert first.startswith("data: ")
+    answer = client.with_options(timeout=20).completions.create(
+        model="tiny-split", prompt="The", max_tokens=3
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length")

@@ -13,11 +13,13 @@ Requests are served one at a time (the split model holds one generation's caches
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -194,14 +196,49 @@ def _answer(
     return StreamingResponse(_events(model, lock, prompts, config, shape), media_type="text/event-stream")
 
 
-def _events(
+async def _events(
     model: SplitModel, lock: threading.Lock, prompts: list[str], config: GenerationConfig, shape: _TextShape
-) -> Iterator[str]:
-    """Server-sent events: one chunk per piece of text, a last chunk per row with its finish reason."""
-    with lock:
-        rows: list[Any] = []
-        for row, delta in model.stream(prompts, config, rows):
-            yield shape.chunk(row, delta, None)
-        for row, text in enumerate(rows):
-            yield shape.chunk(row, None if shape.chat else "", text.completion().finish_reason)
+) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per piece of text, a last chunk per row with its finish reason.
+
+    The generation runs in its own thread and hands pieces over through a queue. When the client
+    goes away, the cancelled stream sets `stop`, and the thread ends the generation (closing its
+    server session) and releases the lock at the next token, so a vanished client never blocks the
+    gateway.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def put(kind: str, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+
+    def produce() -> None:
+        try:
+            with lock:
+                rows: list[Any] = []
+                for row, delta in model.stream(prompts, config, rows):
+                    if stop.is_set():
+                        return
+                    put("text", (row, delta))
+                put("end", [text.completion().finish_reason for text in rows])
+        except Exception as error:
+            put("error", error)
+
+    threading.Thread(target=produce, name="gateway-generation", daemon=True).start()
+    try:
+        while True:
+            kind, item = await queue.get()
+            if kind == "text":
+                yield shape.chunk(item[0], item[1], None)
+            elif kind == "end":
+                for row, reason in enumerate(item):
+                    yield shape.chunk(row, None if shape.chat else "", reason)
+                break
+            else:  # the status line is already sent: report the failure in the stream
+                yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'upstream_error'}})}\n\n"
+                break
+    finally:
+        stop.set()
     yield "data: [DONE]\n\n"
