@@ -151,3 +151,30 @@ def test_a_saved_prefix_directory_is_generated_with_as_the_whole_model_would(lla
         with SplitModel.open(dirs.emulator, settings, tmp_path / "prefix") as model:
             generated = model.generate_ids(ids, mask, GenerationConfig(max_new_tokens=6))
     assert torch.equal(generated, expected)
+
+
+def test_every_hidden_state_that_leaves_passes_through_outgoing(llama):
+    # Prepare: a model whose hook records what it is given and zeroes it
+    dirs, _ = llama
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(SplitModel):
+        def _outgoing(self, hidden: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(hidden.shape))
+            return torch.zeros_like(hidden)
+
+    ids, mask = random_batch(batch=2, length=5, padding="left")
+    config = GenerationConfig(max_new_tokens=4, stop_at_eos=False)
+    with LiveServer(create_app(server_settings(dirs))) as server:
+        settings = ClientSettings(server.url, head="client")
+        with SplitModel.open(dirs.emulator, settings) as plain:
+            normal = plain.generate_ids(ids, mask, config)
+        hooked = Recording(open_model(dirs, server.url, "client").split)
+        with hooked:
+            # Execute
+            zeroed = hooked.generate_ids(ids, mask, config)
+
+    # Assert: the prefill and every step went through the hook, and what it returned was sent
+    assert seen == [(2, 5, 64), (2, 1, 64), (2, 1, 64), (2, 1, 64)]
+    # all-zero hidden states give the server the same input at every step, hence the same token
+    assert (zeroed == zeroed[:, :1]).all() and not torch.equal(zeroed, normal)
