@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import TOKENIZER_VOCAB, build_tiny_model, build_tiny_tokenizer
@@ -65,3 +66,23 @@ def test_eval_rejects_a_prefix_for_another_model(tmp_path):
         app, ["eval", str(model_dir), "--data", str(data), "--prefix", str(tmp_path / "prefix")]
     )
     assert isinstance(result.exception, ShapeMismatchError)
+
+
+@pytest.mark.parametrize("command", ["generate", "gateway"])
+def test_split_inference_commands_document_their_options(command):
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    for option in ("--server", "--prefix", "--head", "--token"):
+        assert option in result.output
+
+
+def test_generate_streams_the_split_models_greedy_text(dirs, server):
+    from splitprefix.data_party.generate import GenerationConfig, SplitModel
+    from splitprefix.data_party.remote import ClientSettings
+
+    with SplitModel.open(dirs.emulator, ClientSettings(server.url, head="client")) as model:
+        expected = model.generate("The quick", GenerationConfig(max_new_tokens=5))[0].text
+    args = ["generate", str(dirs.emulator), "The quick", "--server", server.url, "--max-new-tokens", "5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.rstrip("\n").endswith(expected)  # after the weight-loading bar

@@ -5,6 +5,7 @@ import typer
 from splitprefix.cli.data import make_data_command
 from splitprefix.cli.evaluate import eval_command
 from splitprefix.cli.federate import federate_command
+from splitprefix.cli.generate import gateway_command, generate_command
 from splitprefix.cli.offsite import emulate_command, integrate_command, train_offsite_command
 from splitprefix.cli.pretrain import pretrain_command
 from splitprefix.cli.serve import serve_command
@@ -44,6 +45,8 @@ app.command(name="integrate")(integrate_command)
 app.command(name="train")(train_command)
 app.command(name="serve")(serve_command)
 app.command(name="federate")(federate_command)
+app.command(name="generate")(generate_command)
+app.command(name="gateway")(gateway_command)
 
 
 def main() -> None:

@@ -32,10 +32,21 @@ def serve_command(
     max_graphs_per_client: int = typer.Option(
         ServerSettings.max_graphs_per_client, help="Held graphs per data party."
     ),
+    session_ttl_s: float = typer.Option(
+        ServerSettings.session_ttl_s, help="Idle seconds before a generation session is dropped."
+    ),
+    max_sessions: int = typer.Option(ServerSettings.max_sessions, help="Generation sessions held at once."),
+    max_sessions_per_client: int = typer.Option(
+        ServerSettings.max_sessions_per_client, help="Generation sessions per data party."
+    ),
+    max_session_bytes: int = typer.Option(
+        ServerSettings.max_session_bytes, help="Memory cap of all sessions' KV caches."
+    ),
     device: str = typer.Option(ServerSettings.device, help="Torch device: cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option(ServerSettings.dtype, help="Compute dtype: fp32, bf16 or fp16."),
 ) -> None:
-    """Model party: serve layers [K, L), the norm and the head of MODEL to data parties for training."""
+    """Model party: serve layers [K, L), the norm and the head of MODEL to data parties, for split training
+    and split generation (sessions under /v1/generate/sessions)."""
     import logging
 
     import uvicorn
@@ -58,6 +69,10 @@ def serve_command(
         graph_ttl_s=graph_ttl_s,
         max_graph_bytes=max_graph_bytes,
         max_graphs_per_client=max_graphs_per_client,
+        session_ttl_s=session_ttl_s,
+        max_sessions=max_sessions,
+        max_sessions_per_client=max_sessions_per_client,
+        max_session_bytes=max_session_bytes,
         device=device,
         dtype=dtype,  # type: ignore[arg-type]
     )

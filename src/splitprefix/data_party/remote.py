@@ -263,15 +263,31 @@ class SplitClient:
     def _exchange(
         self, path: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
+        return self.call(path, tensors, meta)[0]
+
+    def call(
+        self, path: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """POST one binary message to `path`; the answer's tensors (floats as fp32) and metadata."""
         dtype = self.settings.wire_dtype
         response = self._request("POST", path, encode(tensors, meta, dtype))
         try:
-            out, _ = decode(response.content)
+            out, reply = decode(response.content)
         except WireFormatError as error:
             raise RemoteError(response.status_code, "bad_response", str(error), self._url(path)) from None
         self.traffic.payload_sent += payload_bytes(tensors, dtype)
         self.traffic.payload_received += payload_bytes(out, dtype)  # the server answers in our dtype
-        return out
+        return out, reply
+
+    def delete(self, path: str) -> None:
+        """DELETE `path` (with the usual retries); a 4xx answer raises RemoteError."""
+        self._request("DELETE", path)
+
+    def request_meta(self, step_id: str, with_identity: bool = True) -> dict[str, Any]:
+        """The control fields of a binary request: protocol, step, head, wire dtype [, split and bottom]."""
+        if with_identity and self._identity is None:
+            raise ConfigError("call check_compatible(manifest) first: requests carry its fingerprint")
+        return self._meta(step_id) | ((self._identity or {}) if with_identity else {})
 
     # --- transport ------------------------------------------------------------------------------
 

@@ -14,6 +14,10 @@ serving. Status codes and error codes:
         split_mismatch, fingerprint_mismatch, bad_tensor
     422 bad_request           any other bad input the model itself refused
     409 graph_missing         backward without inputs for a step whose graph is not held
+    404 session_missing       a generation session that expired, was lost in a restart, or is another
+                              party's: open a new one
+    429 too_many_sessions     this party holds its share of generation sessions (with Retry-After)
+    503 server_full           the server's session count or KV-cache memory is exhausted (with Retry-After)
     500 internal_error        a server bug
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any
 
 import torch
@@ -34,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from splitprefix.errors import SplitPrefixError
 from splitprefix.model_party.auth import TokenAuth, Unauthorized
 from splitprefix.model_party.backend import TopBackend
+from splitprefix.model_party.generation import GenerationBackend
 from splitprefix.model_party.settings import ServerSettings
 from splitprefix.model_party.validation import RequestError
 from splitprefix.wire import schemas
@@ -53,16 +59,25 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "Not a splitprefix safetensors message (code bad_message).",
         401: "Missing or invalid bearer token (code unauthorized).",
+        404: "Unknown, expired or foreign generation session (code session_missing): open a new one.",
         409: "Backward for a step whose graph is not held (code graph_missing): resend it with the inputs.",
         413: "Body over max_request_bytes (too_large), or batch/tokens over the limits (limit_exceeded).",
         415: "Body sent with a content type other than " + CONTENT_TYPE + " (unsupported_media).",
         422: "Metadata or tensors inconsistent with this model; `code` says which check failed.",
+        429: "This data party holds its share of generation sessions (too_many_sessions).",
+        503: "The server's generation sessions or their memory are exhausted (server_full).",
     }.items()
 }
 
 
-def _client_id(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
-    """The data party behind the request's bearer token (the HTTPBearer dependency documents it)."""
+async def _client_id(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> str:
+    """The data party behind the request's bearer token (the HTTPBearer dependency documents it).
+
+    Async because it is cheap: a sync dependency would cost every request a hop through the thread
+    pool, which a generation step pays once per token.
+    """
     auth: TokenAuth = request.app.state.auth
     return auth.client_id(request.headers.get("authorization"))
 
@@ -125,8 +140,43 @@ def create_app(source: ServerSettings | TopBackend, auth: TokenAuth | None = Non
     async def backward(request: Request, client: Client) -> Response:
         return await _serve(request, settings.max_request_bytes, backend.backward, client)
 
+    _add_generation_routes(app, GenerationBackend(backend))
     _add_error_handlers(app)
     return app
+
+
+def _add_generation_routes(app: FastAPI, generation: GenerationBackend) -> None:
+    """Split inference: open a session with a prefill, step it one token at a time, close it."""
+    limit = generation.backend.settings.max_request_bytes
+    app.state.generation = generation
+    open_doc = _binary_route(
+        "Open a generation session: seed its cache with the prefix and prefill the prompts.",
+        "Tensors hidden (B, T, d), token_mask (B, T), positions (B, T), prefix_kv (L - K, 2, n_kv, P, hd); "
+        "metadata as a training forward plus max_length and top_k. Left-pad the prompts.",
+        "For each row's last position: logits (B, V), or top_values/top_indices (B, k), or last_hidden "
+        "(B, d) with head=client; metadata session_id and length.",
+    )
+
+    @app.post(schemas.SESSIONS_PATH, **open_doc)
+    async def open_session(request: Request, client: Client) -> Response:
+        return await _serve(request, limit, generation.open, client)
+
+    step_doc = _binary_route(
+        "One generation step on a session: the new tokens' layer-K hidden states in, the next-token answer out.",
+        "Tensors hidden (B, 1, d), token_mask (B, 1), positions (B, 1); metadata protocol_version, step_id, "
+        "head, wire_dtype.",
+        "As the open answer.",
+    )
+
+    @app.post(schemas.SESSION_STEP_PATH, **step_doc)
+    async def step_session(session_id: str, request: Request, client: Client) -> Response:
+        return await _serve(request, limit, partial(generation.step, session_id), client)
+
+    @app.delete(
+        schemas.SESSION_PATH, summary="Close a generation session and free its cache.", responses=_ERRORS
+    )
+    def close_session(session_id: str, client: Client) -> dict[str, Any]:
+        return generation.close(session_id, client)
 
 
 async def _serve(request: Request, limit: int, handler: Handler, client: str) -> Response:
@@ -194,7 +244,9 @@ def _error(status: int, code: str, detail: str, headers: dict[str, str] | None =
 def _add_error_handlers(app: FastAPI) -> None:
     async def request_error(_: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestError | WireFormatError)
-        return _error(error.status, error.code, str(error))
+        # a full server is a passing state: tell clients when to come back
+        retry = {"Retry-After": "1"} if error.status in (429, 503) else None
+        return _error(error.status, error.code, str(error), retry)
 
     async def unauthorized(_: Request, error: Exception) -> JSONResponse:
         return _error(401, "unauthorized", str(error), {"WWW-Authenticate": "Bearer"})

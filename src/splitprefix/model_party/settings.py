@@ -45,6 +45,14 @@ class ServerSettings:
     """Memory cap for all held graphs together; the oldest are dropped beyond it."""
     max_graphs_per_client: int = 8
     """Held graphs per data party; its oldest is dropped beyond it."""
+    session_ttl_s: float = 300.0
+    """Seconds a generation session may stay idle before its KV cache is dropped."""
+    max_sessions: int = 64
+    """Generation sessions held at once, all data parties together (503 beyond)."""
+    max_sessions_per_client: int = 8
+    """Generation sessions one data party may hold at once (429 beyond)."""
+    max_session_bytes: int = 1024 * MiB
+    """Memory reserved by all sessions' KV caches together (503 beyond)."""
     device: str = "cpu"
     """Torch device that runs the top ('cpu', 'cuda', 'cuda:1', ...)."""
     dtype: ComputeDtype = "fp32"
@@ -59,9 +67,21 @@ class ServerSettings:
             raise ConfigError(f"port must be in [0, 65535]; got {self.port}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"dtype must be 'fp32', 'bf16' or 'fp16'; got {self.dtype!r}")
-        for name in ("max_request_bytes", "max_batch_size", "max_tokens", "max_graphs_per_client"):
+        for name in (
+            "max_request_bytes",
+            "max_batch_size",
+            "max_tokens",
+            "max_graphs_per_client",
+            "max_sessions",
+            "max_sessions_per_client",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.max_session_bytes < 0 or self.session_ttl_s <= 0:
+            raise ConfigError(
+                "max_session_bytes must be >= 0 and session_ttl_s > 0; got "
+                f"{self.max_session_bytes}, {self.session_ttl_s}"
+            )
         if self.max_graph_bytes < 0 or self.graph_ttl_s <= 0:
             raise ConfigError(
                 f"max_graph_bytes must be >= 0 and graph_ttl_s > 0; got {self.max_graph_bytes}, {self.graph_ttl_s}"

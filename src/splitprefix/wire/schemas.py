@@ -22,6 +22,26 @@ Backward response tensors:
 
 If the server no longer holds the forward's graph and the backward carries no forward inputs, it
 answers 409 with code `graph_missing`; the client then resends the backward with the inputs.
+
+Generation (split inference) keeps a session per batch of prompts: the KV cache of layers [K, L).
+Open request (`POST SESSIONS_PATH`), the prefill:
+    hidden          (B, T, d)                 layer-K hidden states of the left-padded prompts
+    token_mask      (B, T)                    1 for real tokens, 0 for padding
+    positions       (B, T)                    position ids of the tokens
+    prefix_kv       (L - K, 2, n_kv, P, hd)   seeds the session's cache once (P may be 0)
+    metadata        as a training forward, plus `max_length` (P + every token the session will hold)
+                    and `top_k` (head=server: 0 = full logits, k > 0 = the k best only)
+Step request (`POST SESSION_STEP_PATH`): hidden, token_mask and positions of the new tokens; or
+hidden (B, 1, d) alone for one real token per row at the position after each row's last (the usual
+decoding step, which saves two tensors per token); metadata protocol_version, step_id, head, wire_dtype.
+Open and step responses, at the last position of every row (which left padding keeps real):
+    head=server, top_k = 0:  logits (B, V)
+    head=server, top_k > 0:  top_values (B, k), top_indices (B, k), best first
+    head=client:             last_hidden (B, d), before the final norm
+    metadata                 session_id, step_id, length (keys now cached, prefix included)
+A session belongs to the bearer token that opened it; an unknown, expired or foreign session
+answers 404 `session_missing`, and the client then opens a new one with everything so far.
+A full server answers 429 `too_many_sessions` (this party's share) or 503 `server_full`.
 """
 
 from __future__ import annotations
@@ -36,6 +56,10 @@ INFO_PATH = "/v1/info"
 FORWARD_PATH = "/v1/train/forward"
 BACKWARD_PATH = "/v1/train/backward"
 
+SESSIONS_PATH = "/v1/generate/sessions"
+SESSION_PATH = "/v1/generate/sessions/{session_id}"
+SESSION_STEP_PATH = "/v1/generate/sessions/{session_id}/step"
+
 FORWARD_INPUTS = ("hidden", "attention_mask", "positions", "prefix_kv")
 SUPERVISED = "supervised"
 OUTPUT = "output"
@@ -43,6 +67,13 @@ GRAD_OUTPUT = "grad_output"
 GRAD_HIDDEN = "grad_hidden"
 GRAD_PREFIX = "grad_prefix_kv"
 GRAPH_MISSING = "graph_missing"
+GENERATE_INPUTS = ("hidden", "token_mask", "positions")
+PREFIX_KV = "prefix_kv"
+LOGITS = "logits"
+TOP_VALUES = "top_values"
+TOP_INDICES = "top_indices"
+LAST_HIDDEN = "last_hidden"
+SESSION_MISSING = "session_missing"
 
 HeadMode = Literal["server", "client"]
 
@@ -75,6 +106,10 @@ class Limits(BaseModel):
     max_request_bytes: int
     max_batch_size: int
     max_tokens: int = Field(description="Upper bound on P + T per sequence.")
+    max_sessions: int = Field(0, description="Generation sessions held at once, all parties together.")
+    max_sessions_per_client: int = Field(0, description="Generation sessions one data party may hold.")
+    max_session_bytes: int = Field(0, description="Memory the sessions' KV caches may reserve together.")
+    session_ttl_s: float = Field(0.0, description="Idle seconds after which a session is dropped.")
 
 
 class ModelInfo(BaseModel):

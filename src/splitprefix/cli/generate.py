@@ -1,0 +1,93 @@
+"""`splitprefix generate` and `splitprefix gateway`: split inference for the data party."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from splitprefix.cli.train import TOKEN_ENV, client_settings
+from splitprefix.data_party.remote import ClientSettings
+from splitprefix.data_party.sampling import GenerationConfig
+
+_EMULATOR = typer.Argument(..., help="Emulator directory from the model party (`splitprefix emulate`).")
+_SERVER = typer.Option(..., "--server", help="URL of `splitprefix serve`, e.g. http://127.0.0.1:8000.")
+_PREFIX = typer.Option(None, "--prefix", help="Full-layout prefix directory; none = the base model.")
+_TOKEN = typer.Option(None, "--token", envvar=TOKEN_ENV, help="Bearer token from the model party.")
+_HEAD = typer.Option("client", help="'client' applies the LM head here; 'server' has the server send logits.")
+_WIRE = typer.Option(ClientSettings.wire_dtype, help="Tensors on the wire: fp32, bf16 or fp16.")
+_TIMEOUT = typer.Option(ClientSettings.timeout_s, help="Seconds to wait for one answer.")
+_RETRIES = typer.Option(ClientSettings.max_retries, help="Retries per call on network errors and 5xx.")
+_CA = typer.Option(None, "--ca", help="CA bundle of a self-signed https server.")
+
+
+def generate_command(
+    emulator: Path = _EMULATOR,
+    prompt: str = typer.Argument(..., help="The text to continue."),
+    server: str = _SERVER,
+    prefix: Path | None = _PREFIX,
+    max_new_tokens: int = typer.Option(GenerationConfig.max_new_tokens, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 decodes greedily; above 0 samples."),
+    top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold (1.0 = off)."),
+    seed: int | None = typer.Option(None, help="Seed of the sampling: same seed, same text."),
+    stop: list[str] | None = typer.Option(None, "--stop", help="Stop before this string (repeatable)."),
+    token: str | None = _TOKEN,
+    head: str = _HEAD,
+    wire_dtype: str = _WIRE,
+    timeout_s: float = _TIMEOUT,
+    max_retries: int = _RETRIES,
+    ca_path: Path | None = _CA,
+) -> None:
+    """Data party: continue PROMPT through the split model and stream the text to the terminal.
+
+    The prompt's text and token ids stay here; the server's generation session
+    (/v1/generate/sessions) receives layer-K hidden states only. A session the server lost is
+    reopened transparently.
+    """
+    from splitprefix.data_party.generate import SplitModel
+
+    settings = client_settings(server, token, head, wire_dtype, False, timeout_s, max_retries, ca_path)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=tuple(stop or ()),
+    )
+    with SplitModel.open(emulator, settings, prefix) as model:
+        model.generate(prompt, config, on_text=lambda _, text: typer.echo(text, nl=False))
+    typer.echo()
+
+
+def gateway_command(
+    emulator: Path = _EMULATOR,
+    server: str = _SERVER,
+    prefix: Path | None = _PREFIX,
+    host: str = typer.Option("127.0.0.1", help="Interface the gateway listens on."),
+    port: int = typer.Option(8080, help="TCP port of the gateway."),
+    model_name: str = typer.Option("splitprefix", help="Model id that /v1/models lists."),
+    max_tokens: int = typer.Option(128, help="Tokens generated when a request gives no max_tokens."),
+    token: str | None = _TOKEN,
+    head: str = _HEAD,
+    wire_dtype: str = _WIRE,
+    timeout_s: float = _TIMEOUT,
+    max_retries: int = _RETRIES,
+    ca_path: Path | None = _CA,
+) -> None:
+    """Data party: serve the split model as an OpenAI-compatible API.
+
+    Endpoints: /v1/models, /v1/completions and /v1/chat/completions, with stream=true as server-sent
+    events. Chat uses the tokenizer's chat template, or 'role: content' lines and 'assistant:'
+    without one. Point any OpenAI client at http://HOST:PORT/v1.
+    """
+    import uvicorn
+
+    from splitprefix.data_party.gateway import create_gateway
+    from splitprefix.data_party.generate import SplitModel
+
+    settings = client_settings(server, token, head, wire_dtype, False, timeout_s, max_retries, ca_path)
+    with SplitModel.open(emulator, settings, prefix) as model:
+        uvicorn.run(create_gateway(model, model_name, max_tokens), host=host, port=port, log_level="info")
