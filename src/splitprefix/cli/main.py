@@ -2,6 +2,7 @@
 
 import typer
 
+from splitprefix.cli.audit import privacy_audit_command
 from splitprefix.cli.data import make_data_command
 from splitprefix.cli.evaluate import eval_command
 from splitprefix.cli.offsite import emulate_command, integrate_command, train_offsite_command
@@ -42,6 +43,7 @@ app.command(name="train-offsite")(train_offsite_command)
 app.command(name="integrate")(integrate_command)
 app.command(name="train")(train_command)
 app.command(name="serve")(serve_command)
+app.command(name="privacy-audit")(privacy_audit_command)
 
 
 def main() -> None:
