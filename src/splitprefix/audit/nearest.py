@@ -3,11 +3,12 @@
 Left to right, for each position it runs every vocabulary token, in one batch, through the
 embeddings and layers [0, K) with the tokens recovered so far as context (a key/value cache), and
 picks the token whose layer-K state lies nearest the observed one. The attacker does not know the
-data party's prefix for those layers, so it runs them without one, at the observed positions.
-The context's keys and values are recomputed for each chunk of candidates, a cost of t tokens
-against the chunk's thousands. It
+data party's prefix for those layers, so it runs them without one, at the observed positions. It
 knows the clipping norm, so it clips its candidates the same way; with Gaussian noise on the
 observation, the nearest clipped candidate is the most likely token.
+
+The context's keys and values are recomputed for each chunk of candidates: t tokens against the
+chunk's thousands.
 """
 
 from __future__ import annotations
