@@ -117,3 +117,18 @@ def test_privacy_audit_help_lists_the_options():
     assert result.exit_code == 0
     for option in ("--data", "--split-at", "--noise", "--clip", "--json"):
         assert option in result.output
+
+
+def test_nearest_neighbour_with_the_bottom_prefix_known_recovers_what_an_unknown_one_hides(tiny):
+    # Prepare: a large prefix the data party trained, which shifts the layer-1 states
+    model, _, bottom, encoded = tiny
+    kv = random_kv(model, 3, scale=4.0)
+    (observation,) = observe(bottom, encoded[:1], kv, 1, None)
+
+    # Execute
+    unknown = nearest_neighbour_attack(bottom, observation, None)
+    known = nearest_neighbour_attack(bottom, observation, None, kv[:1])
+
+    # Assert
+    assert torch.equal(known, observation.token_ids)
+    assert not torch.equal(unknown, observation.token_ids)

@@ -18,33 +18,39 @@ from transformers import DynamicCache
 
 from splitprefix.audit.observe import Observation
 from splitprefix.data_party.privacy import clip_tokens
+from splitprefix.model.prefix import prefix_cache
 from splitprefix.model.split import Bottom
 
 
 def _context_cache(
-    bottom: Bottom, context: torch.Tensor, positions: torch.Tensor, batch: int
+    bottom: Bottom, context: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor | None, batch: int
 ) -> DynamicCache | None:
-    """Keys and values of layers [0, K) for the recovered tokens `context` (t,), repeated `batch` times."""
-    if not len(context):
+    """Keys and values of layers [0, K) for the prefix `kv` (K, 2, n_kv, P, hd) and the recovered
+    tokens `context` (t,), repeated `batch` times."""
+    p = 0 if kv is None else kv.shape[3]
+    if not len(context) and not p:
         return None
-    cache = DynamicCache(config=bottom.stack.config)
-    mask = torch.ones(1, len(context), dtype=torch.long)
-    bottom(context[None], mask, positions[None], cache)
+    config = bottom.stack.config
+    cache = prefix_cache(kv, config, 1) if kv is not None and p else DynamicCache(config=config)
+    if len(context):
+        mask = torch.ones(1, p + len(context), dtype=torch.long)
+        bottom(context[None], mask, positions[None], cache)
     cache.batch_repeat_interleave(batch)
     return cache
 
 
 def _candidate_states(
-    bottom: Bottom, context: torch.Tensor, positions: torch.Tensor, chunk: int
+    bottom: Bottom, context: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor | None, chunk: int
 ) -> torch.Tensor:
     """Layer-K states (V, d) of every vocabulary token at `positions[-1]`, after `context` (t,)."""
     vocab = vocab_size(bottom)
+    keys = len(context) + 1 + (0 if kv is None else kv.shape[3])
     states = []
     for start in range(0, vocab, chunk):
         ids = torch.arange(start, min(start + chunk, vocab))[:, None]  # (c, 1)
         n = ids.shape[0]
-        cache = _context_cache(bottom, context, positions[:-1], n)
-        mask = torch.ones(n, len(context) + 1, dtype=torch.long)
+        cache = _context_cache(bottom, context, positions[:-1], kv, n)
+        mask = torch.ones(n, keys, dtype=torch.long)
         x = bottom(ids, mask, positions[-1:].expand(n, 1), cache)
         states.append(x.hidden[:, 0].float())  # (c, d)
     return torch.cat(states)
@@ -64,12 +70,22 @@ def embedding_matrix(bottom: Bottom) -> torch.Tensor:
 
 @torch.no_grad()
 def nearest_neighbour_attack(
-    bottom: Bottom, observation: Observation, clip_norm: float | None, chunk: int = 4096
+    bottom: Bottom,
+    observation: Observation,
+    clip_norm: float | None,
+    bottom_kv: torch.Tensor | None = None,
+    chunk: int = 4096,
 ) -> torch.Tensor:
-    """The attacker's guess (T,) of the tokens behind `observation`, position by position."""
+    """The attacker's guess (T,) of the tokens behind `observation`, position by position.
+
+    `bottom_kv` (K, 2, n_kv, P, hd) is the data party's prefix for layers [0, K), for an attacker
+    that has learnt it (e.g. as the aggregator of a federation); None runs the layers without one.
+    """
     guesses = torch.zeros(0, dtype=torch.long)
     for t in range(len(observation.hidden)):
-        candidates = _candidate_states(bottom, guesses, observation.positions[: t + 1], chunk)  # (V, d)
+        candidates = _candidate_states(
+            bottom, guesses, observation.positions[: t + 1], bottom_kv, chunk
+        )  # (V, d)
         if clip_norm is not None:
             candidates = clip_tokens(candidates, clip_norm)
         best = (candidates - observation.hidden[t]).pow(2).sum(-1).argmin()

@@ -14,6 +14,7 @@ For each setting the audit
 from __future__ import annotations
 
 import time
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ class AuditConfig:
     """Seed of the prefix, the data order and the noise."""
     inversion: InversionConfig = field(default_factory=InversionConfig)
     """The learned-inversion attacker's training."""
+    known_prefix: bool = False
+    """Also run nearest neighbour with the data party's prefix for layers [0, K) known to the
+    attacker, as the aggregator of a federation would know it."""
 
     def __post_init__(self) -> None:
         if any(s < 0 for s in self.noise) or not self.noise:
@@ -173,6 +177,10 @@ def _audit_setting(target: _Target, k: int, sigma: float, config: AuditConfig) -
     )
     nearest = _rate(attacked, lambda o: nearest_neighbour_attack(bottom, o, privacy.clip_norm))
     learned = _rate(attacked, lambda o: invert(inverter, o.hidden))
+    known = {}
+    if config.known_prefix:
+        attack = partial(nearest_neighbour_attack, bottom, clip_norm=privacy.clip_norm, bottom_kv=kv[:k])
+        known["nearest_neighbour_known_prefix"] = _rate(attacked, attack)
     pad_id = resolve_pad_id(target.tokenizer)
     labels = label_recovery(target.model, bottom, target.train[:32], kv, k, pad_id, _session(privacy))
     return {
@@ -181,6 +189,7 @@ def _audit_setting(target: _Target, k: int, sigma: float, config: AuditConfig) -
         "clip_norm": privacy.clip_norm,
         "nearest_neighbour": nearest,
         "learned_inversion": learned,
+        **known,
         "head_server_labels": labels,
         "utility": utility,
         "wall_s": round(time.perf_counter() - began, 1),

@@ -36,6 +36,11 @@ def privacy_audit_command(
         InversionConfig.steps, help="Training steps of the inversion attacker."
     ),
     seed: int = typer.Option(AuditConfig.seed, help="Seed of the prefix, data order and noise."),
+    known_prefix: bool = typer.Option(
+        False,
+        "--known-prefix",
+        help="Also attack with the data party's bottom prefix known (a federation's aggregator).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
 ) -> None:
     """Play the curious model party: token recovery rates and utility for each K and noise level."""
@@ -50,6 +55,7 @@ def privacy_audit_command(
         prefix_len=prefix_len,
         eval_examples=eval_examples,
         seed=seed,
+        known_prefix=known_prefix,
         inversion=InversionConfig(train_tokens=inversion_tokens, steps=inversion_steps, seed=seed),
     )
     report = run_audit(emulator, data, config, eval_data)
