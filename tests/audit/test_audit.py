@@ -95,7 +95,16 @@ def test_privacy_audit_command_prints_json_with_every_measure(dirs, tmp_path):
     held_out = write_jsonl(tmp_path / "test.jsonl", EXAMPLES[:2])
     args = ["privacy-audit", str(dirs.emulator), "--data", str(data), "--eval-data", str(held_out)]
     args += ["--split-at", "1", "--noise", "0", "--noise", "1", "--attack-tokens", "30", "--steps", "2"]
-    args += ["--prefix-len", "2", "--inversion-tokens", "500", "--inversion-steps", "5", "--json"]
+    args += [
+        "--prefix-len",
+        "2",
+        "--inversion-tokens",
+        "500",
+        "--inversion-steps",
+        "5",
+        "--known-prefix",
+        "--json",
+    ]
 
     result = runner.invoke(app, args)
 
@@ -105,7 +114,13 @@ def test_privacy_audit_command_prints_json_with_every_measure(dirs, tmp_path):
     off, noisy = report["settings"]
     assert off["clip_norm"] is None and noisy["clip_norm"] > 0
     for row in report["settings"]:
-        for attack in ("nearest_neighbour", "learned_inversion", "head_server_labels"):
+        attacks = (
+            "nearest_neighbour",
+            "nearest_neighbour_known_prefix",
+            "learned_inversion",
+            "head_server_labels",
+        )
+        for attack in attacks:
             assert 0 <= row[attack]["recovery"] <= 1
         assert {"loss", "exact_match"} <= set(row["utility"])
     assert off["head_server_labels"]["recovery"] == 1.0

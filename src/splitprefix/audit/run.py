@@ -14,8 +14,8 @@ For each setting the audit
 from __future__ import annotations
 
 import time
-from functools import partial
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
