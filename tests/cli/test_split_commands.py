@@ -87,3 +87,32 @@ def test_train_from_an_emulator_layout_prefix_says_to_integrate_it(dirs, server,
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--init", str(emulator_layout)])
     assert result.exit_code != 0
     assert "splitprefix integrate" in str(result.exception)
+
+
+def test_train_and_eval_with_noise_record_it_and_change_the_numbers(dirs, server, trained, tmp_path):
+    # Prepare
+    prefix, data = trained
+    out = tmp_path / "noisy"
+    args = ["train", str(dirs.emulator), "--server", server.url, "--data", str(data), "--out", str(out)]
+    args += ["--steps", "1", "--batch-size", "2", "--prefix-len", "2", "--eval-data", str(data)]
+
+    # Execute
+    result = runner.invoke(app, [*args, "--clip", "0.2", "--noise", "0.5", "--noise-seed", "4"])
+    clean = evaluate(str(dirs.emulator), "--data", str(data), "--prefix", str(prefix), "--server", server.url)
+    noisy = evaluate(
+        *(str(dirs.emulator), "--data", str(data), "--prefix", str(prefix), "--server", server.url),
+        *("--clip", "0.2", "--noise", "0.5"),
+    )
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    privacy = json.loads((out / "train_config.json").read_text())["config"]["privacy"]
+    assert privacy == {"clip_norm": 0.2, "noise_multiplier": 0.5, "seed": 4}
+    assert noisy["loss"] != pytest.approx(clean["loss"], abs=1e-3)
+
+
+def test_noise_without_a_clip_norm_is_refused(dirs, server, trained, tmp_path):
+    args = ["train", str(dirs.emulator), "--server", server.url, "--data", str(trained[1])]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--noise", "1"])
+    assert result.exit_code != 0
+    assert "needs clip_norm" in str(result.exception)

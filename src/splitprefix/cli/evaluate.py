@@ -8,8 +8,9 @@ from typing import Any
 
 import typer
 
-from splitprefix.cli.train import TOKEN_ENV, client_settings
+from splitprefix.cli.train import TOKEN_ENV, client_settings, privacy_config
 from splitprefix.data.formats import Example
+from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.evaluation.evaluate import EvalConfig
 
@@ -31,6 +32,9 @@ def eval_command(
     ),
     token: str | None = typer.Option(None, "--token", envvar=TOKEN_ENV, help="With --server: bearer token."),
     wire_dtype: str = typer.Option("fp32", help="With --server: fp32, bf16 or fp16 on the wire."),
+    clip: float | None = typer.Option(None, "--clip", help="With --server: clip each sent state to norm C."),
+    noise: float = typer.Option(0.0, "--noise", help="With --server: noise of std noise * C on sent states."),
+    noise_seed: int = typer.Option(0, "--noise-seed", help="With --server: seed of the noise."),
 ) -> None:
     """Evaluate MODEL (optionally with --prefix) on --data: loss, perplexity, n_tokens, exact_match."""
     from splitprefix.data.formats import load_jsonl
@@ -40,9 +44,9 @@ def eval_command(
     if server is None:
         report = _evaluate_whole(model, examples, prefix, config)
     else:
-        report = _evaluate_split(
-            model, client_settings(server, token, head, wire_dtype), examples, prefix, config
-        )
+        settings = client_settings(server, token, head, wire_dtype)
+        privacy = privacy_config(clip, noise, noise_seed)
+        report = _evaluate_split(model, settings, examples, prefix, config, privacy)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -70,13 +74,18 @@ def _evaluate_whole(
 
 
 def _evaluate_split(
-    emulator: str, settings: ClientSettings, examples: list[Example], prefix: Path | None, config: EvalConfig
+    emulator: str,
+    settings: ClientSettings,
+    examples: list[Example],
+    prefix: Path | None,
+    config: EvalConfig,
+    privacy: PrivacyConfig | None,
 ) -> dict[str, Any]:
     from splitprefix.data_party.split_train import open_split
     from splitprefix.evaluation.evaluate import evaluate
     from splitprefix.model.prefix import Prefix
 
-    session = open_split(emulator, settings)
+    session = open_split(emulator, settings, privacy)
     try:
         kv = None
         if prefix is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.split_train import SplitTrainConfig
 from splitprefix.data_party.train import TrainConfig
@@ -35,6 +36,13 @@ def client_settings(
         max_retries=max_retries,
         ca_path=ca_path,
     )
+
+
+def privacy_config(clip: float | None, noise: float, seed: int) -> PrivacyConfig | None:
+    """The --clip/--noise options as a PrivacyConfig; None when both are off."""
+    if clip is None and noise == 0:
+        return None
+    return PrivacyConfig(clip_norm=clip, noise_multiplier=noise, seed=seed)
 
 
 def train_command(
@@ -85,6 +93,13 @@ def train_command(
         ClientSettings.max_retries, help="Retries per call on network errors and 5xx."
     ),
     ca_path: Path | None = typer.Option(None, "--ca", help="CA bundle of a self-signed https server."),
+    clip: float | None = typer.Option(
+        None, "--clip", help="Clip each token's layer-K state to this L2 norm C before it leaves."
+    ),
+    noise: float = typer.Option(
+        0.0, "--noise", help="Add Gaussian noise of std noise * C to the sent states (needs --clip)."
+    ),
+    noise_seed: int = typer.Option(0, "--noise-seed", help="Seed of the noise generator."),
 ) -> None:
     """Data party: train a prefix for all L layers through the server; text and labels stay here."""
     from splitprefix.data_party.split_train import train_split
@@ -106,6 +121,7 @@ def train_command(
         epochs=epochs,
         eval_data=eval_data,
         train=train,
+        privacy=privacy_config(clip, noise, noise_seed),
     )
     report = train_split(emulator, settings, data, out, config)
     held_out = {k: v for k, v in report.get("held_out", {}).items() if k != "samples"}

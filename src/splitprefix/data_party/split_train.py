@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from splitprefix.data.batching import IGNORE_INDEX, Batch, encode_examples, resolve_pad_id
 from splitprefix.data.formats import load_jsonl
 from splitprefix.data_party.offsite import split_held_out, steps_for
+from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings, RemoteTop, SplitClient
 from splitprefix.data_party.train import LossFn, StepHooks, TrainConfig, train_prefix
 from splitprefix.errors import ConfigError, ShapeMismatchError
@@ -31,8 +32,8 @@ from splitprefix.files import write_json
 from splitprefix.model.emulator import EmulatorManifest, verify_bottom
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig, prefix_cache
-from splitprefix.model.split import Bottom, Head, extend_mask, token_positions
-from splitprefix.wire.schemas import HEAD_SERVER_WARNING, ModelInfo
+from splitprefix.model.split import Activations, Bottom, Head, extend_mask, token_positions
+from splitprefix.wire.schemas import HEAD_SERVER_WARNING, HeadMode, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -43,24 +44,53 @@ EVAL_FILE = "eval.json"
 DEFAULT_PREFIX_LEN = 16
 
 
+class TopPart(Protocol):
+    """The model party's layers [K, L) as the data party calls them: `RemoteTop`, or a local stand-in."""
+
+    @property
+    def head(self) -> HeadMode: ...
+
+    def __call__(
+        self, x: Activations, top_kv: torch.Tensor, supervised: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+
 def run_split(
     bottom: Bottom,
-    remote_top: RemoteTop,
+    remote_top: TopPart,
     input_ids: torch.Tensor,
     token_mask: torch.Tensor,
     kv: torch.Tensor,
     split_at: int,
     supervised: torch.Tensor | None = None,
+    privacy: HiddenPrivacy | None = None,
 ) -> torch.Tensor:
     """Bottom with `kv[:K]` here, then the server's layers with `kv[K:]`: the `RemoteTop` output.
 
-    `kv` is (L, 2, n_kv, P, hd) and may have P = 0 (no prefix).
+    `kv` is (L, 2, n_kv, P, hd) and may have P = 0 (no prefix). `privacy` clips and noises the
+    layer-K states before they leave.
     """
+    x = wire_activations(bottom, input_ids, token_mask, kv, split_at, privacy)
+    return remote_top(x, kv[split_at:], supervised)
+
+
+def wire_activations(
+    bottom: Bottom,
+    input_ids: torch.Tensor,
+    token_mask: torch.Tensor,
+    kv: torch.Tensor,
+    split_at: int,
+    privacy: HiddenPrivacy | None = None,
+) -> Activations:
+    """The layer-K activations exactly as they are sent to the model party: hidden (B, T, d),
+    the mask over prefix and tokens (B, P + T), and the positions (B, T)."""
     p = kv.shape[3]
     mask, positions = extend_mask(token_mask, p), token_positions(token_mask, p)
     cache = prefix_cache(kv[:split_at], bottom.stack.config, input_ids.shape[0]) if p else None
     x = bottom(input_ids, mask, positions, cache)  # hidden (B, T, d) at layer K
-    return remote_top(x, kv[split_at:], supervised)
+    if privacy is not None:
+        x.hidden = privacy(x.hidden, token_mask)
+    return x
 
 
 def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,32 +101,43 @@ def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return supervised, following[supervised]
 
 
-def split_loss_fn(bottom: Bottom, remote_top: RemoteTop, head: Head | None, split_at: int) -> LossFn:
-    """A `LossFn` for `train_prefix` through the split; equals `token_loss_sum` of the whole model.
+def split_loss_fn(
+    bottom: Bottom,
+    remote_top: TopPart,
+    head: Head | None,
+    split_at: int,
+    privacy: HiddenPrivacy | None = None,
+) -> LossFn:
+    """A `LossFn` for `train_prefix` through the split; equals `token_loss_sum` of the whole model
+    when `privacy` is None.
 
     head=client applies the data party's `head` to the returned hidden states; head=server asks for
     logits only where the next label counts and takes their cross-entropy here.
     """
     if remote_top.head == "server":
-        return _server_head_loss(bottom, remote_top, split_at)
+        return _server_head_loss(bottom, remote_top, split_at, privacy)
     if head is None:
         raise ConfigError("head=client needs the data party's Head (the emulator's final norm and LM head)")
     local_head = head
 
     def loss_fn(batch: Batch, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
-        hidden = run_split(bottom, remote_top, batch.input_ids, batch.attention_mask, kv, split_at)
+        hidden = run_split(
+            bottom, remote_top, batch.input_ids, batch.attention_mask, kv, split_at, None, privacy
+        )
         return token_loss_sum(local_head(hidden), batch.labels)  # hidden (B, T, d)
 
     return loss_fn
 
 
-def _server_head_loss(bottom: Bottom, remote_top: RemoteTop, split_at: int) -> LossFn:
+def _server_head_loss(
+    bottom: Bottom, remote_top: TopPart, split_at: int, privacy: HiddenPrivacy | None
+) -> LossFn:
     def loss_fn(batch: Batch, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
         supervised, targets = next_token_targets(batch.labels)
         if not targets.numel():  # nothing to learn from: skip the round trip
             return kv.sum() * 0.0, 0
         logits = run_split(
-            bottom, remote_top, batch.input_ids, batch.attention_mask, kv, split_at, supervised
+            bottom, remote_top, batch.input_ids, batch.attention_mask, kv, split_at, supervised, privacy
         )
         return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())  # (N, V)
 
@@ -121,6 +162,8 @@ class SplitSession:
     """Final norm and LM head, with head=client; None when the server applies them."""
     remote_top: RemoteTop
     """Layers [K, L) on the server."""
+    privacy: HiddenPrivacy | None = None
+    """Clipping and noise on the layer-K states before they leave; None sends them as computed."""
 
     @property
     def split_at(self) -> int:
@@ -150,7 +193,7 @@ class SplitSession:
         return torch.zeros(self.prefix_config(1).kv_shape)[:, :, :, :0]
 
     def loss_fn(self) -> LossFn:
-        return split_loss_fn(self.bottom, self.remote_top, self.head, self.split_at)
+        return split_loss_fn(self.bottom, self.remote_top, self.head, self.split_at, self.privacy)
 
     def logits_fn(self) -> LogitsFn:
         """Logits (B, T, V) through the split, for evaluation; head=server sends every real position."""
@@ -160,12 +203,11 @@ class SplitSession:
             input_ids: torch.Tensor, token_mask: torch.Tensor, kv: torch.Tensor | None
         ) -> torch.Tensor:
             kv = self.empty_kv() if kv is None else kv
+            args = (self.bottom, self.remote_top, input_ids, token_mask, kv, self.split_at)
             if self.head is not None:
-                return self.head(
-                    run_split(self.bottom, self.remote_top, input_ids, token_mask, kv, self.split_at)
-                )
+                return self.head(run_split(*args, None, self.privacy))
             real = token_mask.bool()
-            rows = run_split(self.bottom, self.remote_top, input_ids, token_mask, kv, self.split_at, real)
+            rows = run_split(*args, real, self.privacy)
             out = rows.new_zeros(*real.shape, rows.shape[-1])  # (B, T, V); padding keeps zeros
             out[real] = rows
             return out
@@ -176,8 +218,13 @@ class SplitSession:
         self.client.close()
 
 
-def open_split(emulator_dir: str | Path, settings: ClientSettings) -> SplitSession:
-    """Load the emulator's bottom (and head, for head=client) and connect to a compatible server."""
+def open_split(
+    emulator_dir: str | Path, settings: ClientSettings, privacy: PrivacyConfig | None = None
+) -> SplitSession:
+    """Load the emulator's bottom (and head, for head=client) and connect to a compatible server.
+
+    With `privacy` enabled, every forward clips and noises the layer-K states before they leave.
+    """
     manifest = EmulatorManifest.load(emulator_dir)
     emulator, tokenizer = load_causal_lm(emulator_dir), load_tokenizer(emulator_dir)
     verify_bottom(manifest, emulator, tokenizer)
@@ -197,6 +244,7 @@ def open_split(emulator_dir: str | Path, settings: ClientSettings) -> SplitSessi
         bottom=Bottom(emulator, manifest.split_at),
         head=Head(emulator) if settings.head == "client" else None,
         remote_top=RemoteTop(client),
+        privacy=HiddenPrivacy(privacy) if privacy is not None and privacy.enabled else None,
     )
 
 
@@ -218,6 +266,8 @@ class SplitTrainConfig:
     """Held-out JSONL file."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation settings."""
+    privacy: PrivacyConfig | None = None
+    """Clipping and noise on the layer-K states sent to the server; None = off."""
 
     def __post_init__(self) -> None:
         if self.prefix_len is not None and self.prefix_len < 1:
@@ -280,7 +330,7 @@ def train_split(
 
     Rerunning an interrupted job with the same `out` resumes from its last checkpoint.
     """
-    session = open_split(emulator_dir, settings)
+    session = open_split(emulator_dir, settings, config.privacy)
     try:
         return _train(session, emulator_dir, settings, data, out, config)
     finally:

@@ -5,7 +5,8 @@ always carries `protocol_version`, `step_id`, `head` and `wire_dtype`; forward r
 `split_at` and `bottom_sha256` so the server can refuse a data party whose bottom is not its model's.
 
 Forward request tensors:
-    hidden          (B, T, d)                 layer-K hidden states
+    hidden          (B, T, d)                 layer-K hidden states (clipped, noised and zero on
+                                              padding when the data party's privacy option is on)
     attention_mask  (B, P + T)                1 for the P prefix keys and every real token
     positions       (B, T)                    position ids of the tokens
     prefix_kv       (L - K, 2, n_kv, P, hd)   the data party's prefix for the server's layers

@@ -1,0 +1,100 @@
+"""What the curious model party observes: the wire tensors of a data party's examples.
+
+`LocalTop` runs the model party's layers in this process behind the same interface as
+`RemoteTop`, so the data party's own code (`split_loss_fn`, `wire_activations`) produces exactly
+the tensors it would send. Split against whole is tested equal elsewhere, so no server is needed to
+measure what one would see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from splitprefix.data.batching import EncodedExample
+from splitprefix.data_party.privacy import HiddenPrivacy
+from splitprefix.data_party.split_train import wire_activations
+from splitprefix.model.prefix import prefix_cache
+from splitprefix.model.split import Activations, Bottom, Top
+from splitprefix.wire.schemas import HeadMode
+
+
+class LocalTop(nn.Module):
+    """Layers [K, L) (and the head, for head=server) of the full model, called like `RemoteTop`.
+
+    With `record_grads`, the gradient of every head=server logits output is kept in `logit_grads`:
+    that is the `grad_output` tensor the data party would send in its backward request.
+    """
+
+    def __init__(self, model: PreTrainedModel, split_at: int, head: HeadMode = "client") -> None:
+        super().__init__()
+        self.top = Top(model, split_at, head)
+        self.split_at, self._head = split_at, head
+        self.record_grads = False
+        self.logit_grads: list[torch.Tensor] = []
+
+    @property
+    def head(self) -> HeadMode:
+        return self._head
+
+    def forward(
+        self, x: Activations, top_kv: torch.Tensor, supervised: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """head=client: last hidden states (B, T, d); head=server: logits (N, V) at `supervised`."""
+        batch, p = x.hidden.shape[0], top_kv.shape[3]
+        config = self.top.stack.config
+        cache = prefix_cache(top_kv, config, batch, first_layer=self.split_at) if p else None
+        out = self.top(x, cache)
+        if self._head == "client":
+            return out
+        if supervised is None:
+            raise ValueError("head=server needs the supervised positions")
+        logits = out[supervised.bool()]  # (N, V)
+        if self.record_grads and logits.requires_grad:
+            logits.register_hook(lambda grad: self.logit_grads.append(grad.detach()))
+        return logits
+
+
+@dataclass
+class Observation:
+    """One example as the model party sees it: no padding, batch of one."""
+
+    token_ids: torch.Tensor
+    """The true input tokens (T,): what the attacker tries to recover, never sent."""
+    hidden: torch.Tensor
+    """The layer-K states as sent (T, d)."""
+    positions: torch.Tensor
+    """The position ids as sent (T,)."""
+
+
+@torch.no_grad()
+def observe(
+    bottom: Bottom,
+    encoded: list[EncodedExample],
+    kv: torch.Tensor,
+    split_at: int,
+    privacy: HiddenPrivacy | None,
+) -> list[Observation]:
+    """The wire states of each example, sent alone, with the data party's prefix `kv` (L, 2, n_kv, P, hd)."""
+    seen = []
+    for example in encoded:
+        ids = torch.tensor([example.input_ids])  # (1, T)
+        mask = torch.ones_like(ids)
+        x = wire_activations(bottom, ids, mask, kv, split_at, privacy)
+        seen.append(Observation(ids[0], x.hidden[0].float(), x.positions[0]))
+    return seen
+
+
+def first_tokens(observations: list[Observation], max_tokens: int) -> list[Observation]:
+    """The leading observations that together hold at most `max_tokens` tokens (at least one)."""
+    kept: list[Observation] = []
+    total = 0
+    for obs in observations:
+        if kept and total + len(obs.token_ids) > max_tokens:
+            break
+        kept.append(obs)
+        total += len(obs.token_ids)
+    return kept

@@ -1,0 +1,72 @@
+"""`splitprefix privacy-audit`: what the model party could recover from the wire, and at what utility."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from splitprefix.audit.inversion import InversionConfig
+from splitprefix.audit.run import AuditConfig
+
+
+def privacy_audit_command(
+    emulator: Path = typer.Argument(
+        ...,
+        help="Emulator directory (its manifest names the full model), or a model directory with --split-at.",
+    ),
+    data: Path = typer.Option(..., "--data", help="The data party's training JSONL."),
+    eval_data: Path | None = typer.Option(
+        None, "--eval-data", help="Held-out JSONL for the utility (default: the last 10% of --data)."
+    ),
+    split_at: list[int] = typer.Option([], "--split-at", help="Cut K to audit; repeat for several."),
+    noise: list[float] = typer.Option([0.0], "--noise", help="Noise multiplier sigma; repeat for several."),
+    clip: float | None = typer.Option(
+        None, "--clip", help="Clip norm C (default: median layer-K token norm of public text)."
+    ),
+    attack_tokens: int = typer.Option(AuditConfig.attack_tokens, help="Tokens the attacks try to recover."),
+    steps: int = typer.Option(AuditConfig.utility_steps, help="Split-training steps for the utility."),
+    prefix_len: int = typer.Option(AuditConfig.prefix_len, help="Virtual tokens of the trained prefix."),
+    eval_examples: int = typer.Option(AuditConfig.eval_examples, help="Held-out examples for the utility."),
+    inversion_tokens: int = typer.Option(
+        InversionConfig.train_tokens, help="Public-text tokens the inversion attacker trains on."
+    ),
+    inversion_steps: int = typer.Option(
+        InversionConfig.steps, help="Training steps of the inversion attacker."
+    ),
+    seed: int = typer.Option(AuditConfig.seed, help="Seed of the prefix, data order and noise."),
+    known_prefix: bool = typer.Option(
+        False,
+        "--known-prefix",
+        help="Also attack with the data party's bottom prefix known (a federation's aggregator).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
+) -> None:
+    """Play the curious model party: token recovery rates and utility for each K and noise level."""
+    from splitprefix.audit.run import run_audit
+
+    config = AuditConfig(
+        split_at=tuple(split_at),
+        noise=tuple(noise),
+        clip_norm=clip,
+        attack_tokens=attack_tokens,
+        utility_steps=steps,
+        prefix_len=prefix_len,
+        eval_examples=eval_examples,
+        seed=seed,
+        known_prefix=known_prefix,
+        inversion=InversionConfig(train_tokens=inversion_tokens, steps=inversion_steps, seed=seed),
+    )
+    report = run_audit(emulator, data, config, eval_data)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo("K  sigma  C  nearest  learned  labels(head=server)  loss  exact_match")
+    for row in report["settings"]:
+        u = row["utility"]
+        typer.echo(
+            f"{row['split_at']}  {row['noise_multiplier']}  {row['clip_norm']}  "
+            f"{row['nearest_neighbour']['recovery']:.3f}  {row['learned_inversion']['recovery']:.3f}  "
+            f"{row['head_server_labels']['recovery']:.3f}  {u['loss']:.3f}  {u.get('exact_match', 0):.3f}"
+        )

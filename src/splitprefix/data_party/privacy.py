@@ -1,0 +1,98 @@
+"""Clipping and Gaussian noise on the hidden states the data party sends to the model party.
+
+The layer-K hidden states are the only view of the data party's text that crosses the wire, and
+they can be partly inverted (see `splitprefix privacy-audit`). Before they leave, each real token's
+state `h` (a d-vector) is
+
+    clipped   h <- h * min(1, C / ||h||_2)
+    noised    h <- h + N(0, (sigma * C)^2 I_d)
+
+so every token's contribution is bounded by C and masked by noise of standard deviation sigma * C
+per coordinate, as in the Gaussian mechanism. Padding positions are set to zero: the attention mask
+already tells the model party where they are, and zero carries nothing else.
+
+The noise is drawn from a seeded `torch.Generator`, fresh for every forward; it is added outside
+the autograd graph, so gradients flow through the clipping only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from splitprefix.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """How the data party privatises its layer-K hidden states; saved with the training run."""
+
+    clip_norm: float | None = None
+    """C: each token's state is scaled down to L2 norm at most C; None = no clipping."""
+    noise_multiplier: float = 0.0
+    """sigma: Gaussian noise of standard deviation sigma * C is added to every coordinate."""
+    seed: int = 0
+    """Seed of the noise generator."""
+
+    def __post_init__(self) -> None:
+        if self.clip_norm is not None and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            raise ConfigError(f"clip_norm must be a finite number > 0; got {self.clip_norm}")
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise ConfigError(f"noise_multiplier must be a finite number >= 0; got {self.noise_multiplier}")
+        if self.noise_multiplier > 0 and self.clip_norm is None:
+            raise ConfigError(
+                f"noise_multiplier {self.noise_multiplier} needs clip_norm: the noise's scale is sigma * C"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """False when the states would leave unchanged."""
+        return self.clip_norm is not None
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise per coordinate: sigma * C."""
+        return self.noise_multiplier * (self.clip_norm or 0.0)
+
+    def generator(self) -> torch.Generator:
+        """A fresh CPU generator seeded with `seed`."""
+        return torch.Generator().manual_seed(self.seed)
+
+
+def clip_tokens(hidden: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Scale each token's state (last dimension) to L2 norm at most `clip_norm`. (..., d) -> (..., d)"""
+    norms = hidden.norm(dim=-1, keepdim=True)  # (..., 1)
+    return hidden * (clip_norm / norms.clamp(min=clip_norm))
+
+
+def privatize(
+    hidden: torch.Tensor, token_mask: torch.Tensor, config: PrivacyConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """The hidden states (B, T, d) as they may leave: clipped, noised, padding zeroed.
+
+    `token_mask` (B, T) is 1 on real tokens. With `config.enabled` False, `hidden` itself is
+    returned, so the output is bit-identical to not calling this at all. `generator` (CPU) advances
+    by one draw of B * T * d normals when the noise is on.
+    """
+    if not config.enabled:
+        return hidden
+    assert config.clip_norm is not None
+    out = clip_tokens(hidden, config.clip_norm)
+    if config.noise_multiplier > 0:
+        noise = torch.randn(hidden.shape, generator=generator, dtype=torch.float32)  # (B, T, d)
+        out = out + (noise * config.noise_std).to(out.device, out.dtype)
+    real = token_mask.to(out.device, torch.bool).unsqueeze(-1)  # (B, T, 1)
+    return out.masked_fill(~real, 0.0)
+
+
+class HiddenPrivacy:
+    """`privatize` with its own generator, for a session that sends many forwards."""
+
+    def __init__(self, config: PrivacyConfig) -> None:
+        self.config = config
+        self.generator = config.generator()
+
+    def __call__(self, hidden: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        return privatize(hidden, token_mask, self.config, self.generator)

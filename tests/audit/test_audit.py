@@ -1,0 +1,149 @@
+"""The privacy audit's attacks on a tiny model, and the `privacy-audit` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from split_helpers import EXAMPLES, write_jsonl
+from splitprefix.audit.inversion import InversionConfig, invert, train_inverter
+from splitprefix.audit.labels import label_recovery
+from splitprefix.audit.nearest import nearest_neighbour_attack
+from splitprefix.audit.observe import observe
+from splitprefix.cli.main import app
+from splitprefix.data.batching import encode_examples, resolve_pad_id
+from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
+from splitprefix.model.loading import load_causal_lm, load_tokenizer
+from splitprefix.model.split import Bottom
+from splitprefix.model_party.corpus import python_topic_documents
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(dirs):
+    """The tiny full model cut at K=1, its tokenizer, and the examples the data party sends."""
+    model, tok = load_causal_lm(dirs.full), load_tokenizer(dirs.full)
+    return model, tok, Bottom(model, 1), encode_examples(tok, EXAMPLES[:4], 64)
+
+
+def random_kv(model, prefix_len: int, scale: float = 1.0) -> torch.Tensor:
+    """A prefix the attacker does not know: (L, 2, n_kv, P, head_dim)."""
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    gen = torch.Generator().manual_seed(5)
+    return (
+        torch.randn(c.num_hidden_layers, 2, c.num_key_value_heads, prefix_len, head_dim, generator=gen)
+        * scale
+    )
+
+
+def recovery(guesses, observations) -> float:
+    hits = sum(int((g == o.token_ids).sum()) for g, o in zip(guesses, observations, strict=True))
+    return hits / sum(len(o.token_ids) for o in observations)
+
+
+def nearest_rate(tiny, kv, privacy: PrivacyConfig | None) -> float:
+    _, _, bottom, encoded = tiny
+    wire = HiddenPrivacy(privacy) if privacy is not None else None
+    observations = observe(bottom, encoded, kv, 1, wire)
+    clip = privacy.clip_norm if privacy is not None else None
+    return recovery([nearest_neighbour_attack(bottom, o, clip) for o in observations], observations)
+
+
+def test_nearest_neighbour_recovers_every_token_at_k1_without_noise(tiny):
+    model = tiny[0]
+    assert nearest_rate(tiny, random_kv(model, 0), None) == 1.0
+    assert nearest_rate(tiny, random_kv(model, 3), None) >= 0.9  # the unknown bottom prefix barely hides them
+
+
+def test_noise_lowers_what_nearest_neighbour_recovers(tiny):
+    model = tiny[0]
+    clean = nearest_rate(tiny, random_kv(model, 3), None)
+    noisy = nearest_rate(tiny, random_kv(model, 3), PrivacyConfig(clip_norm=0.5, noise_multiplier=0.5))
+    assert noisy < clean - 0.3
+
+
+def test_learned_inversion_beats_chance_and_noise_lowers_it(tiny):
+    model, tok, bottom, encoded = tiny
+    docs, config = python_topic_documents(), InversionConfig(train_tokens=3000, steps=150, batch_size=256)
+    kv = random_kv(model, 3)
+    rates = []
+    for privacy in (PrivacyConfig(), PrivacyConfig(clip_norm=0.5, noise_multiplier=0.5)):
+        inverter = train_inverter(bottom, tok, docs, 3, privacy, config)
+        wire = HiddenPrivacy(privacy) if privacy.enabled else None
+        observations = observe(bottom, encoded, kv, 1, wire)
+        rates.append(recovery([invert(inverter, o.hidden) for o in observations], observations))
+    assert rates[0] > 0.3 and rates[1] < rates[0]  # chance is 1 / 320
+
+
+def test_head_server_logit_gradients_reveal_every_target(tiny):
+    model, tok, bottom, encoded = tiny
+    kv = random_kv(model, 3, scale=0.1)
+    noisy = HiddenPrivacy(PrivacyConfig(clip_norm=0.5, noise_multiplier=2.0))
+
+    report = label_recovery(model, bottom, encoded, kv, 1, resolve_pad_id(tok), noisy, batch_size=3)
+
+    assert report["recovery"] == 1.0 and report["n_targets"] > 4
+
+
+def test_privacy_audit_command_prints_json_with_every_measure(dirs, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl")
+    held_out = write_jsonl(tmp_path / "test.jsonl", EXAMPLES[:2])
+    args = ["privacy-audit", str(dirs.emulator), "--data", str(data), "--eval-data", str(held_out)]
+    args += ["--split-at", "1", "--noise", "0", "--noise", "1", "--attack-tokens", "30", "--steps", "2"]
+    args += [
+        "--prefix-len",
+        "2",
+        "--inversion-tokens",
+        "500",
+        "--inversion-steps",
+        "5",
+        "--known-prefix",
+        "--json",
+    ]
+
+    result = runner.invoke(app, args)
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(row["split_at"], row["noise_multiplier"]) for row in report["settings"]] == [(1, 0.0), (1, 1.0)]
+    off, noisy = report["settings"]
+    assert off["clip_norm"] is None and noisy["clip_norm"] > 0
+    for row in report["settings"]:
+        attacks = (
+            "nearest_neighbour",
+            "nearest_neighbour_known_prefix",
+            "learned_inversion",
+            "head_server_labels",
+        )
+        for attack in attacks:
+            assert 0 <= row[attack]["recovery"] <= 1
+        assert {"loss", "exact_match"} <= set(row["utility"])
+    assert off["head_server_labels"]["recovery"] == 1.0
+    assert off["nearest_neighbour"]["recovery"] > noisy["nearest_neighbour"]["recovery"]
+
+
+def test_privacy_audit_help_lists_the_options():
+    result = runner.invoke(app, ["privacy-audit", "--help"])
+    assert result.exit_code == 0
+    for option in ("--data", "--split-at", "--noise", "--clip", "--json"):
+        assert option in result.output
+
+
+def test_nearest_neighbour_with_the_bottom_prefix_known_recovers_what_an_unknown_one_hides(tiny):
+    # Prepare: a large prefix the data party trained, which shifts the layer-1 states
+    model, _, bottom, encoded = tiny
+    kv = random_kv(model, 3, scale=4.0)
+    (observation,) = observe(bottom, encoded[:1], kv, 1, None)
+
+    # Execute
+    unknown = nearest_neighbour_attack(bottom, observation, None)
+    known = nearest_neighbour_attack(bottom, observation, None, kv[:1])
+
+    # Assert
+    assert torch.equal(known, observation.token_ids)
+    assert not torch.equal(unknown, observation.token_ids)
