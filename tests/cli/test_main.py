@@ -72,7 +72,7 @@ def test_eval_rejects_a_prefix_for_another_model(tmp_path):
 def test_split_inference_commands_document_their_options(command):
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output
-    for option in ("--server", "--prefix", "--head", "--token"):
+    for option in ("--server", "--prefix", "--head", "--token", "--clip", "--noise"):
         assert option in result.output
 
 
@@ -86,3 +86,10 @@ def test_generate_streams_the_split_models_greedy_text(dirs, server):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert result.output.rstrip("\n").endswith(expected)  # after the weight-loading bar
+
+
+def test_generate_with_noise_but_no_clip_norm_is_refused(dirs, server):
+    args = ["generate", str(dirs.emulator), "The quick", "--server", server.url, "--noise", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert "needs clip_norm" in str(result.exception)

@@ -11,6 +11,7 @@ from conftest import ARCHS, random_batch
 from live_server import LiveServer
 from split_helpers import FAST_RETRIES, make_dirs, seeded_prefix, server_settings
 from splitprefix.data_party.generate import GenerationConfig, SplitModel
+from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.model.loading import load_causal_lm
 from splitprefix.model.prefixed import generate_with_prefix
@@ -159,7 +160,7 @@ def test_every_hidden_state_that_leaves_passes_through_outgoing(llama):
     seen: list[tuple[int, ...]] = []
 
     class Recording(SplitModel):
-        def _outgoing(self, hidden: torch.Tensor) -> torch.Tensor:
+        def _outgoing(self, hidden: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
             seen.append(tuple(hidden.shape))
             return torch.zeros_like(hidden)
 
@@ -178,3 +179,38 @@ def test_every_hidden_state_that_leaves_passes_through_outgoing(llama):
     assert seen == [(2, 5, 64), (2, 1, 64), (2, 1, 64), (2, 1, 64)]
     # all-zero hidden states give the server the same input at every step, hence the same token
     assert (zeroed == zeroed[:, :1]).all() and not torch.equal(zeroed, normal)
+
+
+def test_generation_with_the_privacy_option_sends_clipped_states_and_noise_is_seeded(llama):
+    # Prepare: a clip norm well below the tiny model's layer-K norms, with and without noise
+    dirs, _ = llama
+    sent: list[torch.Tensor] = []
+
+    class Recording(SplitModel):
+        def _outgoing(self, hidden: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+            sent.append(super()._outgoing(hidden, token_mask))
+            return sent[-1]
+
+    ids, mask = random_batch(batch=2, length=5, padding="left")
+    config = GenerationConfig(max_new_tokens=4, stop_at_eos=False)
+    clip_only, noisy = (
+        PrivacyConfig(clip_norm=0.1),
+        PrivacyConfig(clip_norm=0.1, noise_multiplier=1.0, seed=3),
+    )
+    with LiveServer(create_app(server_settings(dirs))) as server:
+        settings = ClientSettings(server.url, head="client")
+
+        def run(privacy: PrivacyConfig | None, model_class: type[SplitModel] = SplitModel) -> torch.Tensor:
+            with model_class.open(dirs.emulator, settings, privacy=privacy) as model:
+                return model.generate_ids(ids, mask, config)
+
+        # Execute
+        run(clip_only, Recording)
+        noisy_a, noisy_b, plain = run(noisy), run(noisy), run(None)
+
+    # Assert: every sent state is within the clip norm, padding is zeroed, and the noise is seeded
+    real = [sent[0][mask.bool()]] + [h.flatten(0, 1) for h in sent[1:]]  # (n, d) each
+    norms = torch.cat([h.norm(dim=-1) for h in real])
+    assert torch.allclose(norms, torch.full_like(norms, 0.1), atol=1e-5)  # all above 0.1 before
+    assert (sent[0][~mask.bool()] == 0).all()
+    assert torch.equal(noisy_a, noisy_b) and not torch.equal(noisy_a, plain)

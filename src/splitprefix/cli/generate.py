@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from splitprefix.cli.train import TOKEN_ENV, client_settings
+from splitprefix.cli.train import TOKEN_ENV, client_settings, privacy_config
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.sampling import GenerationConfig
 
@@ -19,6 +19,13 @@ _WIRE = typer.Option(ClientSettings.wire_dtype, help="Tensors on the wire: fp32,
 _TIMEOUT = typer.Option(ClientSettings.timeout_s, help="Seconds to wait for one answer.")
 _RETRIES = typer.Option(ClientSettings.max_retries, help="Retries per call on network errors and 5xx.")
 _CA = typer.Option(None, "--ca", help="CA bundle of a self-signed https server.")
+_CLIP = typer.Option(
+    None, "--clip", help="Clip each token's layer-K state to this L2 norm C before it leaves."
+)
+_NOISE = typer.Option(
+    0.0, "--noise", help="Add Gaussian noise of std noise * C to the sent states (needs --clip)."
+)
+_NOISE_SEED = typer.Option(0, "--noise-seed", help="Seed of the noise generator.")
 
 
 def generate_command(
@@ -38,6 +45,9 @@ def generate_command(
     timeout_s: float = _TIMEOUT,
     max_retries: int = _RETRIES,
     ca_path: Path | None = _CA,
+    clip: float | None = _CLIP,
+    noise: float = _NOISE,
+    noise_seed: int = _NOISE_SEED,
 ) -> None:
     """Data party: continue PROMPT through the split model and stream the text to the terminal.
 
@@ -57,7 +67,7 @@ def generate_command(
         seed=seed,
         stop=tuple(stop or ()),
     )
-    with SplitModel.open(emulator, settings, prefix) as model:
+    with SplitModel.open(emulator, settings, prefix, privacy_config(clip, noise, noise_seed)) as model:
         model.generate(prompt, config, on_text=lambda _, text: typer.echo(text, nl=False))
     typer.echo()
 
@@ -76,6 +86,9 @@ def gateway_command(
     timeout_s: float = _TIMEOUT,
     max_retries: int = _RETRIES,
     ca_path: Path | None = _CA,
+    clip: float | None = _CLIP,
+    noise: float = _NOISE,
+    noise_seed: int = _NOISE_SEED,
 ) -> None:
     """Data party: serve the split model as an OpenAI-compatible API.
 
@@ -89,5 +102,5 @@ def gateway_command(
     from splitprefix.data_party.generate import SplitModel
 
     settings = client_settings(server, token, head, wire_dtype, False, timeout_s, max_retries, ca_path)
-    with SplitModel.open(emulator, settings, prefix) as model:
+    with SplitModel.open(emulator, settings, prefix, privacy_config(clip, noise, noise_seed)) as model:
         uvicorn.run(create_gateway(model, model_name, max_tokens), host=host, port=port, log_level="info")

@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from splitprefix.data.batching import resolve_pad_id
+from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings, RemoteError, SplitClient
 from splitprefix.data_party.sampling import GenerationConfig, next_tokens
 from splitprefix.data_party.split_train import SplitSession, open_split
@@ -74,10 +75,17 @@ class SplitModel:
 
     @classmethod
     def open(
-        cls, emulator_dir: str | Path, settings: ClientSettings, prefix_dir: str | Path | None = None
+        cls,
+        emulator_dir: str | Path,
+        settings: ClientSettings,
+        prefix_dir: str | Path | None = None,
+        privacy: PrivacyConfig | None = None,
     ) -> SplitModel:
-        """Load the emulator's bottom (and head), connect to the server, and load a full-layout prefix."""
-        split = open_split(emulator_dir, settings)
+        """Load the emulator's bottom (and head), connect to the server, and load a full-layout prefix.
+
+        With `privacy` enabled, every hidden state sent is clipped and noised (`privatize`).
+        """
+        split = open_split(emulator_dir, settings, privacy)
         try:
             kv = None
             if prefix_dir is not None:
@@ -199,7 +207,9 @@ class SplitModel:
         session = _Session()
         max_length = p + input_ids.shape[1] + config.max_new_tokens
         x = self.bottom(input_ids, bottom_mask, positions, cache)
-        answer = self._open(session, self._outgoing(x.hidden), token_mask, positions, max_length, config)
+        answer = self._open(
+            session, self._outgoing(x.hidden, token_mask), token_mask, positions, max_length, config
+        )
         finished = torch.zeros(batch, dtype=torch.bool)
         next_position = positions[:, -1:] + 1  # (B, 1)
         try:
@@ -216,15 +226,17 @@ class SplitModel:
                 bottom_mask = torch.cat([bottom_mask, ones], dim=1)
                 x = self.bottom(token[:, None], bottom_mask, next_position, cache)
                 answer = self._step(
-                    session, self._outgoing(x.hidden), ones, next_position, max_length, config
+                    session, self._outgoing(x.hidden, ones), ones, next_position, max_length, config
                 )
                 next_position = next_position + 1
         finally:
             self._close(session)
 
-    def _outgoing(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Every layer-K hidden state (B, T, d) passes here before it leaves (the hook for clip + noise)."""
-        return hidden
+    def _outgoing(self, hidden: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Every layer-K hidden state (B, T, d) passes here before it leaves: clipped and noised when the
+        session has a privacy option, else unchanged. `token_mask` (B, T) is 1 on real tokens."""
+        privacy = self.split.privacy
+        return hidden if privacy is None else privacy(hidden, token_mask)
 
     def _bottom_cache(self, batch: int) -> DynamicCache:
         config, split_at = self.bottom.stack.config, self.split.split_at
