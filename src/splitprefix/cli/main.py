@@ -3,6 +3,7 @@
 import typer
 
 from splitprefix.cli.data import make_data_command
+from splitprefix.cli.demo import demo_command
 from splitprefix.cli.evaluate import eval_command
 from splitprefix.cli.federate import federate_command
 from splitprefix.cli.generate import gateway_command, generate_command
@@ -47,6 +48,7 @@ app.command(name="serve")(serve_command)
 app.command(name="federate")(federate_command)
 app.command(name="generate")(generate_command)
 app.command(name="gateway")(gateway_command)
+app.command(name="demo")(demo_command)
 
 
 def main() -> None:
