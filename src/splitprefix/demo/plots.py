@@ -61,7 +61,7 @@ def score_bars(scores: dict[str, Any], out: Path) -> Path:
     ticks = [LABELS[n] for n in names]
     em.bar(ticks, [scores[n]["exact_match"] for n in names], color=colors)
     em.set_title("held-out exact match (higher is better)")
-    em.set_ylim(0, 1)
+    em.set_ylim(0, max(0.25, 1.25 * max(scores[n]["exact_match"] for n in names)))
     loss.bar(ticks, [scores[n]["loss"] for n in names], color=colors)
     loss.set_title("held-out loss (lower is better)")
     for ax, key, fmt in ((em, "exact_match", "{:.2f}"), (loss, "loss", "{:.2f}")):

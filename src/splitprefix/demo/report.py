@@ -56,6 +56,7 @@ def _blocks(r: dict[str, Any]) -> list[Block]:
         ("img", (plots.LOSS_PNG, "loss curves of each stage")),
         ("h2", "Split generation with the federated prefix"),
         ("table", (["customer message", "expected", "generated", "match"], _generation_rows(r))),
+        ("p", _generation_note(r)),
         ("h2", "Wall time per stage"),
         ("table", (["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in r["wall_s"].items()])),
         ("h2", "Bytes on the wire"),
@@ -109,6 +110,16 @@ def _generation_rows(r: dict[str, Any]) -> list[list[str]]:
         [g["prompt"], g["expected"], g["generated"], "yes" if g["match"] else "no"]
         for g in r["generation"]["rows"]
     ]
+
+
+def _generation_note(r: dict[str, Any]) -> str:
+    rows = r["generation"]["rows"]
+    right = sum(row["match"] for row in rows)
+    return (
+        f"{right} of the first {len(rows)} held-out prompts answered right, greedy, through the split "
+        f"(head=client: the model party sees hidden states only). On all {r['config']['n_test']} held-out "
+        f"examples the federated prefix scores exact match {r['scores']['federated']['exact_match']:.2f}."
+    )
 
 
 def _wire_rows(r: dict[str, Any]) -> list[list[str]]:
