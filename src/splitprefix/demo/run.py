@@ -8,6 +8,7 @@ the emulator and the prefixes live in a temporary folder; only the report is wri
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -60,13 +61,17 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> dict[st
             emulate(config.model, config.split_at, config.keep, work / "emulator")
             names = ["party-0", "federation", "generation"]
             child = stack.enter_context(serve_in_child(config.model, config.split_at, work / "server", names))
-            echo(f"    model-party server at {child.url} (a child process; log in the temporary folder)")
+            echo(f"    model-party server at {child.url} (a child process on loopback)")
             results["server_url"] = child.url
             results["emulator_bytes"] = sum(
                 f.stat().st_size for f in (work / "emulator").rglob("*") if f.is_file()
             )
-        trained = _train(config, work, clock, child.url, child.tokens, results)
-        _measure(config, work, clock, child.url, child.tokens["generation"], trained, results)
+        try:
+            trained = _train(config, work, clock, child.url, child.tokens, results)
+            _measure(config, work, clock, child.url, child.tokens["generation"], trained, results)
+        except BaseException:
+            _keep_server_log(work / "server" / "server.log", Path(config.out_dir), echo)
+            raise
         stack.close()  # the server stops before the report is written
         with clock.stage(
             "report", f"writing the report to {config.out_dir}", "check that the folder is writable"
@@ -125,7 +130,17 @@ def _train(
     ):
         full, tokenizer = load_causal_lm(config.model), load_tokenizer(config.model)
         ref = training.central(config, full, tokenizer, task.train)
-    results["curves"] = {
+    results["curves"] = _curves(offsite, single, fed, ref)
+    results["wire"] = _wire_rows(config, results["emulator_bytes"], single.traffic, fed)
+    prefixes = {"offsite": offsite[0].kv, "single_split": single.kv, "federated": fed_kv, "central": ref.kv}
+    return Trained(task, prefixes, [o.kv for o in offsite])
+
+
+def _curves(
+    offsite: list[training.Trained], single: training.Trained, fed: dict[str, Any], ref: training.Trained
+) -> dict[str, Any]:
+    """Loss per step of each training stage; per round (parties' mean, held-out) for the federation."""
+    return {
         "offsite": [o.losses for o in offsite],
         "single_split": single.losses,
         "federation": [
@@ -134,9 +149,6 @@ def _train(
         ],
         "central": ref.losses,
     }
-    results["wire"] = _wire_rows(config, results["emulator_bytes"], single.traffic, fed)
-    prefixes = {"offsite": offsite[0].kv, "single_split": single.kv, "federated": fed_kv, "central": ref.kv}
-    return Trained(task, prefixes, [o.kv for o in offsite])
 
 
 def _wire_rows(
@@ -213,6 +225,14 @@ def _measure(
             results["speed"] = measure.tokens_per_second(
                 split, full, prompts, config.speed_new_tokens, config.speed_reps
             )
+
+
+def _keep_server_log(log: Path, out: Path, echo: Callable[[str], None]) -> None:
+    """Copy the server's log out of the temporary folder, which is about to go, for the post-mortem."""
+    if log.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, out / "server.log")
+        echo(f"the model-party server's log is in {out / 'server.log'}")
 
 
 def _headline(results: dict[str, Any]) -> str:
