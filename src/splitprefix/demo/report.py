@@ -126,7 +126,7 @@ def _wire_rows(r: dict[str, Any]) -> list[list[str]]:
     g = r["generation"]
     rows = r["wire"] + [
         {
-            "stage": "split generation (samples above)",
+            "stage": "split generation (samples above; prefill and prefix included)",
             "bytes": g["bytes_sent"] + g["bytes_received"],
             "tokens": g["new_tokens"],
             "measured": True,

@@ -160,7 +160,7 @@ def _wire_rows(
     fed_tokens = round(config.central_steps * config.batch_size * mean_tokens)
     return [
         {
-            "stage": "emulator shipped to each party",
+            "stage": f"emulator, shipped once to each of the {config.parties} parties",
             "bytes": emulator_bytes * config.parties,
             "tokens": None,
             "measured": True,
