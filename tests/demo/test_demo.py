@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
+import signal
 
 import httpx
 import pytest
@@ -39,6 +41,22 @@ def test_a_failing_stage_is_named_with_what_to_do():
     assert "stage 1/2 'federation'" in message and "party 1 lost the server" in message
     assert "What to do: check the log" in message
     assert lines == ["[1/2] federation: rounds"] and clock.wall_s == {}
+
+
+def test_an_interrupt_swallowed_inside_a_stage_still_ends_the_run():
+    # Prepare: Ctrl-C arrives while a library call that catches KeyboardInterrupt runs
+    clock = StageClock(total=2, echo=lambda line: None)
+
+    # Execute / Assert
+    with (
+        pytest.raises(KeyboardInterrupt),
+        clock.catching_interrupts(),
+        clock.stage("federation", "", ""),
+        contextlib.suppress(KeyboardInterrupt),  # what the library does
+    ):
+        signal.raise_signal(signal.SIGINT)
+    assert clock.interrupted and clock.wall_s == {}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 def test_demo_config_rejects_too_few_examples_for_the_parties():

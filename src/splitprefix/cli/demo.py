@@ -32,4 +32,20 @@ def demo_command(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("flwr").setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()
-    run_demo(DemoConfig.preset(str(out), parties, quick), echo=typer.echo)
+    try:
+        run_demo(DemoConfig.preset(str(out), parties, quick), echo=typer.echo)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; the model-party server has been stopped", err=True)
+        _exit_now(130)
+
+
+def _exit_now(code: int) -> None:
+    """Stop Ray if a federation started it, then exit without waiting for Flower's ServerApp thread,
+    which would wait for its parties' replies until the round times out."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os._exit(code)

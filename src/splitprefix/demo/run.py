@@ -50,7 +50,11 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> dict[st
     """Run every stage and write the report; returns the content of `results.json`."""
     start = time.perf_counter()
     clock = StageClock(STAGES, echo)
-    with tempfile.TemporaryDirectory(prefix="splitprefix-demo-") as tmp, contextlib.ExitStack() as stack:
+    with (
+        clock.catching_interrupts(),
+        tempfile.TemporaryDirectory(prefix="splitprefix-demo-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         work = Path(tmp)
         results: dict[str, Any] = {"config": {**vars(config)}}
         with clock.stage(
