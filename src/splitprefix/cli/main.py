@@ -4,6 +4,7 @@ import typer
 
 from splitprefix.cli.audit import privacy_audit_command
 from splitprefix.cli.data import make_data_command
+from splitprefix.cli.demo import demo_command
 from splitprefix.cli.evaluate import eval_command
 from splitprefix.cli.federate import federate_command
 from splitprefix.cli.generate import gateway_command, generate_command
@@ -49,6 +50,7 @@ app.command(name="federate")(federate_command)
 app.command(name="generate")(generate_command)
 app.command(name="gateway")(gateway_command)
 app.command(name="privacy-audit")(privacy_audit_command)
+app.command(name="demo")(demo_command)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""`splitprefix demo`: the whole system on the shipped model, end to end, with a report."""
