@@ -46,8 +46,23 @@ def test_serve_runs_uvicorn_with_the_settings(tmp_path, monkeypatch):
         "ssl_certfile": str(cert),
         "ssl_keyfile": str(key),
         "log_level": "info",
+        "access_log": False,
     }
     assert served.state.auth.enabled and served.state.backend.settings.head_modes == ["server", "client"]
+
+
+def test_serve_logs_each_request_only_when_asked(tmp_path, monkeypatch):
+    # Prepare
+    model_dir = save_model_dir(tmp_path / "model", "gpt2")
+    calls = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: calls.append(kwargs))
+
+    # Execute
+    result = runner.invoke(app, ["serve", str(model_dir), "--split-at", "2", "--access-log"])
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert calls[0]["access_log"] is True
 
 
 def test_serve_refuses_a_certificate_without_its_key(tmp_path):

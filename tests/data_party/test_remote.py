@@ -16,6 +16,7 @@ from splitprefix.data_party.remote import (
     RemoteError,
     ServerUnreachableError,
     SplitClient,
+    _env_proxy,
 )
 from splitprefix.data_party.split_train import open_split
 from splitprefix.errors import ConfigError
@@ -166,3 +167,14 @@ def test_a_head_mode_the_server_does_not_offer_is_detected(dirs):
             open_split(dirs.emulator, ClientSettings(live.url, head="server"))
     finally:
         live.stop()
+
+
+def test_the_client_takes_its_proxy_from_the_environment_unless_no_proxy_exempts_the_server(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    assert _env_proxy("http://10.0.0.5:8000") is None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    assert _env_proxy("http://10.0.0.5:8000") == "http://proxy.example:3128"
+    monkeypatch.setenv("NO_PROXY", "10.0.0.5")
+    assert _env_proxy("http://10.0.0.5:8000") is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -178,3 +180,31 @@ def test_a_step_may_send_hidden_states_alone_and_gets_the_same_answer(server):
     assert full.status_code == alone.status_code == 200, alone.text
     for name, tensor in decode(full.content)[0].items():
         torch.testing.assert_close(decode(alone.content)[0][name], tensor, atol=0, rtol=0)
+
+
+def test_a_step_that_finds_the_model_busy_waits_off_the_event_loop_and_answers_the_same(server):
+    # Prepare: two sessions with the same prompt, and the model held by another request
+    client, backend = server
+    torch.manual_seed(0)
+    request = open_request(backend, top_k=4)
+    ids = [decode(post(client, schemas.SESSIONS_PATH, request).content)[1]["session_id"] for _ in range(2)]
+    step = step_request(backend)
+    free = post(client, step_path(ids[0]), step)
+    answers, health = [], []
+
+    # Execute: a step while the model is busy; the server meanwhile still answers other requests
+    with backend._lock:
+        waiting = threading.Thread(target=lambda: answers.append(post(client, step_path(ids[1]), step)))
+        waiting.start()
+        waiting.join(timeout=0.3)  # the step has arrived and waits for the model
+        checking = threading.Thread(target=lambda: health.append(client.get(schemas.HEALTH_PATH)))
+        checking.start()
+        checking.join(timeout=10)
+        assert waiting.is_alive() and not answers
+        assert health and health[0].status_code == 200  # the event loop was not blocked by the wait
+    waiting.join(timeout=30)
+
+    # Assert
+    assert free.status_code == answers[0].status_code == 200, answers[0].text
+    for name, tensor in decode(free.content)[0].items():
+        torch.testing.assert_close(decode(answers[0].content)[0][name], tensor, atol=0, rtol=0)

@@ -44,6 +44,9 @@ def serve_command(
     ),
     device: str = typer.Option(ServerSettings.device, help="Torch device: cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option(ServerSettings.dtype, help="Compute dtype: fp32, bf16 or fp16."),
+    access_log: bool = typer.Option(
+        False, help="Log one line per request (off by default: a generation step is one request per token)."
+    ),
 ) -> None:
     """Model party: serve layers [K, L), the norm and the head of MODEL to data parties, for split training
     and split generation (sessions under /v1/generate/sessions)."""
@@ -84,4 +87,5 @@ def serve_command(
         ssl_certfile=settings.tls_cert,
         ssl_keyfile=settings.tls_key,
         log_level="info",
+        access_log=access_log,
     )

@@ -70,6 +70,7 @@ class SplitModel:
         self.pad_id = resolve_pad_id(self.tokenizer)
         eos = config.eos_token_id if config.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self._eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long)  # for torch.isin at each step
         self.recoveries = 0
         """Sessions the server lost and this client reopened."""
 
@@ -219,7 +220,7 @@ class SplitModel:
                 )
                 yield token
                 if config.stop_at_eos and self.eos_ids:
-                    finished |= torch.isin(token, torch.tensor(sorted(self.eos_ids)))
+                    finished |= torch.isin(token, self._eos)
                 if finished.all() or step == config.max_new_tokens - 1:
                     break
                 ones = token_mask.new_ones(batch, 1)

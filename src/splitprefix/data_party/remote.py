@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ssl
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,17 +141,18 @@ class SplitClient:
         self.traffic = Traffic()
         self._identity: dict[str, Any] | None = None
         self._info: ModelInfo | None = None
-        headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
-        self._http = httpx.Client(
-            base_url=settings.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
-            verify=_tls_verify(settings),
-            transport=transport,
+        self._headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+        timeout = httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s)
+        self._extensions = {"timeout": timeout.as_dict()}
+        # Requests go straight to the transport, a keep-alive connection pool: httpx.Client's
+        # per-request work (URL merging, cookies, hooks, redirects) cost about 1 ms per generation
+        # step on 2 cores, more than the step's own HTTP exchange.
+        self._transport = transport or httpx.HTTPTransport(
+            verify=_tls_verify(settings), proxy=_env_proxy(settings.base_url)
         )
 
     def close(self) -> None:
-        self._http.close()
+        self._transport.close()
 
     def __enter__(self) -> SplitClient:
         return self
@@ -304,7 +307,7 @@ class SplitClient:
             self.traffic.requests += 1
             self.traffic.bytes_sent += len(content or b"")
             try:
-                response = self._http.request(method, path, content=content, headers=headers)
+                response = self._send(method, url, content, headers)
             except httpx.TransportError as error:  # refused, reset, timed out: the server may come back
                 last = f"{type(error).__name__}: {error}"
                 continue
@@ -323,6 +326,18 @@ class SplitClient:
             url,
         )
 
+    def _send(self, method: str, url: str, content: bytes | None, headers: dict[str, str]) -> httpx.Response:
+        """One HTTP exchange on a pooled keep-alive connection, the answer read whole."""
+        request = httpx.Request(
+            method, url, content=content, headers=self._headers | headers, extensions=self._extensions
+        )
+        response = self._transport.handle_request(request)
+        try:
+            response.read()
+        finally:
+            response.close()
+        return response
+
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
         """Exponential backoff, or the server's Retry-After, both capped."""
         s = self.settings
@@ -339,6 +354,15 @@ def _tls_verify(settings: ClientSettings) -> bool | ssl.SSLContext:
     if settings.ca_path is not None:
         return ssl.create_default_context(cafile=str(settings.ca_path))
     return settings.verify_tls
+
+
+def _env_proxy(url: str) -> str | None:
+    """The proxy that HTTP_PROXY / HTTPS_PROXY / ALL_PROXY name for `url`, unless NO_PROXY exempts it."""
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all")
 
 
 def _error_body(response: httpx.Response) -> tuple[str, str]:

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from splitprefix.errors import SplitPrefixError
 from splitprefix.model_party.auth import TokenAuth, Unauthorized
 from splitprefix.model_party.backend import TopBackend
-from splitprefix.model_party.generation import GenerationBackend
+from splitprefix.model_party.generation import GenerationBackend, ModelBusy
 from splitprefix.model_party.settings import ServerSettings
 from splitprefix.model_party.validation import RequestError
 from splitprefix.wire import schemas
@@ -51,6 +51,8 @@ Handler = Callable[
 ]
 # A raw byte stream is a fair way to send a blob; a JSON or form body never is.
 ACCEPTED_TYPES = (CONTENT_TYPE, "application/octet-stream")
+INLINE_MAX_BYTES = 1 << 16
+"""Generation steps with bodies up to this size may run on the event loop (see `_serve`)."""
 _bearer = HTTPBearer(auto_error=False, description="One token per data party, from the tokens file.")
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -170,7 +172,8 @@ def _add_generation_routes(app: FastAPI, generation: GenerationBackend) -> None:
 
     @app.post(schemas.SESSION_STEP_PATH, **step_doc)
     async def step_session(session_id: str, request: Request, client: Client) -> Response:
-        return await _serve(request, limit, partial(generation.step, session_id), client)
+        step, inline = partial(generation.step, session_id), partial(generation.step, session_id, wait=False)
+        return await _serve(request, limit, step, client, inline)
 
     @app.delete(
         schemas.SESSION_PATH, summary="Close a generation session and free its cache.", responses=_ERRORS
@@ -179,25 +182,41 @@ def _add_generation_routes(app: FastAPI, generation: GenerationBackend) -> None:
         return generation.close(session_id, client)
 
 
-async def _serve(request: Request, limit: int, handler: Handler, client: str) -> Response:
+async def _serve(
+    request: Request, limit: int, handler: Handler, client: str, inline: Handler | None = None
+) -> Response:
+    """Read the body and answer it with `handler` in the thread pool.
+
+    `inline` is the same handler that refuses to wait for the model (`ModelBusy`): a small body it
+    answers on the event loop when the model is free, which spares the two thread switches (about
+    0.3 ms of CPU on 2 cores) that are a large share of a generation step's overhead. The loop is
+    then blocked for one step's compute, no longer than the step would hold the model anyway.
+    """
     body = await _read_body(request, limit)
-
-    def run() -> bytes:
-        tensors, meta = decode(body, limit)
+    if inline is not None and len(body) <= INLINE_MAX_BYTES:
         try:
-            out, reply = handler(tensors, meta, client)
-        except RequestError:
-            raise
-        except SplitPrefixError as error:
-            # bad input that slipped past validation is still the client's mistake, not a crash
-            raise RequestError(422, "bad_request", str(error)) from error
-        except Exception as error:
-            # a bug: answer 500 here, so the ASGI server does not also treat it as a crash
-            logger.exception("internal error in %s for client %s", request.url.path, client)
-            raise InternalError from error
-        return encode(out, reply, reply["wire_dtype"])
+            return Response(_handle(request, body, limit, inline, client), media_type=CONTENT_TYPE)
+        except ModelBusy:
+            pass  # another request holds the model: wait for it in the thread pool, not on the loop
+    answer = await run_in_threadpool(_handle, request, body, limit, handler, client)
+    return Response(answer, media_type=CONTENT_TYPE)
 
-    return Response(await run_in_threadpool(run), media_type=CONTENT_TYPE)
+
+def _handle(request: Request, body: bytes, limit: int, handler: Handler, client: str) -> bytes:
+    """Decode the body, run `handler`, encode its answer; mistakes become RequestError, bugs InternalError."""
+    tensors, meta = decode(body, limit)
+    try:
+        out, reply = handler(tensors, meta, client)
+    except (RequestError, ModelBusy):
+        raise
+    except SplitPrefixError as error:
+        # bad input that slipped past validation is still the client's mistake, not a crash
+        raise RequestError(422, "bad_request", str(error)) from error
+    except Exception as error:
+        # a bug: answer 500 here, so the ASGI server does not also treat it as a crash
+        logger.exception("internal error in %s for client %s", request.url.path, client)
+        raise InternalError from error
+    return encode(out, reply, reply["wire_dtype"])
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

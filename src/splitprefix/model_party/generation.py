@@ -22,6 +22,10 @@ from splitprefix.model_party.validation import RequestError, StepMeta, check_met
 from splitprefix.wire import schemas
 
 
+class ModelBusy(Exception):
+    """A request that was not to wait found the model busy; nothing was changed."""
+
+
 class GenerationBackend:
     """Generation sessions over the layers a `TopBackend` loaded."""
 
@@ -68,14 +72,19 @@ class GenerationBackend:
         return out, self._reply(step, session)
 
     def step(
-        self, session_id: str, tensors: Tensors, meta: dict[str, Any], client_id: str
+        self, session_id: str, tensors: Tensors, meta: dict[str, Any], client_id: str, wait: bool = True
     ) -> tuple[Tensors, dict[str, Any]]:
-        """One decoding step (or a chunk of tokens) on the client's session."""
+        """One decoding step (or a chunk of tokens) on the client's session.
+
+        With `wait=False` it raises `ModelBusy`, having changed nothing, when another request holds
+        the model, instead of waiting for it."""
         step = check_meta(meta, self.backend.shape, forward=False)
         implicit = set(tensors) == {"hidden"}  # one real token per row, right after the last
         if not implicit:
             check_names(tensors, list(schemas.GENERATE_INPUTS), "generation step request")
-        with self.backend._lock:
+        if not self.backend._lock.acquire(blocking=wait):
+            raise ModelBusy("the model is serving another request")
+        try:
             session = self.sessions.get(client_id, session_id)
             if implicit:
                 assert session.next_positions is not None  # set by the prefill
@@ -104,6 +113,8 @@ class GenerationBackend:
             except Exception:
                 self.sessions.close(client_id, session_id)  # its cache may be half extended
                 raise
+        finally:
+            self.backend._lock.release()
         return out, self._reply(step, session)
 
     def close(self, session_id: str, client_id: str) -> dict[str, Any]:
@@ -111,11 +122,14 @@ class GenerationBackend:
             self.sessions.close(client_id, session_id)
         return {"session_id": session_id, "closed": True}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _run(
         self, session: Session, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
     ) -> Tensors:
-        """Extend the session by the new tokens; the answer for each row's last position."""
+        """Extend the session by the new tokens; the answer for each row's last position.
+
+        Inference mode (no autograd bookkeeping at all) because a session's tensors never meet a
+        backward; it saves a little on each of the step's many small operations."""
         b = self.backend
         device = b.settings.device
         full_mask = torch.cat([session.mask, mask], dim=1)  # (B, S + T)
