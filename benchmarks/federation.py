@@ -16,15 +16,12 @@ With --secure, (b) runs again with SecAgg+ to measure its cost in time and bytes
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from harness import print_run
 
 from splitprefix.data.batching import encode_examples, resolve_pad_id
 from splitprefix.data.formats import Example, write_jsonl
@@ -180,12 +177,7 @@ def main() -> None:
     parser.add_argument(
         "--secure", action="store_true", help="Also run (b) with SecAgg+ and report its cost."
     )
-    args = parser.parse_args()
-    if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":
-        # idle OpenMP threads must sleep, not spin: parties and server take turns on the same cores
-        os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | {"OMP_WAIT_POLICY": "PASSIVE"})
-    with tempfile.TemporaryDirectory() as work:
-        print(json.dumps(run(args, Path(work)), indent=2))
+    print_run(run, parser.parse_args())
 
 
 if __name__ == "__main__":

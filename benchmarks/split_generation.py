@@ -18,17 +18,13 @@ runs are interleaved with the split runs against drift. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from split_training import free_port, server_process
+from harness import benchmark_server, print_run
 
 from splitprefix.data_party.generate import GenerationConfig, SplitModel
 from splitprefix.data_party.remote import ClientSettings
@@ -124,10 +120,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     emulate(args.model, args.split_at, 1, emulator)
     whole = load_causal_lm(args.model)
     rows: list[dict[str, Any]] = []
-    with server_process(args.model, args.split_at, free_port(), work / "server.log") as url:
+    with benchmark_server(args.model, args.split_at, work) as (url, token):
         for head in ("server", "client"):
             with SplitModel.open(
-                emulator, ClientSettings(url, head=head, wire_dtype=args.wire_dtype)
+                emulator, ClientSettings(url, token=token, head=head, wire_dtype=args.wire_dtype)
             ) as split:  # type: ignore[arg-type]
                 for batch in (1, 8):
                     rows.append({"head": head, **measure(args, whole, split, batch)})
@@ -154,12 +150,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--wire-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--reps", type=int, default=3, help="Timed generations per configuration.")
-    args = parser.parse_args()
-    if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":
-        # idle OpenMP threads must sleep, not spin: client and server take turns on the same cores
-        os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | {"OMP_WAIT_POLICY": "PASSIVE"})
-    with tempfile.TemporaryDirectory() as work:
-        print(json.dumps(run(args, Path(work)), indent=2))
+    print_run(run, parser.parse_args())
 
 
 if __name__ == "__main__":

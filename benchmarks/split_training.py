@@ -13,20 +13,14 @@ the floor is the tensors' own size (`wire.tensors.payload_bytes`), so `overhead`
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
+from harness import benchmark_server, print_run
 
 from splitprefix.data.batching import Batch, collate, encode_examples, resolve_pad_id
 from splitprefix.data.synthetic import SyntheticTaskConfig, make_task
@@ -36,49 +30,8 @@ from splitprefix.data_party.train import local_loss_fn
 from splitprefix.model.loading import describe_model, load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import PrefixConfig
 from splitprefix.model_party.compress import emulate
-from splitprefix.wire.schemas import HEALTH_PATH
 
 LossFn = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, int]]
-
-
-@contextlib.contextmanager
-def server_process(model: str, split_at: int, port: int, log: Path, timeout_s: float = 300) -> Iterator[str]:
-    """`splitprefix serve` in a child process; yields its URL once /v1/health answers, always stops it."""
-    command = [sys.executable, "-m", "splitprefix.cli.main", "serve", model, "--split-at", str(split_at)]
-    command += ["--port", str(port), "--head", "both"]
-    url = f"http://127.0.0.1:{port}"
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-        try:
-            wait_healthy(url, process, timeout_s, log)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()[-2000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + HEALTH_PATH, timeout=1).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"the server at {url} was not healthy after {timeout_s}s:\n{log.read_text()[-2000:]}")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def step_times(loss_fn: LossFn, batch: Batch, kv: torch.Tensor, reps: int) -> list[float]:
@@ -125,11 +78,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     kv.requires_grad_(True)
     whole: list[float] = step_times(local_loss_fn(full), batch, kv, args.reps)
     results = []
-    with server_process(args.model, args.split_at, free_port(), work / "server.log") as url:
+    with benchmark_server(args.model, args.split_at, work) as (url, token):
         for head in ("client", "server"):
             for keep_graph in (True, False):
                 for wire in ("fp32", "bf16", "fp16"):
-                    settings = ClientSettings(url, head=head, wire_dtype=wire, keep_graph=keep_graph)  # type: ignore[arg-type]
+                    settings = ClientSettings(
+                        url, token=token, head=head, wire_dtype=wire, keep_graph=keep_graph
+                    )  # type: ignore[arg-type]
                     session = open_split(emulator, settings)
                     before = session.client.traffic.snapshot()
                     split = step_times(session.loss_fn(), batch, kv, args.reps)
@@ -187,12 +142,7 @@ def main() -> None:
     parser.add_argument(
         "--reps", type=int, default=5, help="Timed steps per configuration (after a warm-up)."
     )
-    args = parser.parse_args()
-    if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":
-        # idle OpenMP threads must sleep, not spin: client and server take turns on the same cores
-        os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | {"OMP_WAIT_POLICY": "PASSIVE"})
-    with tempfile.TemporaryDirectory() as work:
-        print(json.dumps(run(args, Path(work)), indent=2))
+    print_run(run, parser.parse_args())
 
 
 if __name__ == "__main__":

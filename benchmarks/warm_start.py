@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from split_training import free_port, server_process
+from harness import benchmark_server, print_run
 
 from splitprefix.data.formats import write_jsonl
 from splitprefix.data.synthetic import SyntheticTaskConfig, make_task
@@ -32,10 +31,15 @@ from splitprefix.model_party.compress import emulate
 
 
 def split_curve(
-    emulator: Path, url: str, data: Path, held_out: Path, out: Path, init: Path | None, train: TrainConfig
+    emulator: Path,
+    settings: ClientSettings,
+    data: Path,
+    held_out: Path,
+    out: Path,
+    init: Path | None,
+    train: TrainConfig,
 ):
     """Held-out loss after every `eval_every` split-training steps, read from the metrics log."""
-    settings = ClientSettings(url, head="client")
     train_split(
         emulator,
         settings,
@@ -77,14 +81,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     Prefix(PrefixConfig.for_model(full.config, 16), warm_kv).save(work / "warm")
 
     curves = {}
-    with server_process(args.model, args.split_at, free_port(), work / "server.log") as url:
+    with benchmark_server(args.model, args.split_at, work) as (url, token):
         for name, init in (("warm", work / "warm"), ("cold", None)):
             torch.manual_seed(args.seed)
             start = time.perf_counter()
             curves[name] = {
                 "curve": split_curve(
                     work / "emu",
-                    url,
+                    ClientSettings(url, token=token, head="client"),
                     work / "train.jsonl",
                     work / "held.jsonl",
                     work / name / "run",
@@ -114,9 +118,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-examples", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
-        print(json.dumps(run(args, Path(work)), indent=2))
+    print_run(run, parser.parse_args())
 
 
 if __name__ == "__main__":
