@@ -28,6 +28,7 @@ from harness import benchmark_server, print_run
 
 from splitprefix.data_party.generate import GenerationConfig, SplitModel
 from splitprefix.data_party.remote import ClientSettings
+from splitprefix.demo.measure import whole_generate_seconds
 from splitprefix.model.loading import describe_model, load_causal_lm
 from splitprefix.model_party.compress import emulate
 
@@ -41,21 +42,6 @@ PROMPTS = [
     "Return the number of items in",
     "the branch of science that studies",
 ]
-
-
-@torch.no_grad()
-def whole_run(model: Any, ids: torch.Tensor, mask: torch.Tensor, new: int, pad: int) -> float:
-    """Seconds for HF `generate` (greedy, KV cache) of exactly `new` tokens per row."""
-    start = time.perf_counter()
-    model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=new,
-        min_new_tokens=new,
-        do_sample=False,
-        pad_token_id=pad,
-    )
-    return time.perf_counter() - start
 
 
 def _wire(model: SplitModel) -> tuple[int, int]:
@@ -85,12 +71,12 @@ def split_run(
 def measure(args: argparse.Namespace, whole: Any, split: SplitModel, batch: int) -> dict[str, Any]:
     ids, mask = split.encode(PROMPTS[:batch])
     new, pad = args.new_tokens, split.pad_id
-    whole_run(whole, ids, mask, 2, pad)  # warm-up
+    whole_generate_seconds(whole, ids, mask, 2, pad)  # warm-up
     split_run(split, ids, mask, 2)
     whole_s, whole_first, split_s, first_s, wire = [], [], [], [], []
     for _ in range(args.reps):
-        whole_s.append(whole_run(whole, ids, mask, new, pad))
-        whole_first.append(whole_run(whole, ids, mask, 1, pad))
+        whole_s.append(whole_generate_seconds(whole, ids, mask, new, pad))
+        whole_first.append(whole_generate_seconds(whole, ids, mask, 1, pad))
         elapsed, first, nbytes = split_run(split, ids, mask, new)
         split_s.append(elapsed)
         first_s.append(first)

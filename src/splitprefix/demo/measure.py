@@ -50,9 +50,10 @@ def generate_samples(split: SplitModel, examples: list[Example]) -> dict[str, An
 
 
 @torch.no_grad()
-def _whole_seconds(
+def whole_generate_seconds(
     model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, new: int, pad: int
 ) -> float:
+    """Seconds for the whole model's HF `generate` (greedy, KV cache) of exactly `new` tokens per row."""
     start = time.perf_counter()
     cast(Any, model).generate(  # mypy reads `generate` through transformers' lazy stubs as a Tensor
         input_ids=ids,
@@ -84,11 +85,11 @@ def tokens_per_second(
     rows = []
     for batch in sorted({1, len(prompts)}):
         ids, mask = split.encode(prompts[:batch])
-        _whole_seconds(whole, ids, mask, 2, split.pad_id)  # warm-up
+        whole_generate_seconds(whole, ids, mask, 2, split.pad_id)  # warm-up
         _split_seconds(split, ids, mask, 2)
         whole_s, split_s = [], []
         for _ in range(reps):
-            whole_s.append(_whole_seconds(whole, ids, mask, new, split.pad_id))
+            whole_s.append(whole_generate_seconds(whole, ids, mask, new, split.pad_id))
             split_s.append(_split_seconds(split, ids, mask, new))
         tokens = batch * new
         whole_tps, split_tps = tokens / statistics.median(whole_s), tokens / statistics.median(split_s)
