@@ -118,7 +118,7 @@ class TopBackend:
             else:
                 with torch.no_grad():
                     output, _ = self._run(inputs, step.head, requires_grad=False)
-        return {schemas.OUTPUT: output.float().cpu()}, self._reply(step, graph_held=held)
+        return {schemas.OUTPUT: output.float().cpu()}, step.reply(graph_held=held)
 
     def backward(
         self, tensors: Tensors, meta: dict[str, Any], client_id: str
@@ -150,7 +150,7 @@ class TopBackend:
             grad_output = check_grad_output(tensors, tuple(graph.output.shape))
             self.graphs.discard(client_id, step.step_id)
             grads = self._grads(graph, grad_output)
-        return grads, self._reply(step, graph_held=False)
+        return grads, step.reply(graph_held=False)
 
     def _forward_with_graph(self, inputs: ForwardInputs, head: schemas.HeadMode) -> HeldGraph:
         saved = SavedBytes(self._weights)
@@ -187,16 +187,6 @@ class TopBackend:
         return {
             schemas.GRAD_HIDDEN: _or_zeros(g_hidden, hidden),
             schemas.GRAD_PREFIX: _or_zeros(g_kv, kv),
-        }
-
-    @staticmethod
-    def _reply(step: StepMeta, graph_held: bool) -> dict[str, Any]:
-        return {
-            "protocol_version": schemas.PROTOCOL_VERSION,
-            "step_id": step.step_id,
-            "head": step.head,
-            "wire_dtype": step.wire_dtype,
-            "graph_held": graph_held,
         }
 
 

@@ -69,7 +69,7 @@ class GenerationBackend:
             session = Session(client_id, step.head, top_k, cache, prefix_mask, max_length, nbytes)
             out = self._run(session, hidden, mask, positions)
             self.sessions.add(session)
-        return out, self._reply(step, session)
+        return out, step.reply(session_id=session.session_id, length=session.length)
 
     def step(
         self, session_id: str, tensors: Tensors, meta: dict[str, Any], client_id: str, wait: bool = True
@@ -115,7 +115,7 @@ class GenerationBackend:
                 raise
         finally:
             self.backend._lock.release()
-        return out, self._reply(step, session)
+        return out, step.reply(session_id=session.session_id, length=session.length)
 
     def close(self, session_id: str, client_id: str) -> dict[str, Any]:
         with self.backend._lock:
@@ -210,17 +210,6 @@ class GenerationBackend:
                 422, "invalid_meta", "top_k applies to head=server; with head=client you apply the head"
             )
         return max_length, top_k
-
-    @staticmethod
-    def _reply(step: StepMeta, session: Session) -> dict[str, Any]:
-        return {
-            "protocol_version": schemas.PROTOCOL_VERSION,
-            "step_id": step.step_id,
-            "head": step.head,
-            "wire_dtype": step.wire_dtype,
-            "session_id": session.session_id,
-            "length": session.length,
-        }
 
 
 def _floating(tensors: Tensors, name: str) -> torch.Tensor:

@@ -61,6 +61,16 @@ class StepMeta:
     wire_dtype: str
     keep_graph: bool
 
+    def reply(self, **extra: Any) -> dict[str, Any]:
+        """The control fields of the answer to this request, plus `extra`."""
+        return {
+            "protocol_version": PROTOCOL_VERSION,
+            "step_id": self.step_id,
+            "head": self.head,
+            "wire_dtype": self.wire_dtype,
+            **extra,
+        }
+
 
 @dataclass(frozen=True)
 class ForwardInputs:
