@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +42,19 @@ SERVER_ROUND = "server-round"
 """ConfigRecord key of the round number the server sends with the joint prefix."""
 
 FlowerConfig = Mapping[str, bool | float | int | str]
+
+
+def config_fields(cls: type, config: FlowerConfig, required: set[str], what: str) -> dict[str, Any]:
+    """The dataclass `cls`'s fields from kebab-case Flower config keys; "" means unset.
+
+    Raises `ConfigError` naming `what` when a field of `required` has no value.
+    """
+    known = {f.name for f in fields(cls)}
+    values = {k.replace("-", "_"): v for k, v in config.items() if k.replace("-", "_") in known and v != ""}
+    missing = sorted(required - set(values))
+    if missing:
+        raise ConfigError(f"{what} lacks {[m.replace('_', '-') for m in missing]}")
+    return values
 
 
 @dataclass(frozen=True)
@@ -93,14 +106,8 @@ class PartyConfig:
                 if not 0 <= index < len(entries):
                     raise ConfigError(f"partition-id {index} has no entry in {many} ({len(entries)} entries)")
                 merged[one] = entries[index].strip()
-        known = {f.name for f in fields(cls)}
-        values = {
-            k.replace("-", "_"): v for k, v in merged.items() if k.replace("-", "_") in known and v != ""
-        }
-        missing = sorted({"emulator_dir", "server_url", "data_file"} - set(values))
-        if missing:
-            raise ConfigError(f"the party's config lacks {[m.replace('_', '-') for m in missing]}")
-        return cls(**values)  # type: ignore[arg-type]
+        values = config_fields(cls, merged, {"emulator_dir", "server_url", "data_file"}, "the party's config")
+        return cls(**values)
 
     def client_settings(self) -> ClientSettings:
         return ClientSettings(self.server_url, token=self.token, head=self.head)

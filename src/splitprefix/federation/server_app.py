@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from splitprefix.data_party.split_train import SplitSession, SplitTrainConfig, i
 from splitprefix.data_party.train import TrainConfig
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
-from splitprefix.federation.client_app import KV_KEY, NUM_EXAMPLES, FlowerConfig
+from splitprefix.federation.client_app import KV_KEY, NUM_EXAMPLES, FlowerConfig, config_fields
 from splitprefix.federation.secure import run_secure_rounds
 from splitprefix.federation.traffic import CountingGrid
 from splitprefix.model.prefix import Prefix
@@ -101,14 +101,8 @@ class FederationConfig:
     @classmethod
     def from_flower(cls, run_config: FlowerConfig) -> FederationConfig:
         """Fields from kebab-case run-config keys (`emulator-dir`, `num-rounds`, ...); "" means unset."""
-        known = {f.name for f in fields(cls)}
-        values = {
-            k.replace("-", "_"): v for k, v in run_config.items() if k.replace("-", "_") in known and v != ""
-        }
-        missing = sorted({"emulator_dir", "server_url", "out_dir"} - set(values))
-        if missing:
-            raise ConfigError(f"the run config lacks {[m.replace('_', '-') for m in missing]}")
-        return cls(**values)  # type: ignore[arg-type]
+        values = config_fields(cls, run_config, {"emulator_dir", "server_url", "out_dir"}, "the run config")
+        return cls(**values)
 
 
 class PrefixFedAvg(FedAvg):
