@@ -58,7 +58,13 @@ class LiveServer:
         if app is not None:
             self.app = app
         config = uvicorn.Config(
-            self.app, host=self.host, port=self.port, log_level="warning", lifespan="auto", access_log=False
+            self.app,
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            lifespan="auto",
+            access_log=False,
+            ws="websockets-sansio",
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"uvicorn:{self.port}", daemon=True)
