@@ -136,7 +136,7 @@ class ModelInfo(BaseModel):
     wire_dtypes: list[str]
     warnings: list[str]
     generation_stream: bool = Field(
-        False, description="Generation steps may travel over a WebSocket at SESSION_STREAM_PATH."
+        default=False, description="Generation steps may travel over a WebSocket at SESSION_STREAM_PATH."
     )
 
 
