@@ -139,3 +139,12 @@ def test_a_server_bug_gets_a_generic_500_message_and_the_socket_stays_open(serve
     assert bug == {"status": 500, "code": "internal_error", "detail": bug["detail"]}
     assert "ZeroDivision" not in bug["detail"]
     assert after["code"] == schemas.SESSION_MISSING
+
+
+def test_a_socket_idle_for_the_session_ttl_is_closed_with_4408(model_dir):
+    backend = TopBackend(ServerSettings(model_dir, SPLIT_AT, head="both", max_tokens=64, session_ttl_s=0.3))
+    with TestClient(create_app(backend, TokenAuth({"alice": ALICE}))) as client:
+        session, _, _ = open_session(client, backend)
+        with client.websocket_connect(stream_path(session), headers=bearer(ALICE)) as ws:
+            closed = ws.receive()  # nothing sent: the server gives up after the session's idle time
+    assert closed["type"] == "websocket.close" and closed["code"] == schemas.STREAM_IDLE_CLOSE
