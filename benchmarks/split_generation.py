@@ -1,18 +1,20 @@
 """Split-generation benchmark: tokens/s of split generation against the whole model's HF `generate`.
 
 The server (`splitprefix serve`) and this client run as separate processes on loopback, as the two
-parties would. Greedy decoding of the same prompts, the same number of new tokens (EOS ignored on
-both sides), at batch 1 and batch 8; the whole model's `generate` uses its KV cache. Whole-model
-runs are interleaved with the split runs against drift. Prints JSON.
+parties would. Each generation opens its session over HTTP and sends its steps over the session's
+WebSocket (`--http-steps`: one HTTP request per step, as before the socket). Greedy decoding of the
+same prompts, the same number of new tokens (EOS ignored on both sides), at batch 1 and batch 8;
+the whole model's `generate` uses its KV cache. Whole-model runs are interleaved with the split runs
+against drift. Prints JSON.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/split_generation.py --model builtin --split-at 2
 
 - `ratio` = split tokens/s ÷ whole tokens/s, medians (goals: >= 0.8 at batch 1, >= 0.9 at batch 8);
   `ratio_best` compares the fastest run of each, the least disturbed by other load.
 - `ttft_s`: time to first token (tokenized prompts in, first token chosen), median.
-- `bytes_per_token`: request and answer bodies per generated token, prefill and session close
-  included; `tensor_bytes_per_token` is the tensors' own share (the rest is safetensors headers and
-  control metadata).
+- `bytes_per_token`: request and answer bodies (socket messages) per generated token, prefill and
+  session close included, HTTP headers and WebSocket framing not; `tensor_bytes_per_token` is the
+  tensors' own share (the rest is safetensors headers and control metadata).
 """
 
 from __future__ import annotations
@@ -109,8 +111,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with benchmark_server(args.model, args.split_at, work) as (url, token):
         for head in ("server", "client"):
             with SplitModel.open(
-                emulator, ClientSettings(url, token=token, head=head, wire_dtype=args.wire_dtype)
-            ) as split:  # type: ignore[arg-type]
+                emulator,
+                ClientSettings(
+                    url,
+                    token=token,
+                    head=head,
+                    wire_dtype=args.wire_dtype,  # type: ignore[arg-type]
+                    stream_steps=not args.http_steps,
+                ),
+            ) as split:
                 for batch in (1, 8):
                     rows.append({"head": head, **measure(args, whole, split, batch)})
     return {
@@ -123,6 +132,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "goal": "ratio >= 0.8 at batch 1 and >= 0.9 at batch 8",
         "head_server_uses_top_1": True,
+        "steps_over": "http" if args.http_steps else "websocket",
         "runs": rows,
     }
 
@@ -136,6 +146,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--wire-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--reps", type=int, default=3, help="Timed generations per configuration.")
+    parser.add_argument("--http-steps", action="store_true", help="Steps over HTTP, not the WebSocket.")
     print_run(run, parser.parse_args())
 
 

@@ -34,8 +34,16 @@ def free_port() -> int:
 class LiveServer:
     """Serves `app` (any ASGI app, e.g. FastAPI) with uvicorn on 127.0.0.1:`port` in a thread."""
 
-    def __init__(self, app: Any, port: int | None = None, startup_timeout_s: float = 20.0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        port: int | None = None,
+        startup_timeout_s: float = 20.0,
+        ws: str = "websockets-sansio",
+    ) -> None:
+        """`ws`: uvicorn's WebSocket protocol, as `splitprefix serve` uses it ("none" refuses upgrades)."""
         self.app = app
+        self.ws = ws
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.startup_timeout_s = startup_timeout_s
@@ -58,7 +66,13 @@ class LiveServer:
         if app is not None:
             self.app = app
         config = uvicorn.Config(
-            self.app, host=self.host, port=self.port, log_level="warning", lifespan="auto", access_log=False
+            self.app,
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            lifespan="auto",
+            access_log=False,
+            ws=self.ws,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"uvicorn:{self.port}", daemon=True)

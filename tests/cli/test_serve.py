@@ -47,6 +47,8 @@ def test_serve_runs_uvicorn_with_the_settings(tmp_path, monkeypatch):
         "ssl_keyfile": str(key),
         "log_level": "info",
         "access_log": False,
+        "ws": "websockets-sansio",
+        "ws_max_size": served.state.backend.settings.max_request_bytes,
     }
     assert served.state.auth.enabled and served.state.backend.settings.head_modes == ["server", "client"]
 

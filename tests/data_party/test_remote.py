@@ -16,7 +16,7 @@ from splitprefix.data_party.remote import (
     RemoteError,
     ServerUnreachableError,
     SplitClient,
-    _env_proxy,
+    env_proxy,
 )
 from splitprefix.data_party.split_train import open_split
 from splitprefix.errors import ConfigError
@@ -81,8 +81,8 @@ def test_retries_are_bounded_and_the_error_says_what_to_check():
 def test_429_waits_as_long_as_retry_after_says_within_the_cap():
     settings = ClientSettings("http://x", backoff_s=0.001, backoff_max_s=0.5)
     client = SplitClient(settings, scripted(httpx.Response(200))[0])
-    assert client._delay(1, httpx.Response(429, headers={"Retry-After": "30"})) == 0.5
-    assert client._delay(3, None) == pytest.approx(0.004)
+    assert client.backoff_delay(1, httpx.Response(429, headers={"Retry-After": "30"})) == 0.5
+    assert client.backoff_delay(3, None) == pytest.approx(0.004)
 
 
 @pytest.mark.parametrize(
@@ -173,8 +173,8 @@ def test_the_client_takes_its_proxy_from_the_environment_unless_no_proxy_exempts
     for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
-    assert _env_proxy("http://10.0.0.5:8000") is None
+    assert env_proxy("http://10.0.0.5:8000") is None
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
-    assert _env_proxy("http://10.0.0.5:8000") == "http://proxy.example:3128"
+    assert env_proxy("http://10.0.0.5:8000") == "http://proxy.example:3128"
     monkeypatch.setenv("NO_PROXY", "10.0.0.5")
-    assert _env_proxy("http://10.0.0.5:8000") is None
+    assert env_proxy("http://10.0.0.5:8000") is None

@@ -88,4 +88,8 @@ def serve_command(
         ssl_keyfile=settings.tls_key,
         log_level="info",
         access_log=access_log,
+        # generation steps over a WebSocket (model_party.stream): websockets' current implementation,
+        # not its deprecated legacy one that uvicorn picks by default
+        ws="websockets-sansio",
+        ws_max_size=settings.max_request_bytes,
     )

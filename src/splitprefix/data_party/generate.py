@@ -7,8 +7,10 @@ per row and token. The server answers each row's next-token logits (or only the 
 last hidden state with head=client), and the next token is chosen here. Text, token ids and the
 prefix's bottom slice never leave.
 
-If the server has lost the session (restart, idle expiry), the next step answers 404
-`session_missing`; the client opens a new session with the layer-K hidden states of every token so
+Steps travel over a WebSocket per session when the server offers one, else one HTTP request each
+(`data_party.steps`). If the server has lost the session (restart, idle expiry), the next step
+answers 404 `session_missing` (or its socket failed after the step left, so that the session's
+state is unknown); the client opens a new session with the layer-K hidden states of every token so
 far, which it keeps, and carries on: the output is the same as without the loss.
 """
 
@@ -28,6 +30,7 @@ from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings, RemoteError, SplitClient
 from splitprefix.data_party.sampling import GenerationConfig, next_tokens
 from splitprefix.data_party.split_train import SplitSession, open_split
+from splitprefix.data_party.steps import STEP_LOST, StepTransport, open_steps
 from splitprefix.errors import ConfigError
 from splitprefix.model.prefix import Prefix, prefix_cache
 from splitprefix.model.split import Bottom, Head, extend_mask, token_positions
@@ -56,6 +59,8 @@ class _Session:
     hidden: list[torch.Tensor] = field(default_factory=list)  # chunks (B, T_i, d), as sent
     mask: list[torch.Tensor] = field(default_factory=list)  # chunks (B, T_i)
     positions: list[torch.Tensor] = field(default_factory=list)  # chunks (B, T_i)
+    steps: StepTransport | None = None
+    """How this session's steps travel (a socket or HTTP); replaced when the session is reopened."""
 
 
 class SplitModel:
@@ -282,6 +287,9 @@ class SplitModel:
         meta = self.client.request_meta(uuid.uuid4().hex) | {"max_length": max_length, "top_k": top_k}
         out, reply = self.client.call(schemas.SESSIONS_PATH, tensors, meta)
         session.session_id = str(reply.get("session_id", ""))
+        if session.steps is not None:
+            session.steps.close()
+        session.steps = open_steps(self.client, session.session_id)
         return out
 
     def _step(
@@ -296,19 +304,24 @@ class SplitModel:
         session.hidden.append(hidden)
         session.mask.append(mask)
         session.positions.append(positions)
-        path = schemas.SESSION_STEP_PATH.format(session_id=session.session_id)
         meta = self.client.request_meta(str(len(session.hidden)), with_identity=False)
+        assert session.steps is not None  # set by the prefill
         try:
             # one real token per row, right after its last: the server knows the mask and position
-            return self.client.call(path, {"hidden": hidden}, meta)[0]
+            return session.steps.step({"hidden": hidden}, meta)[0]
         except RemoteError as error:
-            if error.code != schemas.SESSION_MISSING:
+            if error.code not in (schemas.SESSION_MISSING, STEP_LOST):
                 raise
-            self.recoveries += 1  # restart or expiry: prefill again, transparently
+            if error.code == STEP_LOST:
+                self._close(session)  # it may still hold the step: free it, start afresh
+            self.recoveries += 1  # restart, expiry or a lost answer: prefill again, transparently
             return self._reopen(session, max_length, config)
 
     def _close(self, session: _Session) -> None:
         """Free the server's cache now rather than at its expiry; a failure here changes nothing."""
+        if session.steps is not None:
+            session.steps.close()
+            session.steps = None
         if not session.session_id:
             return
         # already gone (expired, restarted), or the server is down: then it expires anyway

@@ -7,6 +7,7 @@ call has a timeout and bounded retries with exponential backoff, all set in `Cli
 
 from __future__ import annotations
 
+import json
 import ssl
 import time
 import urllib.parse
@@ -52,6 +53,8 @@ class ClientSettings:
     """Where the final norm and LM head run: 'client' keeps labels local, 'server' exposes them."""
     wire_dtype: WireDtype = "fp32"
     """Float dtype of tensors on the wire: fp32 is exact, bf16 and fp16 halve the traffic."""
+    stream_steps: bool = True
+    """Send generation steps over a WebSocket when the server offers one; False: one HTTP request each."""
     keep_graph: bool = True
     """True: the server holds the forward's graph until the backward. False: stateless, every
     backward resends the forward inputs and the server recomputes."""
@@ -141,14 +144,16 @@ class SplitClient:
         self.traffic = Traffic()
         self._identity: dict[str, Any] | None = None
         self._info: ModelInfo | None = None
-        self._headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+        self.auth_headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+        self.streams = settings.stream_steps
+        """Whether generation steps may use a WebSocket; False once a server or proxy refused one."""
         timeout = httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s)
         self._extensions = {"timeout": timeout.as_dict()}
         # Requests go straight to the transport, a keep-alive connection pool: httpx.Client's
         # per-request work (URL merging, cookies, hooks, redirects) cost about 1 ms per generation
         # step on 2 cores, more than the step's own HTTP exchange.
         self._transport = transport or httpx.HTTPTransport(
-            verify=_tls_verify(settings), proxy=_env_proxy(settings.base_url)
+            verify=tls_verify(settings), proxy=env_proxy(settings.base_url)
         )
 
     def close(self) -> None:
@@ -302,7 +307,7 @@ class SplitClient:
         for attempt in range(s.max_retries + 1):
             if attempt:
                 self.traffic.retries += 1
-                time.sleep(self._delay(attempt, last_response))
+                time.sleep(self.backoff_delay(attempt, last_response))
             last_response = None
             self.traffic.requests += 1
             self.traffic.bytes_sent += len(content or b"")
@@ -329,7 +334,7 @@ class SplitClient:
     def _send(self, method: str, url: str, content: bytes | None, headers: dict[str, str]) -> httpx.Response:
         """One HTTP exchange on a pooled keep-alive connection, the answer read whole."""
         request = httpx.Request(
-            method, url, content=content, headers=self._headers | headers, extensions=self._extensions
+            method, url, content=content, headers=self.auth_headers | headers, extensions=self._extensions
         )
         response = self._transport.handle_request(request)
         try:
@@ -338,8 +343,9 @@ class SplitClient:
             response.close()
         return response
 
-    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
-        """Exponential backoff, or the server's Retry-After, both capped."""
+    def backoff_delay(self, attempt: int, response: httpx.Response | None = None) -> float:
+        """Seconds to wait before retry `attempt` (1, 2, ...): exponential backoff, or the server's
+        Retry-After, both capped."""
         s = self.settings
         delay = s.backoff_s * 2 ** (attempt - 1)
         if response is not None and response.headers.get("Retry-After", "").isdigit():
@@ -350,13 +356,14 @@ class SplitClient:
         return self.settings.base_url + path
 
 
-def _tls_verify(settings: ClientSettings) -> bool | ssl.SSLContext:
+def tls_verify(settings: ClientSettings) -> bool | ssl.SSLContext:
+    """How to check the server's certificate: a CA bundle's context, or on/off."""
     if settings.ca_path is not None:
         return ssl.create_default_context(cafile=str(settings.ca_path))
     return settings.verify_tls
 
 
-def _env_proxy(url: str) -> str | None:
+def env_proxy(url: str) -> str | None:
     """The proxy that HTTP_PROXY / HTTPS_PROXY / ALL_PROXY name for `url`, unless NO_PROXY exempts it."""
     parts = urllib.parse.urlsplit(url)
     if urllib.request.proxy_bypass(parts.hostname or ""):
@@ -367,10 +374,15 @@ def _env_proxy(url: str) -> str | None:
 
 def _error_body(response: httpx.Response) -> tuple[str, str]:
     """(code, detail) of an error answer: our ErrorBody, FastAPI's {"detail": ...}, or raw text."""
+    return error_fields(response.content, response.reason_phrase)
+
+
+def error_fields(content: bytes, reason: str) -> tuple[str, str]:
+    """(code, detail) of an error body: our ErrorBody, FastAPI's {"detail": ...}, or raw text."""
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
-        return "http_error", response.text[:500] or response.reason_phrase
+        return "http_error", content[:500].decode(errors="replace") or reason
     if isinstance(body, dict):
         return str(body.get("code", "http_error")), str(body.get("detail", body))
     return "http_error", str(body)

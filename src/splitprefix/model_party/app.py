@@ -1,5 +1,7 @@
 """The model party's HTTP service: routes translate between HTTP and `TopBackend`, nothing more.
 
+Generation steps may also come over a WebSocket (`model_party.stream`), with the same errors.
+
 Every client mistake is answered with a 4xx and a JSON `ErrorBody {code, detail}` whose detail says
 what to do; a bug in the server answers 500 with a generic body, is logged, and the server keeps
 serving. Status codes and error codes:
@@ -24,35 +26,28 @@ serving. Status codes and error codes:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from functools import partial
 from typing import Annotated, Any
 
-import torch
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from splitprefix.errors import SplitPrefixError
 from splitprefix.model_party.auth import TokenAuth, Unauthorized
 from splitprefix.model_party.backend import TopBackend
-from splitprefix.model_party.generation import GenerationBackend, ModelBusy
+from splitprefix.model_party.exchange import Handler, InternalError, answer, refusal
+from splitprefix.model_party.generation import GenerationBackend
 from splitprefix.model_party.settings import ServerSettings
+from splitprefix.model_party.stream import add_stream_route
 from splitprefix.model_party.validation import RequestError
 from splitprefix.wire import schemas
-from splitprefix.wire.tensors import CONTENT_TYPE, WireFormatError, decode, encode
+from splitprefix.wire.tensors import CONTENT_TYPE, WireFormatError
 
 logger = logging.getLogger(__name__)
-Handler = Callable[
-    [dict[str, torch.Tensor], dict[str, Any], str], tuple[dict[str, torch.Tensor], dict[str, Any]]
-]
 # A raw byte stream is a fair way to send a blob; a JSON or form body never is.
 ACCEPTED_TYPES = (CONTENT_TYPE, "application/octet-stream")
-INLINE_MAX_BYTES = 1 << 16
-"""Generation steps with bodies up to this size may run on the event loop (see `_serve`)."""
 _bearer = HTTPBearer(auto_error=False, description="One token per data party, from the tokens file.")
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -119,7 +114,7 @@ def create_app(source: ServerSettings | TopBackend, auth: TokenAuth | None = Non
     @app.get(schemas.INFO_PATH, response_model=schemas.ModelInfo, responses={401: _ERRORS[401]})
     def info(client: Client) -> schemas.ModelInfo:
         """Sizes, prefix layout, fingerprints, head modes, limits and warnings of this server."""
-        return backend.info()
+        return backend.info().model_copy(update={"generation_stream": True})
 
     forward_doc = _binary_route(
         "Forward of the top for one training step.",
@@ -181,42 +176,16 @@ def _add_generation_routes(app: FastAPI, generation: GenerationBackend) -> None:
     def close_session(session_id: str, client: Client) -> dict[str, Any]:
         return generation.close(session_id, client)
 
+    add_stream_route(app, generation)
+
 
 async def _serve(
     request: Request, limit: int, handler: Handler, client: str, inline: Handler | None = None
 ) -> Response:
-    """Read the body and answer it with `handler` in the thread pool.
-
-    `inline` is the same handler that refuses to wait for the model (`ModelBusy`): a small body it
-    answers on the event loop when the model is free, which spares the two thread switches (about
-    0.3 ms of CPU on 2 cores) that are a large share of a generation step's overhead. The loop is
-    then blocked for one step's compute, no longer than the step would hold the model anyway.
-    """
+    """Read the body and answer it with `handler` (see `exchange.answer`)."""
     body = await _read_body(request, limit)
-    if inline is not None and len(body) <= INLINE_MAX_BYTES:
-        try:
-            return Response(_handle(request, body, limit, inline, client), media_type=CONTENT_TYPE)
-        except ModelBusy:
-            pass  # another request holds the model: wait for it in the thread pool, not on the loop
-    answer = await run_in_threadpool(_handle, request, body, limit, handler, client)
-    return Response(answer, media_type=CONTENT_TYPE)
-
-
-def _handle(request: Request, body: bytes, limit: int, handler: Handler, client: str) -> bytes:
-    """Decode the body, run `handler`, encode its answer; mistakes become RequestError, bugs InternalError."""
-    tensors, meta = decode(body, limit)
-    try:
-        out, reply = handler(tensors, meta, client)
-    except (RequestError, ModelBusy):
-        raise
-    except SplitPrefixError as error:
-        # bad input that slipped past validation is still the client's mistake, not a crash
-        raise RequestError(422, "bad_request", str(error)) from error
-    except Exception as error:
-        # a bug: answer 500 here, so the ASGI server does not also treat it as a crash
-        logger.exception("internal error in %s for client %s", request.url.path, client)
-        raise InternalError from error
-    return encode(out, reply, reply["wire_dtype"])
+    out = await answer(request.url.path, body, limit, handler, client, inline)
+    return Response(out, media_type=CONTENT_TYPE)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -251,10 +220,6 @@ def _too_large(size: str, limit: int) -> RequestError:
     )
 
 
-class InternalError(Exception):
-    """A server bug met while serving a request; the client gets a generic 500."""
-
-
 def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     body = schemas.ErrorBody(code=code, detail=detail).model_dump()
     return JSONResponse(body, status_code=status, headers=headers)
@@ -281,9 +246,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(422, "invalid_request", f"the request does not match the API: {error.errors()}")
 
     async def internal(_: Request, error: Exception) -> JSONResponse:
-        if not isinstance(error, InternalError):
-            logger.error("internal error while serving a request", exc_info=error)
-        return _error(500, "internal_error", "internal server error; it was logged for the model party")
+        return _error(*refusal(error))
 
     app.add_exception_handler(RequestError, request_error)
     app.add_exception_handler(WireFormatError, request_error)

@@ -117,6 +117,11 @@ class GenerationBackend:
             self.backend._lock.release()
         return out, step.reply(session_id=session.session_id, length=session.length)
 
+    def check_session(self, session_id: str, client_id: str) -> None:
+        """404 `session_missing` unless the client holds this live session (as a step would check)."""
+        with self.backend._lock:
+            self.sessions.get(client_id, session_id)
+
     def close(self, session_id: str, client_id: str) -> dict[str, Any]:
         with self.backend._lock:
             self.sessions.close(client_id, session_id)

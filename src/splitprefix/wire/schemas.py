@@ -42,6 +42,10 @@ Open and step responses, at the last position of every row (which left padding k
     metadata                 session_id, step_id, length (keys now cached, prefix included)
 A session belongs to the bearer token that opened it; an unknown, expired or foreign session
 answers 404 `session_missing`, and the client then opens a new one with everything so far.
+Steps may also travel over a WebSocket (`SESSION_STREAM_PATH`, when /v1/info says
+`generation_stream`): one binary message per step, the HTTP step's request body, answered by the
+HTTP step's answer body, or by a text message holding JSON `StreamError` with the status and code
+that the HTTP route would give. See `model_party.stream` for the upgrade and the close codes.
 A full server answers 429 `too_many_sessions` (this party's share) or 503 `server_full`.
 """
 
@@ -60,6 +64,9 @@ BACKWARD_PATH = "/v1/train/backward"
 SESSIONS_PATH = "/v1/generate/sessions"
 SESSION_PATH = "/v1/generate/sessions/{session_id}"
 SESSION_STEP_PATH = "/v1/generate/sessions/{session_id}/step"
+SESSION_STREAM_PATH = "/v1/generate/sessions/{session_id}/stream"
+STREAM_IDLE_CLOSE = 4408
+"""WebSocket close code: no step came for the session's idle time (`session_ttl_s`)."""
 
 FORWARD_INPUTS = ("hidden", "attention_mask", "positions", "prefix_kv")
 SUPERVISED = "supervised"
@@ -128,6 +135,9 @@ class ModelInfo(BaseModel):
     limits: Limits
     wire_dtypes: list[str]
     warnings: list[str]
+    generation_stream: bool = Field(
+        default=False, description="Generation steps may travel over a WebSocket at SESSION_STREAM_PATH."
+    )
 
 
 class ErrorBody(BaseModel):
@@ -135,3 +145,9 @@ class ErrorBody(BaseModel):
 
     code: str
     detail: str
+
+
+class StreamError(ErrorBody):
+    """A step refused on a generation stream: the HTTP route's status, code and detail."""
+
+    status: int
