@@ -33,13 +33,18 @@ def open_request(backend, head="server", max_length=PREFIX + PROMPT + 4, top_k=1
     return tensors, meta
 
 
-def step_request(backend, head="server", batch=BATCH, position=PREFIX + PROMPT):
+def step_request(backend, head="server", batch=BATCH, position=PREFIX + PROMPT, step_id="1"):
     tensors = {
         "hidden": torch.randn(batch, 1, backend.dims.hidden_size),
         "token_mask": torch.ones(batch, 1, dtype=torch.long),
         "positions": torch.full((batch, 1), position),
     }
-    meta = {"protocol_version": schemas.PROTOCOL_VERSION, "step_id": "1", "head": head, "wire_dtype": "fp32"}
+    meta = {
+        "protocol_version": schemas.PROTOCOL_VERSION,
+        "step_id": step_id,
+        "head": head,
+        "wire_dtype": "fp32",
+    }
     return tensors, meta
 
 

@@ -96,10 +96,27 @@ def test_steps_past_max_length_or_with_another_batch_are_refused_and_the_server_
         post(client, step_path(session), step_request(backend, batch=1)), 422, "bad_tensor", "holds 2 rows"
     )
     assert post(client, step_path(session), step_request(backend)).status_code == 200
-    assert_error(post(client, step_path(session), step_request(backend)), 413, "limit_exceeded", "max_length")
+    again = step_request(backend, step_id="2")
+    assert_error(post(client, step_path(session), again), 413, "limit_exceeded", "max_length")
     short = post(client, schemas.SESSIONS_PATH, open_request(backend, max_length=2))
     assert_error(short, 422, "invalid_meta", "max_length")
     open_session(client, backend)
+
+
+def test_a_retried_step_gets_its_first_answer_and_extends_the_cache_once(server):
+    client, backend = server
+    session, _, _ = open_session(client, backend, top_k=4)
+    step = step_request(backend)
+
+    first = post(client, step_path(session), step)
+    retried = post(client, step_path(session), step)  # as if the first answer had been lost
+    following = post(
+        client, step_path(session), step_request(backend, position=PREFIX + PROMPT + 1, step_id="2")
+    )
+
+    assert first.content == retried.content
+    assert decode(retried.content)[1]["length"] == PREFIX + PROMPT + 1
+    assert decode(following.content)[1]["length"] == PREFIX + PROMPT + 2
 
 
 def test_idle_sessions_expire():

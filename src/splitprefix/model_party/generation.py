@@ -76,8 +76,10 @@ class GenerationBackend:
     ) -> tuple[Tensors, dict[str, Any]]:
         """One decoding step (or a chunk of tokens) on the client's session.
 
-        With `wait=False` it raises `ModelBusy`, having changed nothing, when another request holds
-        the model, instead of waiting for it."""
+        A step with the step_id of the session's last step is answered with that step's answer and
+        not run again, so that a client may retry a request whose answer it lost. With `wait=False`
+        it raises `ModelBusy`, having changed nothing, when another request holds the model, instead
+        of waiting for it."""
         step = check_meta(meta, self.backend.shape, forward=False)
         implicit = set(tensors) == {"hidden"}  # one real token per row, right after the last
         if not implicit:
@@ -86,6 +88,10 @@ class GenerationBackend:
             raise ModelBusy("the model is serving another request")
         try:
             session = self.sessions.get(client_id, session_id)
+            if session.last_step is not None and session.last_step[0] == step.step_id:
+                # a retry of a step whose answer was lost on the way: running it again would extend
+                # the cache twice, so the same answer is sent again
+                return session.last_step[1], step.reply(session_id=session.session_id, length=session.length)
             if implicit:
                 assert session.next_positions is not None  # set by the prefill
                 ones = torch.ones(session.batch_size, 1, dtype=torch.long)
@@ -113,6 +119,7 @@ class GenerationBackend:
             except Exception:
                 self.sessions.close(client_id, session_id)  # its cache may be half extended
                 raise
+            session.last_step = (step.step_id, out)
         finally:
             self.backend._lock.release()
         return out, step.reply(session_id=session.session_id, length=session.length)

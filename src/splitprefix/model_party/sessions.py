@@ -45,6 +45,8 @@ class Session:
     """(B, 1): the position of each row's next token, for steps that send hidden states only."""
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     last_used: float = 0.0
+    last_step: tuple[str, dict[str, torch.Tensor]] | None = None
+    """(step_id, answer) of the last step, replayed when that step comes again (a retried request)."""
 
     @property
     def length(self) -> int:
