@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 
 import httpx
 import pytest
@@ -56,3 +58,28 @@ def test_federate_needs_exactly_one_model_party(dirs, tmp_path):
 
     assert result.exit_code != 0
     assert "exactly one of model" in str(result.exception)
+
+
+def test_ctrl_c_swallowed_by_the_simulation_still_ends_federate_with_130(dirs, tmp_path, monkeypatch):
+    # Prepare: a simulation that catches the KeyboardInterrupt and returns, as Flower's does
+    def swallowing_run(run):
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        return {"rounds": []}
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr("splitprefix.federation.local.run_local_federation", swallowing_run)
+    monkeypatch.setattr("splitprefix.interrupts.exit_now", exit_now)
+    data = write_jsonl(tmp_path / "all.jsonl")
+    before = signal.getsignal(signal.SIGINT)
+
+    # Execute
+    args = ["federate", str(dirs.emulator), "--data", str(data), "--model", str(dirs.full)]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])
+
+    # Assert
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "rerun the same command" in result.output
+    assert signal.getsignal(signal.SIGINT) is before

@@ -24,6 +24,7 @@ def demo_command(
 
     from transformers.utils import logging as hf_logging
 
+    from splitprefix import interrupts
     from splitprefix.demo.config import DemoConfig
     from splitprefix.demo.run import run_demo
 
@@ -36,16 +37,4 @@ def demo_command(
         run_demo(DemoConfig.preset(str(out), parties, quick), echo=typer.echo)
     except KeyboardInterrupt:
         typer.echo("interrupted; the model-party server has been stopped", err=True)
-        _exit_now(130)
-
-
-def _exit_now(code: int) -> None:
-    """Stop Ray if a federation started it, then exit without waiting for Flower's ServerApp thread,
-    which would wait for its parties' replies until the round times out."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    os._exit(code)
+        interrupts.exit_now(130)

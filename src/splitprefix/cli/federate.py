@@ -54,6 +54,7 @@ def federate_command(
     """Run N data parties against one model party locally, as a Flower simulation; write results.json."""
     import logging
 
+    from splitprefix import interrupts
     from splitprefix.federation.local import LocalFederation, run_local_federation
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -88,6 +89,19 @@ def federate_command(
         party_cpus=party_cpus,
         flower=flower,
     )
-    results = run_local_federation(run)
+    flag = interrupts.InterruptFlag()
+    try:
+        with flag.watch():
+            results = run_local_federation(run)
+    except (KeyboardInterrupt, Exception):
+        if not flag.raised:
+            raise
+    if flag.raised:  # Flower's simulation swallows Ctrl-C: its run may even have returned
+        typer.echo(
+            f"interrupted; the rounds finished so far are saved in {out}: rerun the same command to go on "
+            "after the last of them",
+            err=True,
+        )
+        interrupts.exit_now(130)
     summary = {k: v for k, v in results.items() if k != "rounds"}
     typer.echo(json.dumps(summary, indent=2))

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from types import FrameType
 
 from splitprefix.errors import SplitPrefixError
+from splitprefix.interrupts import InterruptFlag
 
 
 class DemoStageError(SplitPrefixError):
@@ -27,26 +25,17 @@ class StageClock:
     """Where the stage lines go."""
     wall_s: dict[str, float] = field(default_factory=dict)
     """Seconds each finished stage took, by stage name."""
-    interrupted: bool = False
-    """Ctrl-C was pressed; set by `catching_interrupts`."""
+    interrupts: InterruptFlag = field(default_factory=InterruptFlag)
+    """Ctrl-C was pressed (inside `catching_interrupts`)."""
 
-    @contextlib.contextmanager
-    def catching_interrupts(self) -> Iterator[None]:
-        """Remember Ctrl-C, so that a stage whose library swallows the KeyboardInterrupt (Flower's
-        simulation does) still ends the run when it returns."""
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be set from the main thread
-            return
+    @property
+    def interrupted(self) -> bool:
+        return self.interrupts.raised
 
-        def on_interrupt(signum: int, frame: FrameType | None) -> None:
-            self.interrupted = True
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGINT, on_interrupt)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    def catching_interrupts(self) -> contextlib.AbstractContextManager[None]:
+        """Remember Ctrl-C, so that a stage whose library swallows the KeyboardInterrupt still ends the
+        run when it returns."""
+        return self.interrupts.watch()
 
     @contextlib.contextmanager
     def stage(self, name: str, what: str, hint: str) -> Iterator[None]:
