@@ -77,7 +77,7 @@ class PartyConfig:
     """Passes over the party's data per round; overrides local_steps."""
     batch_size: int = 8
     """Examples per step."""
-    lr: float = 0.05
+    lr: float = 0.1
     """Peak AdamW learning rate of each round."""
     warmup_steps: int = 0
     """Linear warm-up steps at the start of each round."""
