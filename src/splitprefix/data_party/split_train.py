@@ -23,7 +23,8 @@ from splitprefix.data.batching import IGNORE_INDEX, Batch, encode_examples, reso
 from splitprefix.data.formats import load_jsonl
 from splitprefix.data_party.offsite import split_held_out, steps_for
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
-from splitprefix.data_party.remote import ClientSettings, RemoteTop, SplitClient
+from splitprefix.data_party.remote import ClientSettings, SplitClient
+from splitprefix.data_party.remote_top import RemoteTop
 from splitprefix.data_party.train import LossFn, StepHooks, TrainConfig, train_prefix
 from splitprefix.errors import ConfigError, ShapeMismatchError
 from splitprefix.evaluation.evaluate import EvalConfig, LogitsFn, evaluate
