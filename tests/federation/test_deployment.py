@@ -11,8 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -20,26 +19,11 @@ import pytest
 from live_server import free_port
 from split_helpers import EXAMPLES, write_jsonl
 from splitprefix.model.prefix import Prefix
+from splitprefix.model_party.child import child_process
 
 APP_DIR = Path(__file__).resolve().parents[2] / "deploy" / "flower"
 BIN = Path(sys.executable).parent
 """Flower's executables sit next to the interpreter; SuperLink and SuperNode start others by name."""
-
-
-@contextmanager
-def process(command: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """A child process that is always stopped (terminate, then kill) when the block ends."""
-    with log.open("w") as out:
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            yield child
-        finally:
-            child.terminate()
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -64,11 +48,11 @@ def test_superlink_and_two_supernodes_run_a_round(dirs, server, tmp_path):
     with ExitStack() as stack:
         superlink = [str(BIN / "flower-superlink"), "--insecure", "--port", str(link)]
         superlink += ["--disable-runtime-dependency-installation"]
-        stack.enter_context(process(superlink, tmp_path / "superlink.log", env))
+        stack.enter_context(child_process(superlink, tmp_path / "superlink.log", env, 30))
         for k, data in enumerate(files):
             node = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}"]
             node += ["--port", str(free_port()), "--node-config", f'data-file="{data}"']
-            stack.enter_context(process(node, tmp_path / f"supernode{k}.log", env))
+            stack.enter_context(child_process(node, tmp_path / f"supernode{k}.log", env, 30))
 
         # Execute
         command = [str(BIN / "flwr"), "run", str(APP_DIR), "local-deployment", "--stream"]

@@ -67,20 +67,31 @@ def serve_in_child(
     command = [sys.executable, "-m", "splitprefix.cli.main", "serve", model, "--split-at", str(split_at)]
     command += ["--port", str(port), "--head", head, "--tokens-file", str(tokens_file)]
     log = work / "server.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-        try:
+    try:
+        with child_process(command, log, os.environ.copy()) as process:
             url = f"http://127.0.0.1:{port}"
             _wait_healthy(url, process, timeout_s, log)
             yield ChildServer(url, tokens)
+    finally:
+        tokens_file.unlink(missing_ok=True)  # the tokens die with the server
+
+
+@contextlib.contextmanager
+def child_process(
+    command: list[str], log: Path, env: dict[str, str], stop_timeout_s: float = 20.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`command` as a child process writing to `log`, always stopped (terminate, then kill) at the end."""
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield process
         finally:
             process.terminate()
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=stop_timeout_s)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-            tokens_file.unlink(missing_ok=True)  # the tokens die with the server
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, log: Path) -> None:
