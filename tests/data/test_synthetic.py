@@ -1,4 +1,4 @@
-"""The synthetic intent task: determinism, balance, and a test split with unseen templates and fillers."""
+"""The synthetic intent task: determinism, balance, and a test split of unseen compositions and fillers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from splitprefix.data.synthetic import (
     ANSWERS,
+    DETAILS,
     FILLERS,
     INTENTS,
     PROMPT_TEMPLATE,
@@ -17,6 +18,7 @@ from splitprefix.data.synthetic import (
     completion_for,
     make_records,
     make_task,
+    split_sources,
 )
 from splitprefix.errors import ConfigError
 
@@ -49,16 +51,30 @@ def test_labels_are_balanced() -> None:
     assert set(Counter(e.label for e in test).values()) == {200 // len(INTENTS)}
 
 
-def test_test_templates_are_never_used_in_training() -> None:
-    train, test = make_records(SMALL)
-    train_templates = {r.template for r in train}
-    test_templates = {r.template for r in test}
+def test_test_messages_are_compositions_never_seen_in_training() -> None:
+    train, test = split_sources(SMALL)
+    records = make_records(SMALL)
 
-    assert train_templates.isdisjoint(test_templates)
+    assert {r.example.prompt for r in records[0]}.isdisjoint(r.example.prompt for r in records[1])
     for intent in INTENTS:
-        # Every intent keeps templates on both sides, so both splits cover every label.
-        assert any(t[0] == intent for t in train_templates)
-        assert any(t[0] == intent for t in test_templates)
+        seen, held = set(train.pairs[intent]), set(test.pairs[intent])
+        assert seen.isdisjoint(held)
+        assert len(held) == round(0.25 * len(TEMPLATES[intent]) * (len(DETAILS[intent]) + 1))
+        # Each request and each detail of a test pair has a partner in training.
+        assert {r for r, _ in held} <= {r for r, _ in seen}
+        assert {d for _, d in held} <= {d for _, d in seen}
+    assert all((r.template[1], r.detail) in train.pairs[r.template[0]] for r in records[0])
+    assert all((r.template[1], r.detail) in test.pairs[r.template[0]] for r in records[1])
+
+
+def test_held_out_templates_are_never_used_in_training() -> None:
+    config = SyntheticTaskConfig(n_train=400, n_test=200, seed=3, test_template_fraction=0.25)
+    train, test = split_sources(config)
+
+    for intent in INTENTS:
+        seen = {r for r, _ in train.pairs[intent]}
+        unseen = {r for r, _ in test.pairs[intent]} - seen
+        assert len(seen) == 9 and len(unseen) == 3  # 3 of the 12 requests are held out wholly
 
 
 def test_test_slot_fillers_are_never_used_in_training() -> None:
@@ -91,8 +107,10 @@ def test_noise_free_messages_are_filled_templates() -> None:
     for record in train:
         intent, index = record.template
         message = record.example.prompt.removeprefix("Customer: ").removesuffix("\nIntent:")
-        fixed_parts = [part.split("}")[-1] for part in TEMPLATES[intent][index].split("{")]
-        assert all(part in message for part in fixed_parts)
+        detail = DETAILS[intent][record.detail] if record.detail >= 0 else ""
+        for sentence in (TEMPLATES[intent][index], detail):
+            fixed_parts = [part.split("}")[-1] for part in sentence.split("{")]
+            assert all(part in message for part in fixed_parts)
 
 
 @pytest.mark.parametrize(
@@ -101,6 +119,7 @@ def test_noise_free_messages_are_filled_templates() -> None:
         ({"n_train": 0}, "n_train is 0"),
         ({"n_test": -1}, "n_test is -1"),
         ({"test_template_fraction": 1.0}, "test_template_fraction is 1.0"),
+        ({"test_pair_fraction": 0.0}, "test_pair_fraction is 0.0"),
         ({"test_filler_fraction": 0.0}, "test_filler_fraction is 0.0"),
         ({"noise": 1.5}, "noise is 1.5"),
     ],

@@ -5,10 +5,14 @@ routing word from `ANSWERS`, e.g. ``" cancel"`` for `cancel_subscription`: an an
 intent alone (one or two tokens of the built-in tokenizer), so held-out exact match is a meaningful
 score that a small prefix can learn. The record's `label` keeps the intent name.
 
-Messages come from templates (`TEMPLATES`) filled from slot vocabularies (`FILLERS`) and roughened by
-noise (case, typos, filler words, punctuation). The test split measures generalization: every
-intent's templates are split into disjoint train and test sets, and a part of every slot vocabulary
-is reserved for the test split, so no test record shares a template or a slot filler with training.
+A message is a request (`TEMPLATES`) joined with an optional detail sentence (`DETAILS`), in either
+order, its slots filled from vocabularies (`FILLERS`) and roughened by noise (case, typos, filler
+words, punctuation). The test split uses phrasings never seen in training:
+- every intent's (request, detail) pairs are split into disjoint train and test sets, each request and
+  each detail keeping a partner on the training side, so a test message is a new composition;
+- a part of every slot vocabulary is reserved for the test split;
+- optionally (`test_template_fraction`) some requests are held out wholly, a much harder test of
+  generalisation to wordings whose vocabulary the training data never ties to the intent.
 `write_task` writes both splits, plus the training split cut among data parties, as JSONL.
 """
 
@@ -171,7 +175,81 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "I need a representative, not an automated reply",
     ),
 }
-"""Message templates per intent; ``{slot}`` fields are filled from `FILLERS` or generated."""
+"""Requests per intent, the intent-bearing sentence of a message; ``{slot}`` fields are filled from `FILLERS` or generated."""
+
+DETAILS: dict[str, tuple[str, ...]] = {
+    "refund": (
+        "I paid {amount} for it.",
+        "It was order {order}.",
+        "I bought it on {date}.",
+        "It is still in its box.",
+        "I have the receipt.",
+    ),
+    "cancel_subscription": (
+        "I've been a member since {date}.",
+        "My account is under the name {name}.",
+        "The next payment is due on {date}.",
+        "It costs me {amount} a month.",
+        "I just don't use it anymore.",
+    ),
+    "change_address": (
+        "I moved on {date}.",
+        "My new place is in {city}.",
+        "The old address was {street}.",
+        "I don't want anything going to my old place.",
+        "Order {order} hasn't shipped yet.",
+    ),
+    "track_order": (
+        "I placed it on {date}.",
+        "The order number is {order}.",
+        "I live in {city}.",
+        "The tracking page hasn't changed since {date}.",
+        "I need it by the weekend.",
+    ),
+    "reset_password": (
+        "My email is {email}.",
+        "I tried three times already.",
+        "It worked fine until {date}.",
+        "I'm using the mobile app.",
+        "The reset code never comes.",
+    ),
+    "damaged_item": (
+        "It came in order {order}.",
+        "I have photos of the damage.",
+        "The box looked fine from the outside.",
+        "It was delivered on {date}.",
+        "It was a gift for {name}.",
+    ),
+    "upgrade_plan": (
+        "I'm on {plan} right now.",
+        "Our team is growing fast.",
+        "I keep running out of storage.",
+        "I'm happy to pay {amount} more.",
+        "My trial ends on {date}.",
+    ),
+    "billing_question": (
+        "My account is under the name {name}.",
+        "The statement is from {date}.",
+        "I'm on the {plan} plan.",
+        "I only placed order {order}.",
+        "I paid with {method}.",
+    ),
+    "update_payment": (
+        "The old card expires on {date}.",
+        "I'm on the {plan} plan.",
+        "My account email is {email}.",
+        "The last charge failed.",
+        "Please keep everything else the same.",
+    ),
+    "human_agent": (
+        "I've already tried the help page.",
+        "It's about order {order}.",
+        "I've been waiting since {date}.",
+        "My name is {name}.",
+        "This is urgent.",
+    ),
+}
+"""Detail sentences per intent; a message carries one of them, or none, before or after its request."""
 
 # fmt: off
 FILLERS: dict[str, tuple[str, ...]] = {
@@ -224,8 +302,10 @@ class SyntheticTaskConfig:
     """Number of held-out test examples (balanced over intents); may be 0."""
     seed: int = 0
     """Seed of every random choice: template split, filler split, sampling and noise."""
-    test_template_fraction: float = 0.25
-    """Share of each intent's templates used only in the test split (at least 1, at most all but 1)."""
+    test_pair_fraction: float = 0.25
+    """Share of each intent's (request, detail) pairs used only in the test split."""
+    test_template_fraction: float = 0.0
+    """Share of each intent's requests used only in the test split (0, or at least 1 and at most all but 1)."""
     test_filler_fraction: float = 0.25
     """Share of each slot vocabulary used only in the test split (at least 1, at most all but 1)."""
     noise: float = 0.3
@@ -236,10 +316,14 @@ class SyntheticTaskConfig:
             raise ConfigError(f"n_train is {self.n_train}, expected at least 1")
         if self.n_test < 0:
             raise ConfigError(f"n_test is {self.n_test}, expected 0 or more")
-        for name in ("test_template_fraction", "test_filler_fraction"):
+        for name in ("test_pair_fraction", "test_filler_fraction"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise ConfigError(f"{name} is {value}, expected a number strictly between 0 and 1")
+        if not 0.0 <= self.test_template_fraction < 1.0:
+            raise ConfigError(
+                f"test_template_fraction is {self.test_template_fraction}, expected a number in [0, 1)"
+            )
         if not 0.0 <= self.noise <= 1.0:
             raise ConfigError(f"noise is {self.noise}, expected a probability in [0, 1]")
 
@@ -251,16 +335,18 @@ class SyntheticRecord:
     example: Example
     """The prompt/completion/label record."""
     template: tuple[str, int]
-    """(intent, index into ``TEMPLATES[intent]``) of the template the message came from."""
+    """(intent, index into ``TEMPLATES[intent]``) of the request the message came from."""
+    detail: int
+    """Index into ``DETAILS[intent]`` of the detail sentence, or -1 for none."""
     fillers: Mapping[str, str]
     """Slot name to the filler put in it (only vocabulary slots, not generated numbers)."""
 
 
 @dataclass(frozen=True)
-class _Split:
-    """The templates and fillers one split may draw from."""
+class Split:
+    """The (request, detail) pairs and fillers one split may draw from."""
 
-    templates: Mapping[str, tuple[int, ...]]
+    pairs: Mapping[str, tuple[tuple[int, int], ...]]
     fillers: Mapping[str, tuple[str, ...]]
 
 
@@ -272,7 +358,7 @@ def make_task(config: SyntheticTaskConfig) -> tuple[list[Example], list[Example]
 
 def make_records(config: SyntheticTaskConfig) -> tuple[list[SyntheticRecord], list[SyntheticRecord]]:
     """Like `make_task`, but each example comes with its template and fillers."""
-    train_split, test_split = _split_sources(config, random.Random(f"{config.seed}:split"))
+    train_split, test_split = split_sources(config)
     train = _sample(train_split, config.n_train, config.noise, random.Random(f"{config.seed}:train"))
     test = _sample(test_split, config.n_test, config.noise, random.Random(f"{config.seed}:test"))
     return train, test
@@ -334,20 +420,45 @@ def completion_for(intent: str) -> str:
     return f" {ANSWERS[intent]}"
 
 
-def _split_sources(config: SyntheticTaskConfig, rng: random.Random) -> tuple[_Split, _Split]:
-    train_t: dict[str, tuple[int, ...]] = {}
-    test_t: dict[str, tuple[int, ...]] = {}
+def split_sources(config: SyntheticTaskConfig) -> tuple[Split, Split]:
+    """What the (train, test) splits draw from: disjoint (request, detail) pairs and fillers."""
+    rng = random.Random(f"{config.seed}:split")
+    train_p: dict[str, tuple[tuple[int, int], ...]] = {}
+    test_p: dict[str, tuple[tuple[int, int], ...]] = {}
     for intent in INTENTS:
-        order = _shuffled(range(len(TEMPLATES[intent])), rng)
-        cut = _held_out_count(len(order), config.test_template_fraction)
-        test_t[intent], train_t[intent] = tuple(sorted(order[:cut])), tuple(sorted(order[cut:]))
+        requests = _shuffled(range(len(TEMPLATES[intent])), rng)
+        cut = (
+            _held_out_count(len(requests), config.test_template_fraction)
+            if config.test_template_fraction
+            else 0
+        )
+        details = range(-1, len(DETAILS[intent]))  # -1: no detail sentence
+        held_pairs = [(r, d) for r in requests[:cut] for d in details]
+        seen, held = _split_pairs([(r, d) for r in requests[cut:] for d in details], config, rng)
+        train_p[intent], test_p[intent] = tuple(sorted(seen)), tuple(sorted(held + held_pairs))
     train_f: dict[str, tuple[str, ...]] = {}
     test_f: dict[str, tuple[str, ...]] = {}
     for slot, vocabulary in FILLERS.items():
         words = _shuffled(vocabulary, rng)
         cut = _held_out_count(len(words), config.test_filler_fraction)
         test_f[slot], train_f[slot] = tuple(words[:cut]), tuple(words[cut:])
-    return _Split(train_t, train_f), _Split(test_t, test_f)
+    return Split(train_p, train_f), Split(test_p, test_f)
+
+
+def _split_pairs(
+    pairs: list[tuple[int, int]], config: SyntheticTaskConfig, rng: random.Random
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(train, test) pairs: a `test_pair_fraction` share for test, each request and detail kept in train."""
+    wanted = _held_out_count(len(pairs), config.test_pair_fraction)
+    train = Counter(r for r, _ in pairs), Counter(d for _, d in pairs)
+    test: list[tuple[int, int]] = []
+    for r, d in _shuffled(pairs, rng):
+        if len(test) < wanted and train[0][r] > 1 and train[1][d] > 1:
+            test.append((r, d))
+            train[0][r] -= 1
+            train[1][d] -= 1
+    held = set(test)
+    return [pair for pair in pairs if pair not in held], test
 
 
 def _held_out_count(n: int, fraction: float) -> int:
@@ -360,16 +471,16 @@ def _shuffled(items: Iterable[T], rng: random.Random) -> list[T]:
     return out
 
 
-def _sample(split: _Split, n: int, noise: float, rng: random.Random) -> list[SyntheticRecord]:
+def _sample(split: Split, n: int, noise: float, rng: random.Random) -> list[SyntheticRecord]:
     # Round-robin over intents keeps labels balanced; the final shuffle hides the cycle.
     records = [_render(INTENTS[i % len(INTENTS)], split, noise, rng) for i in range(n)]
     rng.shuffle(records)
     return records
 
 
-def _render(intent: str, split: _Split, noise: float, rng: random.Random) -> SyntheticRecord:
-    index = rng.choice(split.templates[intent])
-    template = TEMPLATES[intent][index]
+def _render(intent: str, split: Split, noise: float, rng: random.Random) -> SyntheticRecord:
+    index, detail = rng.choice(split.pairs[intent])
+    template = _compose(TEMPLATES[intent][index], DETAILS[intent][detail] if detail >= 0 else "", rng)
     values: dict[str, str] = {}
     fillers: dict[str, str] = {}
     for slot in _slots(template):
@@ -379,14 +490,23 @@ def _render(intent: str, split: _Split, noise: float, rng: random.Random) -> Syn
             values[slot] = _generated(slot, split, rng, fillers)
     message = _add_noise(template.format(**values), noise, rng)
     example = Example(PROMPT_TEMPLATE.format(message=message), completion_for(intent), intent)
-    return SyntheticRecord(example=example, template=(intent, index), fillers=fillers)
+    return SyntheticRecord(example=example, template=(intent, index), detail=detail, fillers=fillers)
+
+
+def _compose(request: str, detail: str, rng: random.Random) -> str:
+    """The request and the detail sentence, in a random order."""
+    if not detail:
+        return request
+    if request[-1] not in ".?!":
+        request += "."
+    return f"{request} {detail}" if rng.random() < 0.5 else f"{detail} {request}"
 
 
 def _slots(template: str) -> list[str]:
     return [field for _, field, _, _ in string.Formatter().parse(template) if field]
 
 
-def _generated(slot: str, split: _Split, rng: random.Random, fillers: dict[str, str]) -> str:
+def _generated(slot: str, split: Split, rng: random.Random, fillers: dict[str, str]) -> str:
     """Slots without a vocabulary: numbers are fresh per record; emails reuse a held-out name."""
     if slot == "order":
         return f"#{rng.randint(10000, 99999)}"
