@@ -6,11 +6,12 @@ prefixes start from the same seeded prefix and train through the split against o
 server (a child process on loopback), head=client. Budgets:
 - (a) alone: each party trains on its own data for rounds x local_steps steps, what it spends in (b);
 - (b) federated: rounds of local_steps steps per party, FedAvg by num-examples (Flower simulation);
-- (c) central: 3 x rounds x local_steps steps on the union: (b)'s total steps and examples.
+- (c) central: rounds x local_steps steps of 3 x batch_size examples on the union: as many
+  sequential steps as each party takes in (b), and as many examples as all of (b).
 Each prefix is scored on the global held-out test split with the whole model (loss, exact match).
 With --secure, (b) runs again with SecAgg+ to measure its cost in time and bytes.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/federation.py --rounds 5 --local-steps 20
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/federation.py --rounds 60 --local-steps 5
 """
 
 from __future__ import annotations
@@ -41,8 +42,14 @@ PARTIES = 3
 
 
 def train_alone(
-    args: argparse.Namespace, emulator: Path, url: str, token: str, data: list[Example], steps: int
-):
+    args: argparse.Namespace,
+    emulator: Path,
+    url: str,
+    token: str,
+    data: list[Example],
+    steps: int,
+    batch_size: int,
+) -> torch.Tensor:
     """A prefix trained through the split on `data` for `steps` steps, from the shared starting prefix."""
     session = open_split(emulator, ClientSettings(url, token=token, head="client"))
     try:
@@ -50,7 +57,7 @@ def train_alone(
         prefix = initial_prefix(session, SplitTrainConfig(prefix_len=args.prefix_len, train=start))
         train = TrainConfig(
             steps=steps,
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             lr=args.lr,
             warmup_steps=0,
             seed=args.seed,
@@ -105,10 +112,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with serve_in_child(args.model, args.split_at, work / "server", ["bench"]) as child:
         url, token = child.url, child.tokens["bench"]
         start = time.perf_counter()
-        alone = [train_alone(args, emulator, url, token, shard, per_party_steps) for shard in shards]
+        alone = [
+            train_alone(args, emulator, url, token, shard, per_party_steps, args.batch_size)
+            for shard in shards
+        ]
         results["alone_wall_s"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
-        central = train_alone(args, emulator, url, token, train, PARTIES * per_party_steps)
+        central_batch = PARTIES * args.batch_size
+        central = train_alone(args, emulator, url, token, train, per_party_steps, central_batch)
         results["central_wall_s"] = round(time.perf_counter() - start, 1)
         fed = federate(args, emulator, url, token, files, work / "federated", secure=False)
         if args.secure:
@@ -129,7 +140,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "steps_per_party": per_party_steps,
             "steps_total_federated": PARTIES * per_party_steps,
-            "steps_central": PARTIES * per_party_steps,
+            "steps_central": per_party_steps,
+            "batch_size_central": PARTIES * args.batch_size,
         },
         "no_prefix": score(full, tokenizer, test, torch.zeros_like(joint)[:, :, :, :0], args.max_length),
         "a_alone": a,
@@ -164,11 +176,11 @@ def main() -> None:
     parser.add_argument("--model", default="builtin", help="Full model directory, or 'builtin'.")
     parser.add_argument("--split-at", type=int, default=2)
     parser.add_argument("--keep", type=int, default=2, help="Upper layers the emulator keeps.")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local-steps", type=int, default=20, help="Steps per party per round.")
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--local-steps", type=int, default=5, help="Steps per party per round.")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--prefix-len", type=int, default=16)
+    parser.add_argument("--prefix-len", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--n-train", type=int, default=1200)
     parser.add_argument("--n-test", type=int, default=200)

@@ -206,12 +206,13 @@ def fit_prefix(
     max_length: int = 128,
     checkpoint_root: Path | None = None,
     desc: str = "train",
+    hooks: StepHooks | None = None,
 ) -> tuple[Prefix, TrainHistory]:
     """Train a new prefix for `model` on `examples` through the local model. Returns it and its history."""
     prefix_config.check_fits(model.config)
     prefix = Prefix(prefix_config)
     encoded = encode_examples(tokenizer, examples, max_length)
     history = train_prefix(
-        prefix, local_loss_fn(model), encoded, resolve_pad_id(tokenizer), config, checkpoint_root, desc
+        prefix, local_loss_fn(model), encoded, resolve_pad_id(tokenizer), config, checkpoint_root, desc, hooks
     )
     return prefix, history

@@ -26,7 +26,7 @@ class DemoConfig:
     n_train: int = 1200
     """Training examples of the synthetic task, cut among the parties."""
     n_test: int = 100
-    """Held-out examples (templates and slot fillers unseen in training)."""
+    """Held-out examples (compositions and slot fillers unseen in training)."""
     prefix_len: int = 16
     """Virtual tokens per layer."""
     batch_size: int = 8

@@ -71,8 +71,8 @@ def _blocks(r: dict[str, Any]) -> list[Block]:
         ),
         (
             "p",
-            "Greedy decoding, no prefix, EOS ignored; the split side talks to the server over loopback HTTP "
-            "and both share the same cores, so read the ratio, not the absolute figures.",
+            "Greedy decoding, no prefix, EOS ignored; the split side talks to the server over loopback (each step on "
+            "the session's WebSocket) and both share the same cores, so read the ratio, not the absolute figures.",
         ),
         ("h2", "Data parties"),
         ("table", (["party", "examples", "intents"], _party_rows(r))),
@@ -83,8 +83,8 @@ def _setup(c: dict[str, Any]) -> str:
     return (
         f"Model `{c['model']}` cut at K = {c['split_at']}; emulator keeps {c['keep']} upper layers. "
         f"{c['parties']} data parties hold {c['n_train']} training examples of the synthetic intent task, "
-        f"cut by Dirichlet label skew (alpha {c['alpha']}); {c['n_test']} held-out examples use templates and "
-        f"slot fillers never seen in training. Prefix of {c['prefix_len']} virtual tokens, batch {c['batch_size']}, "
+        f"cut by Dirichlet label skew (alpha {c['alpha']}); {c['n_test']} held-out examples are new compositions "
+        f"of requests and details, with slot fillers never seen in training. Prefix of {c['prefix_len']} virtual tokens, batch {c['batch_size']}, "
         f"lr {c['lr']}. Offsite: {c['offsite_steps']} steps per party. Federation: {c['rounds']} rounds x "
         f"{c['local_steps']} steps per party from the average of the integrated prefixes, FedAvg, head=client. "
         f"The single party takes {c['rounds'] * c['local_steps']} split steps (its share of the federation); "

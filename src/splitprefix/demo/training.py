@@ -34,7 +34,7 @@ class Task:
     train: list[Example]
     """The union of the parties' data (the centralized reference's training set)."""
     test: list[Example]
-    """Held-out examples: unseen templates and slot fillers."""
+    """Held-out examples: unseen compositions and slot fillers."""
     shards: list[list[Example]]
     """Each party's label-skewed share of `train`."""
     files: list[Path]
