@@ -80,7 +80,6 @@ def federate(
         "local-steps": args.local_steps,
         "batch-size": args.batch_size,
         "lr": args.lr,
-        "lr-decay": args.lr_decay,
         "prefix-len": args.prefix_len,
         "head": "client",
         "seed": args.seed,
@@ -181,9 +180,6 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=5, help="Steps per party per round.")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument(
-        "--lr-decay", action="store_true", help="(b): scale each round's lr by a cosine over the rounds."
-    )
     parser.add_argument("--prefix-len", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--n-train", type=int, default=1200)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -16,14 +15,13 @@ from split_helpers import EXAMPLES, write_jsonl
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.split_train import open_split
 from splitprefix.errors import ConfigError
-from splitprefix.federation.client_app import PartyConfig, make_client_app, round_settings
+from splitprefix.federation.client_app import PartyConfig, make_client_app
 from splitprefix.federation.server_app import (
     PREFIX_DIR,
     STATE_FILE,
     FederationConfig,
     PrefixFedAvg,
     resume_or_init,
-    round_lr_scale,
 )
 from splitprefix.model.loading import load_causal_lm
 from splitprefix.model.prefix import Prefix, PrefixConfig
@@ -117,26 +115,6 @@ def test_empty_strings_in_the_run_config_mean_unset():
 def test_bad_secure_aggregation_settings_are_refused(field, value):
     with pytest.raises(ConfigError, match=field):
         FederationConfig("emu", "http://x", "o", **{field: value})
-
-
-def test_lr_decay_is_a_cosine_over_all_rounds():
-    config = FederationConfig("emu", "http://x", "o", num_rounds=5, lr_decay=True)
-
-    scales = [round_lr_scale(r, config) for r in range(1, 6)]
-
-    assert scales[0] == 1.0 and all(a > b for a, b in itertools.pairwise(scales))
-    assert 0.1 < scales[-1] < 0.2
-    assert round_lr_scale(3, FederationConfig("emu", "http://x", "o", num_rounds=5)) == 1.0
-
-
-def test_a_party_scales_its_lr_by_what_the_round_says():
-    party = PartyConfig("emu", "http://x", "data.jsonl", lr=0.1)
-
-    assert round_settings({"server-round": 3, "lr-scale": 0.5}) == (3, 0.5)
-    assert round_settings({}) == (0, 1.0)
-    assert party.train_config(3, 0.5).lr == pytest.approx(0.05)
-    with pytest.raises(ConfigError, match="lr-scale"):
-        round_settings({"server-round": 1, "lr-scale": -1.0})
 
 
 def test_a_party_without_its_data_says_what_is_missing():

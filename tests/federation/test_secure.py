@@ -10,10 +10,6 @@ from splitprefix.federation.secure import SecureFedAvg
 from splitprefix.federation.server_app import FederationConfig
 
 
-def no_decay(server_round: int) -> float:
-    return 1.0
-
-
 class Keeper:
     """Records what the strategy hands to the server's per-round saving and evaluation."""
 
@@ -29,7 +25,7 @@ class Keeper:
 def test_the_unmasked_joint_prefix_goes_on_in_float32():
     # Prepare: SecAgg+ hands aggregate_fit every party's result carrying the same float64 mean
     strategy = SecureFedAvg(
-        FederationConfig("emu", "http://x", "o", secure=True), torch.zeros(1, 2, 1, 1, 1), Keeper(), no_decay
+        FederationConfig("emu", "http://x", "o", secure=True), torch.zeros(1, 2, 1, 1, 1), Keeper()
     )
     mean = ndarrays_to_parameters([np.full((1, 2, 1, 1, 1), 4.0, dtype=np.float64)])
     results = [(None, FitRes(Status(Code.OK, ""), mean, n, {})) for n in (1, 3)]
@@ -47,21 +43,9 @@ def test_the_unmasked_joint_prefix_goes_on_in_float32():
 def test_each_round_is_handed_to_the_keeper_with_its_number():
     keeper = Keeper()
     strategy = SecureFedAvg(
-        FederationConfig("emu", "http://x", "o", secure=True), torch.zeros(1, 2, 1, 1, 1), keeper, no_decay
+        FederationConfig("emu", "http://x", "o", secure=True), torch.zeros(1, 2, 1, 1, 1), keeper
     )
 
     strategy.evaluate(2, ndarrays_to_parameters([np.zeros((1, 2, 1, 1, 1), dtype=np.float32)]))
 
     assert keeper.rounds == [2]
-
-
-def test_each_round_carries_its_number_and_lr_scale():
-    strategy = SecureFedAvg(
-        FederationConfig("emu", "http://x", "o", secure=True),
-        torch.zeros(1, 2, 1, 1, 1),
-        Keeper(),
-        lambda server_round: 1.0 / server_round,
-    )
-
-    assert strategy.on_fit_config_fn is not None
-    assert strategy.on_fit_config_fn(4) == {"server-round": 4, "lr-scale": 0.25}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from flwr.simulation import run_simulation
 
@@ -19,12 +18,7 @@ from splitprefix.federation.client_app import (
     make_secure_client_app,
     train_round,
 )
-from splitprefix.federation.server_app import (
-    FederationConfig,
-    make_server_app,
-    resume_or_init,
-    round_lr_scale,
-)
+from splitprefix.federation.server_app import FederationConfig, make_server_app, resume_or_init
 from splitprefix.model.prefix import Prefix
 from splitprefix.model_party.app import create_app
 
@@ -46,16 +40,11 @@ def simulate(server_config: dict, party_config: dict, parties: int, secure: bool
 
 
 def replay_round(
-    party: dict,
-    kv: torch.Tensor,
-    server_round: int,
-    parties: tuple[int, ...] = (0, 1, 2),
-    lr_scale: float = 1.0,
+    party: dict, kv: torch.Tensor, server_round: int, parties: tuple[int, ...] = (0, 1, 2)
 ) -> torch.Tensor:
     """What the federation should make of `kv` in one round: each party's training, weighted."""
     results = [
-        train_round(PartyConfig.from_flower(party, {"partition-id": i}), kv, server_round, lr_scale)
-        for i in parties
+        train_round(PartyConfig.from_flower(party, {"partition-id": i}), kv, server_round) for i in parties
     ]
     assert [r.num_examples for r in results] == [SIZES[i] for i in parties]
     return weighted_average([r.kv for r in results], [r.num_examples for r in results])
@@ -152,29 +141,6 @@ def test_secure_aggregation_gives_the_plain_weighted_average(dirs, tmp_path):
     torch.testing.assert_close(joint, expected, atol=2e-5, rtol=0)
     (record,) = read_rounds(out)
     assert (record["parties"], record["failed"]) == (3, 0)
-
-
-def test_lr_decay_reaches_the_parties_round_by_round(dirs, tmp_path):
-    # Prepare: two rounds with lr decay; round 2 trains at 0.55 of the party's lr
-    files = [write_jsonl(tmp_path / f"party{i}.jsonl", EXAMPLES[:n]) for i, n in enumerate(SIZES)]
-    out = tmp_path / "federation"
-    with LiveServer(create_app(server_settings(dirs))) as live:
-        party, server = configs(dirs, live.url, files, out, **{"num-rounds": 2, "lr-decay": True})
-        config = FederationConfig.from_flower(server)
-
-        # Execute
-        simulate(server, party, 3)
-        first = replay_round(
-            party, _starting_kv(dirs, live.url, tmp_path), 1, lr_scale=round_lr_scale(1, config)
-        )
-        expected = replay_round(party, first, 2, lr_scale=round_lr_scale(2, config))
-        undecayed = replay_round(party, first, 2)
-
-    # Assert: the joint prefix is the replay at the decayed lr, not at the party's own lr
-    joint = Prefix.load(out / "prefix")().detach()
-    assert round_lr_scale(2, config) == pytest.approx(0.55)
-    torch.testing.assert_close(joint, expected, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(joint, undecayed, atol=1e-4)
 
 
 def _starting_kv(dirs, url: str, tmp_path) -> torch.Tensor:

@@ -40,9 +40,6 @@ def federate_command(
     local_epochs: float | None = typer.Option(None, help="Passes over each party's data per round."),
     batch_size: int = typer.Option(PartyConfig.batch_size, help="Examples per step."),
     lr: float = typer.Option(PartyConfig.lr, help="Peak learning rate of each round."),
-    lr_decay: bool = typer.Option(
-        False, "--lr-decay", help="Scale each round's lr by a cosine over the rounds, down to 0.1x."
-    ),
     prefix_len: int = typer.Option(FederationConfig.prefix_len, help="Virtual tokens per layer."),
     head: str = typer.Option(PartyConfig.head, help="'client' keeps labels at the parties."),
     secure: bool = typer.Option(
@@ -69,7 +66,6 @@ def federate_command(
         "local-steps": local_steps,
         "batch-size": batch_size,
         "lr": lr,
-        "lr-decay": lr_decay,
         "prefix-len": prefix_len,
         "head": head,
         "secure": secure,

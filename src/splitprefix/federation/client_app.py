@@ -40,8 +40,6 @@ TRAIN_LOSS = "train-loss"
 """MetricRecord key of the round's mean token loss."""
 SERVER_ROUND = "server-round"
 """ConfigRecord key of the round number the server sends with the joint prefix."""
-LR_SCALE = "lr-scale"
-"""ConfigRecord key of the round's multiplier of the party's lr (1.0 when absent)."""
 
 FlowerConfig = Mapping[str, bool | float | int | str]
 
@@ -114,11 +112,11 @@ class PartyConfig:
     def client_settings(self) -> ClientSettings:
         return ClientSettings(self.server_url, token=self.token, head=self.head)
 
-    def train_config(self, server_round: int, lr_scale: float = 1.0) -> TrainConfig:
+    def train_config(self, server_round: int) -> TrainConfig:
         return TrainConfig(
             steps=self.local_steps,
             batch_size=self.batch_size,
-            lr=self.lr * lr_scale,
+            lr=self.lr,
             warmup_steps=self.warmup_steps,
             seed=self.seed + server_round,
             checkpoint_every=0,
@@ -136,9 +134,7 @@ class PartyRound(NamedTuple):
     """Mean of the round's per-step token losses."""
 
 
-def train_round(
-    config: PartyConfig, kv: torch.Tensor, server_round: int, lr_scale: float = 1.0
-) -> PartyRound:
+def train_round(config: PartyConfig, kv: torch.Tensor, server_round: int) -> PartyRound:
     """Refine the joint prefix `kv` (L, 2, n_kv, P, head_dim) through the split on this party's data.
 
     `num_examples` is the number of examples drawn into this round's batches: steps x batch_size,
@@ -152,7 +148,7 @@ def train_round(
     session = open_split(config.emulator_dir, config.client_settings())
     try:
         prefix = Prefix(session.prefix_config(kv.shape[3]), kv)  # raises on a wrong layout
-        train = steps_for(config.train_config(server_round, lr_scale), config.local_epochs, len(examples))
+        train = steps_for(config.train_config(server_round), config.local_epochs, len(examples))
         encoded = encode_examples(session.tokenizer, examples, config.max_length)
         seen = [0]
         loss_fn = _counting(session.loss_fn(), seen)
@@ -172,26 +168,6 @@ def _counting(loss_fn: LossFn, seen: list[int]) -> LossFn:
     return counted
 
 
-def round_settings(config: Mapping[str, Any]) -> tuple[int, float]:
-    """The round number and lr scale the server sent with a round (0 and 1.0 when absent)."""
-    server_round, lr_scale = config.get(SERVER_ROUND, 0), config.get(LR_SCALE, 1.0)
-    if not isinstance(server_round, int) or not isinstance(lr_scale, float) or not lr_scale > 0:
-        raise ConfigError(
-            f"a round needs an int {SERVER_ROUND} and a positive float {LR_SCALE}; got {server_round!r}, {lr_scale!r}"
-        )
-    return server_round, lr_scale
-
-
-def _log_round(server_round: int, lr_scale: float, result: PartyRound) -> None:
-    logger.info(
-        "round %d: lr scale %.3f, %d examples, loss %.4f",
-        server_round,
-        lr_scale,
-        result.num_examples,
-        result.train_loss,
-    )
-
-
 def make_client_app(defaults: FlowerConfig | None = None) -> ClientApp:
     """A ClientApp whose settings are `defaults`, overridden by the run config, then the node config."""
     app = ClientApp()
@@ -203,9 +179,12 @@ def make_client_app(defaults: FlowerConfig | None = None) -> ClientApp:
         if len(arrays) != 1 or KV_KEY not in next(iter(arrays.values())):
             raise ConfigError(f"the train message must carry one ArrayRecord with '{KV_KEY}'")
         kv = next(iter(arrays.values()))[KV_KEY].numpy()
-        server_round, lr_scale = round_settings(msg.content.config_records.get("config") or {})
-        result = train_round(config, torch.from_numpy(kv.copy()), server_round, lr_scale)
-        _log_round(server_round, lr_scale, result)
+        round_config = msg.content.config_records.get("config")
+        server_round = round_config.get(SERVER_ROUND, 0) if round_config is not None else 0
+        if not isinstance(server_round, int):
+            raise ConfigError(f"server-round must be an int; got {server_round!r}")
+        result = train_round(config, torch.from_numpy(kv.copy()), server_round)
+        logger.info("round %d: %d examples, loss %.4f", server_round, result.num_examples, result.train_loss)
         reply = RecordDict(
             {
                 "arrays": ArrayRecord({KV_KEY: result.kv}),
@@ -226,11 +205,13 @@ class _SecureParty(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, bool | bytes | float | int | str]
     ) -> tuple[list[np.ndarray], int, dict[str, bool | bytes | float | int | str]]:
-        if len(parameters) != 1:
-            raise ConfigError(f"expected one array (the joint prefix); got {len(parameters)}")
-        server_round, lr_scale = round_settings(config)
-        result = train_round(self.config, torch.from_numpy(parameters[0].copy()), server_round, lr_scale)
-        _log_round(server_round, lr_scale, result)
+        server_round = config.get(SERVER_ROUND, 0)
+        if len(parameters) != 1 or not isinstance(server_round, int):
+            raise ConfigError(
+                f"expected one array (the joint prefix) and an int round; got {len(parameters)}"
+            )
+        result = train_round(self.config, torch.from_numpy(parameters[0].copy()), server_round)
+        logger.info("round %d: %d examples, loss %.4f", server_round, result.num_examples, result.train_loss)
         return [result.kv.numpy()], result.num_examples, {TRAIN_LOSS: result.train_loss}
 
 

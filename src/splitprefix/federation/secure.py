@@ -26,7 +26,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from splitprefix.federation.client_app import KV_KEY, LR_SCALE, SERVER_ROUND
+from splitprefix.federation.client_app import KV_KEY, SERVER_ROUND
 
 if TYPE_CHECKING:
     from splitprefix.federation.server_app import FederationConfig
@@ -49,13 +49,7 @@ class RoundKeeper(Protocol):
 class SecureFedAvg(LegacyFedAvg):
     """Legacy FedAvg that records each round's parties and failures; SecAgg+ gives it only the sum."""
 
-    def __init__(
-        self,
-        config: FederationConfig,
-        kv: torch.Tensor,
-        keeper: RoundKeeper,
-        lr_scale: Callable[[int], float],
-    ) -> None:
+    def __init__(self, config: FederationConfig, kv: torch.Tensor, keeper: RoundKeeper) -> None:
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=0.0,
@@ -63,10 +57,7 @@ class SecureFedAvg(LegacyFedAvg):
             min_available_clients=config.min_parties,
             initial_parameters=ndarrays_to_parameters([kv.numpy()]),
             evaluate_fn=self._evaluate,
-            on_fit_config_fn=lambda server_round: {
-                SERVER_ROUND: server_round,
-                LR_SCALE: lr_scale(server_round),
-            },
+            on_fit_config_fn=lambda server_round: {SERVER_ROUND: server_round},
             accept_failures=True,
         )
         self.keeper = keeper
@@ -108,21 +99,14 @@ class SecureFedAvg(LegacyFedAvg):
 
 
 def run_secure_rounds(
-    grid: Grid,
-    config: FederationConfig,
-    kv: torch.Tensor,
-    num_rounds: int,
-    keeper: RoundKeeper,
-    lr_scale: Callable[[int], float],
+    grid: Grid, config: FederationConfig, kv: torch.Tensor, num_rounds: int, keeper: RoundKeeper
 ) -> None:
     """Run `num_rounds` SecAgg+ rounds from the joint prefix `kv` (L, 2, n_kv, P, head_dim).
-
-    `lr_scale` maps this run's round number to the parties' lr multiplier, sent with the round.
 
     `keeper` is called with each round's joint prefix, and its `last_round` is pointed at the
     strategy's record of the round.
     """
-    strategy = SecureFedAvg(config, kv, keeper, lr_scale)
+    strategy = SecureFedAvg(config, kv, keeper)
     keeper.last_round = lambda: strategy.last_round
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(

@@ -23,10 +23,10 @@ from flwr.serverapp.strategy import FedAvg
 from splitprefix.data.formats import Example, load_jsonl
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.split_train import SplitSession, SplitTrainConfig, initial_prefix, open_split
-from splitprefix.data_party.train import TrainConfig, lr_at
+from splitprefix.data_party.train import TrainConfig
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
-from splitprefix.federation.client_app import KV_KEY, LR_SCALE, NUM_EXAMPLES, FlowerConfig, config_fields
+from splitprefix.federation.client_app import KV_KEY, NUM_EXAMPLES, FlowerConfig, config_fields
 from splitprefix.federation.secure import run_secure_rounds
 from splitprefix.federation.traffic import CountingGrid
 from splitprefix.model.prefix import Prefix
@@ -73,8 +73,6 @@ class FederationConfig:
     """Seconds a round waits for the parties' replies."""
     seed: int = 0
     """Seed of the fresh prefix."""
-    lr_decay: bool = False
-    """Scale the parties' lr by a cosine over the rounds, from 1 in the first to about 0.1 in the last."""
     secure: bool = False
     """Aggregate with SecAgg+: the server learns only the weighted sum (parties run `secure_app`)."""
     secagg_max_weight: float = 1000.0
@@ -107,18 +105,10 @@ class FederationConfig:
         return cls(**values)
 
 
-def round_lr_scale(global_round: int, config: FederationConfig) -> float:
-    """The parties' lr multiplier in round `global_round` (1-based, counting the rounds before a resume)."""
-    if not config.lr_decay:
-        return 1.0
-    return lr_at(global_round - 1, TrainConfig(steps=config.num_rounds, warmup_steps=0))
-
-
 class PrefixFedAvg(FedAvg):
-    """Flower's FedAvg weighted by `num-examples`, which records each round's replies and failures,
-    and sends each round's lr scale (see `round_lr_scale`)."""
+    """Flower's FedAvg weighted by `num-examples`, which records each round's replies and failures."""
 
-    def __init__(self, config: FederationConfig, done: int = 0) -> None:
+    def __init__(self, config: FederationConfig) -> None:
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=0.0,  # the operator evaluates; parties only train
@@ -126,15 +116,8 @@ class PrefixFedAvg(FedAvg):
             min_available_nodes=config.min_parties,
             weighted_by_key=NUM_EXAMPLES,
         )
-        self.config, self.done = config, done
         self.min_replies = config.min_replies
         self.last_round: dict[str, Any] = {}
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        config[LR_SCALE] = round_lr_scale(self.done + server_round, self.config)
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -242,10 +225,9 @@ def run_federation(grid: Grid, config: FederationConfig) -> dict[str, Any]:
         counting = CountingGrid(grid)
         keeper = _RoundKeeper(session, config, counting, done, prefix)
         if remaining > 0 and config.secure:
-            lr_scale = lambda server_round: round_lr_scale(done + server_round, config)  # noqa: E731
-            run_secure_rounds(counting, config, prefix().detach(), remaining, keeper, lr_scale)
+            run_secure_rounds(counting, config, prefix().detach(), remaining, keeper)
         elif remaining > 0:
-            strategy = PrefixFedAvg(config, done)
+            strategy = PrefixFedAvg(config)
             keeper.last_round = lambda: strategy.last_round
             strategy.start(
                 grid=counting,
