@@ -450,13 +450,13 @@ def _split_pairs(
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(train, test) pairs: a `test_pair_fraction` share for test, each request and detail kept in train."""
     wanted = _held_out_count(len(pairs), config.test_pair_fraction)
-    train = Counter(r for r, _ in pairs), Counter(d for _, d in pairs)
+    requests_in_train, details_in_train = Counter(r for r, _ in pairs), Counter(d for _, d in pairs)
     test: list[tuple[int, int]] = []
     for r, d in _shuffled(pairs, rng):
-        if len(test) < wanted and train[0][r] > 1 and train[1][d] > 1:
+        if len(test) < wanted and requests_in_train[r] > 1 and details_in_train[d] > 1:
             test.append((r, d))
-            train[0][r] -= 1
-            train[1][d] -= 1
+            requests_in_train[r] -= 1
+            details_in_train[d] -= 1
     held = set(test)
     return [pair for pair in pairs if pair not in held], test
 
