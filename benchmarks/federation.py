@@ -11,7 +11,12 @@ server (a child process on loopback), head=client. Budgets:
 Each prefix is scored on the global held-out test split with the whole model (loss, exact match).
 With --secure, (b) runs again with SecAgg+ to measure its cost in time and bytes.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/federation.py --rounds 60 --local-steps 5
+One run's exact match swings by about 0.1 with the data order alone (the central prefix of seed 0
+scored 0.32 where seeds 1 and 2 of the same budget scored 0.21 to 0.24), so the whole comparison
+runs once per seed in --seeds (each seed draws its own task, partition, starting prefix and batch
+order) and the goal is judged on the means.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/federation.py --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -98,6 +103,36 @@ def score(model, tokenizer, test: list[Example], kv: torch.Tensor, max_length: i
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The comparison once per seed, then the mean scores and the goal judged on them."""
+    reports = []
+    for seed in args.seeds:
+        (work / f"seed-{seed}").mkdir()
+        reports.append(run_seed(argparse.Namespace(**vars(args), seed=seed), work / f"seed-{seed}"))
+    mean = {key: _mean([r[key] for r in reports]) for key in ("b_federated", "c_central")}
+    alone = [_mean([r["a_alone"][k] for r in reports]) for k in range(PARTIES)]
+    return {
+        "seeds": args.seeds,
+        "mean": {"a_alone": alone, **mean, **_goal(alone, mean["b_federated"], mean["c_central"])},
+        "per_seed": reports,
+    }
+
+
+def _mean(scores: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(sum(s[k] for s in scores) / len(scores), 4) for k in scores[0]}
+
+
+def _goal(a: list[dict[str, float]], b: dict[str, float], c: dict[str, float]) -> dict[str, Any]:
+    """(b) / (c) on exact match, and whether (b) reaches 95% of (c) and beats every (a)."""
+    return {
+        "b_over_c_exact_match": round(b["exact_match"] / c["exact_match"], 4) if c["exact_match"] else None,
+        "goal_met": bool(
+            b["exact_match"] >= 0.95 * c["exact_match"]
+            and all(b["exact_match"] > x["exact_match"] for x in a)
+        ),
+    }
+
+
+def run_seed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     train, test = make_task(SyntheticTaskConfig(n_train=args.n_train, n_test=args.n_test, seed=args.seed))
     parts = dirichlet_partition([str(e.label) for e in train], PARTIES, args.alpha, args.seed)
     shards = [[train[i] for i in part] for part in parts]
@@ -147,11 +182,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "a_alone": a,
         "b_federated": b,
         "c_central": c,
-        "b_over_c_exact_match": round(b["exact_match"] / c["exact_match"], 4) if c["exact_match"] else None,
-        "goal_met": bool(
-            b["exact_match"] >= 0.95 * c["exact_match"]
-            and all(b["exact_match"] > x["exact_match"] for x in a)
-        ),
+        **_goal(a, b, c),
         "federated": {k: fed[k] for k in ("wall_s", "bytes_sent", "bytes_received")},
         **results,
     }
@@ -185,7 +216,13 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=1200)
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--alpha", type=float, default=0.3, help="Dirichlet label skew of the parties.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="One whole comparison per seed; the goal uses the means.",
+    )
     parser.add_argument(
         "--secure", action="store_true", help="Also run (b) with SecAgg+ and report its cost."
     )

@@ -49,7 +49,9 @@ class RoundKeeper(Protocol):
 class SecureFedAvg(LegacyFedAvg):
     """Legacy FedAvg that records each round's parties and failures; SecAgg+ gives it only the sum."""
 
-    def __init__(self, config: FederationConfig, kv: torch.Tensor, keeper: RoundKeeper) -> None:
+    def __init__(
+        self, config: FederationConfig, kv: torch.Tensor, keeper: RoundKeeper, rounds_before: int = 0
+    ) -> None:
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=0.0,
@@ -57,7 +59,7 @@ class SecureFedAvg(LegacyFedAvg):
             min_available_clients=config.min_parties,
             initial_parameters=ndarrays_to_parameters([kv.numpy()]),
             evaluate_fn=self._evaluate,
-            on_fit_config_fn=lambda server_round: {SERVER_ROUND: server_round},
+            on_fit_config_fn=lambda server_round: {SERVER_ROUND: rounds_before + server_round},
             accept_failures=True,
         )
         self.keeper = keeper
@@ -99,14 +101,19 @@ class SecureFedAvg(LegacyFedAvg):
 
 
 def run_secure_rounds(
-    grid: Grid, config: FederationConfig, kv: torch.Tensor, num_rounds: int, keeper: RoundKeeper
+    grid: Grid,
+    config: FederationConfig,
+    kv: torch.Tensor,
+    num_rounds: int,
+    keeper: RoundKeeper,
+    rounds_before: int = 0,
 ) -> None:
     """Run `num_rounds` SecAgg+ rounds from the joint prefix `kv` (L, 2, n_kv, P, head_dim).
 
     `keeper` is called with each round's joint prefix, and its `last_round` is pointed at the
-    strategy's record of the round.
+    strategy's record of the round. The parties are told round numbers after `rounds_before`.
     """
-    strategy = SecureFedAvg(config, kv, keeper)
+    strategy = SecureFedAvg(config, kv, keeper, rounds_before)
     keeper.last_round = lambda: strategy.last_round
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(

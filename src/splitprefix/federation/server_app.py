@@ -108,7 +108,7 @@ class FederationConfig:
 class PrefixFedAvg(FedAvg):
     """Flower's FedAvg weighted by `num-examples`, which records each round's replies and failures."""
 
-    def __init__(self, config: FederationConfig) -> None:
+    def __init__(self, config: FederationConfig, rounds_before: int = 0) -> None:
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=0.0,  # the operator evaluates; parties only train
@@ -117,21 +117,29 @@ class PrefixFedAvg(FedAvg):
             weighted_by_key=NUM_EXAMPLES,
         )
         self.min_replies = config.min_replies
+        self.rounds_before = rounds_before
         self.last_round: dict[str, Any] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # the parties get the run's round number, counting a resumed run's earlier rounds, so that
+        # their data order (seed + round) goes on as in an uninterrupted run
+        return super().configure_train(self.rounds_before + server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies, round_number = list(replies), self.rounds_before + server_round
         ok = [m for m in replies if not m.has_error()]
         errors = [f"party {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
         for error in errors:
-            logger.warning("round %d: %s", server_round, error)
+            logger.warning("round %d: %s", round_number, error)
         self.last_round = {"parties": len(ok), "failed": len(errors), "errors": errors}
         if len(ok) < self.min_replies:
             logger.warning(
                 "round %d: %d replies, fewer than min_replies=%d; the joint prefix stays as it was",
-                server_round,
+                round_number,
                 len(ok),
                 self.min_replies,
             )
@@ -225,9 +233,9 @@ def run_federation(grid: Grid, config: FederationConfig) -> dict[str, Any]:
         counting = CountingGrid(grid)
         keeper = _RoundKeeper(session, config, counting, done, prefix)
         if remaining > 0 and config.secure:
-            run_secure_rounds(counting, config, prefix().detach(), remaining, keeper)
+            run_secure_rounds(counting, config, prefix().detach(), remaining, keeper, rounds_before=done)
         elif remaining > 0:
-            strategy = PrefixFedAvg(config)
+            strategy = PrefixFedAvg(config, rounds_before=done)
             keeper.last_round = lambda: strategy.last_round
             strategy.start(
                 grid=counting,
