@@ -11,10 +11,10 @@ server (a child process on loopback), head=client. Budgets:
 Each prefix is scored on the global held-out test split with the whole model (loss, exact match).
 With --secure, (b) runs again with SecAgg+ to measure its cost in time and bytes.
 
-One run's exact match swings by about 0.1 with the data order alone (the central prefix of seed 0
-scored 0.32 where seeds 1 and 2 of the same budget scored 0.21 to 0.24), so the whole comparison
-runs once per seed in --seeds (each seed draws its own task, partition, starting prefix and batch
-order) and the goal is judged on the means.
+One run's exact match swings by about 0.1 with the batch order alone (in a whole-model replay of
+(c), one order scored 0.32 and four others 0.205 to 0.235), so the whole comparison runs once per
+seed in --seeds (each seed draws its own task, partition, starting prefix and batch order) and the
+goal is judged on the means.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/federation.py --seeds 0 1 2
 """
