@@ -15,7 +15,7 @@ from split_helpers import EXAMPLES, write_jsonl
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.split_train import open_split
 from splitprefix.errors import ConfigError
-from splitprefix.federation.client_app import PartyConfig, make_client_app
+from splitprefix.federation.client_app import PartyConfig, make_client_app, round_number
 from splitprefix.federation.server_app import (
     PREFIX_DIR,
     STATE_FILE,
@@ -115,6 +115,13 @@ def test_empty_strings_in_the_run_config_mean_unset():
 def test_bad_secure_aggregation_settings_are_refused(field, value):
     with pytest.raises(ConfigError, match=field):
         FederationConfig("emu", "http://x", "o", **{field: value})
+
+
+def test_a_round_number_that_is_not_an_int_is_refused():
+    assert round_number({"server-round": 3}) == 3
+    assert round_number({}) == 0
+    with pytest.raises(ConfigError, match="server-round must be an int"):
+        round_number({"server-round": "3"})
 
 
 def test_a_party_without_its_data_says_what_is_missing():

@@ -168,6 +168,18 @@ def _counting(loss_fn: LossFn, seen: list[int]) -> LossFn:
     return counted
 
 
+def round_number(config: Mapping[str, Any]) -> int:
+    """The round number the server sent with a round's config (0 when absent)."""
+    server_round = config.get(SERVER_ROUND, 0)
+    if not isinstance(server_round, int):
+        raise ConfigError(f"{SERVER_ROUND} must be an int; got {server_round!r}")
+    return server_round
+
+
+def _log_round(server_round: int, result: PartyRound) -> None:
+    logger.info("round %d: %d examples, loss %.4f", server_round, result.num_examples, result.train_loss)
+
+
 def make_client_app(defaults: FlowerConfig | None = None) -> ClientApp:
     """A ClientApp whose settings are `defaults`, overridden by the run config, then the node config."""
     app = ClientApp()
@@ -179,12 +191,9 @@ def make_client_app(defaults: FlowerConfig | None = None) -> ClientApp:
         if len(arrays) != 1 or KV_KEY not in next(iter(arrays.values())):
             raise ConfigError(f"the train message must carry one ArrayRecord with '{KV_KEY}'")
         kv = next(iter(arrays.values()))[KV_KEY].numpy()
-        round_config = msg.content.config_records.get("config")
-        server_round = round_config.get(SERVER_ROUND, 0) if round_config is not None else 0
-        if not isinstance(server_round, int):
-            raise ConfigError(f"server-round must be an int; got {server_round!r}")
+        server_round = round_number(msg.content.config_records.get("config") or {})
         result = train_round(config, torch.from_numpy(kv.copy()), server_round)
-        logger.info("round %d: %d examples, loss %.4f", server_round, result.num_examples, result.train_loss)
+        _log_round(server_round, result)
         reply = RecordDict(
             {
                 "arrays": ArrayRecord({KV_KEY: result.kv}),
@@ -205,13 +214,11 @@ class _SecureParty(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, bool | bytes | float | int | str]
     ) -> tuple[list[np.ndarray], int, dict[str, bool | bytes | float | int | str]]:
-        server_round = config.get(SERVER_ROUND, 0)
-        if len(parameters) != 1 or not isinstance(server_round, int):
-            raise ConfigError(
-                f"expected one array (the joint prefix) and an int round; got {len(parameters)}"
-            )
+        if len(parameters) != 1:
+            raise ConfigError(f"expected one array (the joint prefix); got {len(parameters)}")
+        server_round = round_number(config)
         result = train_round(self.config, torch.from_numpy(parameters[0].copy()), server_round)
-        logger.info("round %d: %d examples, loss %.4f", server_round, result.num_examples, result.train_loss)
+        _log_round(server_round, result)
         return [result.kv.numpy()], result.num_examples, {TRAIN_LOSS: result.train_loss}
 
 
