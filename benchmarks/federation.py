@@ -14,20 +14,24 @@ With --secure, (b) runs again with SecAgg+ to measure its cost in time and bytes
 One run's exact match swings by about 0.1 with the batch order alone (in a whole-model replay of
 (c), one order scored 0.32 and four others 0.205 to 0.235), so the whole comparison runs once per
 seed in --seeds (each seed draws its own task, partition, starting prefix and batch order) and the
-goal is judged on the means.
+goal is judged on the means. Seeds can run apart (one invocation each, or on other machines) and
+--merge summarizes their outputs as one run of all of them would.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/federation.py --seeds 0 1 2
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/federation.py --seeds 0 1 2 > seeds-0-2.json
+    python benchmarks/federation.py --merge seeds-0-2.json seeds-3-5.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from harness import print_run
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from splitprefix.data.batching import encode_examples, resolve_pad_id
 from splitprefix.data.formats import Example, write_jsonl
@@ -97,7 +101,13 @@ def federate(
     return run_local_federation(run)
 
 
-def score(model, tokenizer, test: list[Example], kv: torch.Tensor, max_length: int) -> dict[str, float]:
+def score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    test: list[Example],
+    kv: torch.Tensor,
+    max_length: int,
+) -> dict[str, float]:
     report = evaluate(model, tokenizer, test, kv, EvalConfig(max_length=max_length, exact_match=True))
     return {"exact_match": round(report["exact_match"], 4), "loss": round(report["loss"], 4)}
 
@@ -108,13 +118,32 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for seed in args.seeds:
         (work / f"seed-{seed}").mkdir()
         reports.append(run_seed(argparse.Namespace(**vars(args), seed=seed), work / f"seed-{seed}"))
+    return summarize(args.seeds, reports)
+
+
+def summarize(seeds: list[int], reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-seed reports, their mean scores, and the goal judged on the means."""
     mean = {key: _mean([r[key] for r in reports]) for key in ("b_federated", "c_central")}
     alone = [_mean([r["a_alone"][k] for r in reports]) for k in range(PARTIES)]
     return {
-        "seeds": args.seeds,
-        "mean": {"a_alone": alone, **mean, **_goal(alone, mean["b_federated"], mean["c_central"])},
+        "seeds": seeds,
+        "mean": {
+            "a_alone": alone,
+            **mean,
+            **_goal(alone, mean["b_federated"], mean["c_central"]),
+            "seeds_meeting_goal": sum(r["goal_met"] for r in reports),
+        },
         "per_seed": reports,
     }
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """One summary of the per-seed reports in earlier outputs of this script (seeds run apart)."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    seeds = [seed for run in runs for seed in run["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"the files repeat a seed: {seeds}; merge runs of different seeds")
+    return summarize(seeds, [report for run in runs for report in run["per_seed"]])
 
 
 def _mean(scores: list[dict[str, float]]) -> dict[str, float]:
@@ -226,7 +255,18 @@ def main() -> None:
     parser.add_argument(
         "--secure", action="store_true", help="Also run (b) with SecAgg+ and report its cost."
     )
-    print_run(run, parser.parse_args())
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="Run nothing: summarize the per-seed reports of earlier runs (seeds run apart) as one.",
+    )
+    args = parser.parse_args()
+    if args.merge:
+        print(json.dumps(merge(args.merge), indent=2))
+    else:
+        print_run(run, args)
 
 
 if __name__ == "__main__":
