@@ -4,10 +4,12 @@ come close to one prefix trained centrally on the union? Prints JSON.
 The synthetic intent task's training split is cut among 3 parties by a Dirichlet label skew. All
 prefixes start from the same seeded prefix and train through the split against one model-party
 server (a child process on loopback), head=client. Budgets:
-- (a) alone: each party trains on its own data for rounds x local_steps steps, what it spends in (b);
-- (b) federated: rounds of local_steps steps per party, FedAvg by num-examples (Flower simulation);
-- (c) central: rounds x local_steps steps of 3 x batch_size examples on the union: as many
-  sequential steps as each party takes in (b), and as many examples as all of (b).
+- (b) federated: rounds of local_steps steps per party, FedAvg by num-examples (Flower simulation).
+  With --local-epochs, a party's steps per round come from its data size instead, so FedAvg weights
+  the parties by how much data they hold, as the union weights them in (c);
+- (a) alone: each party trains on its own data for the steps it takes in all of (b);
+- (c) central: steps of 3 x batch_size examples on the union, as many examples as all of (b); with
+  local_steps that is as many sequential steps as each party takes in (b).
 Each prefix is scored on the global held-out test split with the whole model (loss, exact match).
 With --secure, (b) runs again with SecAgg+ to measure its cost in time and bytes.
 
@@ -37,6 +39,7 @@ from splitprefix.data.batching import encode_examples, resolve_pad_id
 from splitprefix.data.formats import Example, write_jsonl
 from splitprefix.data.partition import dirichlet_partition
 from splitprefix.data.synthetic import SyntheticTaskConfig, make_task
+from splitprefix.data_party.offsite import steps_for
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.split_train import SplitTrainConfig, initial_prefix, open_split
 from splitprefix.data_party.train import TrainConfig, train_prefix
@@ -82,8 +85,16 @@ def train_alone(
 
 
 def federate(
-    args: argparse.Namespace, emulator: Path, url: str, token: str, files: list[Path], out: Path, secure: bool
+    args: argparse.Namespace,
+    emulator: Path,
+    url: str,
+    token: str,
+    files: list[Path],
+    out: Path,
+    secure: bool,
+    max_weight: int,
 ) -> dict[str, Any]:
+    """(b): a Flower simulation of the 3 parties; `max_weight` bounds a party's num-examples for SecAgg+."""
     flower: dict[str, bool | float | int | str] = {
         "num-rounds": args.rounds,
         "local-steps": args.local_steps,
@@ -93,8 +104,10 @@ def federate(
         "head": "client",
         "seed": args.seed,
         "secure": secure,
-        "secagg-max-weight": float(args.local_steps * args.batch_size),
+        "secagg-max-weight": float(max_weight),
     }
+    if args.local_epochs is not None:
+        flower["local-epochs"] = args.local_epochs
     run = LocalFederation(
         str(emulator), tuple(map(str, files)), str(out), server_url=url, token=token, flower=flower
     )
@@ -171,23 +184,30 @@ def run_seed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     emulator = work / "emulator"
     emulate(args.model, args.split_at, args.keep, emulator)
     full, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
-    per_party_steps = args.rounds * args.local_steps
+    round_steps = [
+        steps_for(
+            TrainConfig(steps=args.local_steps, batch_size=args.batch_size), args.local_epochs, len(s)
+        ).steps
+        for s in shards
+    ]
+    central_steps = round(args.rounds * sum(round_steps) / PARTIES)
     results: dict[str, Any] = {}
     with serve_in_child(args.model, args.split_at, work / "server", ["bench"]) as child:
         url, token = child.url, child.tokens["bench"]
         start = time.perf_counter()
         alone = [
-            train_alone(args, emulator, url, token, shard, per_party_steps, args.batch_size)
-            for shard in shards
+            train_alone(args, emulator, url, token, shard, args.rounds * steps, args.batch_size)
+            for shard, steps in zip(shards, round_steps, strict=True)
         ]
         results["alone_wall_s"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
         central_batch = PARTIES * args.batch_size
-        central = train_alone(args, emulator, url, token, train, per_party_steps, central_batch)
+        central = train_alone(args, emulator, url, token, train, central_steps, central_batch)
         results["central_wall_s"] = round(time.perf_counter() - start, 1)
-        fed = federate(args, emulator, url, token, files, work / "federated", secure=False)
+        max_weight = max(round_steps) * args.batch_size
+        fed = federate(args, emulator, url, token, files, work / "federated", False, max_weight)
         if args.secure:
-            sec = federate(args, emulator, url, token, files, work / "secure", secure=True)
+            sec = federate(args, emulator, url, token, files, work / "secure", True, max_weight)
     joint = Prefix.load(work / "federated" / "prefix")().detach()
     a = [score(full, tokenizer, test, kv, args.max_length) for kv in alone]
     b = score(full, tokenizer, test, joint, args.max_length)
@@ -201,10 +221,11 @@ def run_seed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "budget": {
             "rounds": args.rounds,
             "local_steps": args.local_steps,
+            "local_epochs": args.local_epochs,
             "batch_size": args.batch_size,
-            "steps_per_party": per_party_steps,
-            "steps_total_federated": PARTIES * per_party_steps,
-            "steps_central": per_party_steps,
+            "steps_per_party": [args.rounds * steps for steps in round_steps],
+            "steps_total_federated": args.rounds * sum(round_steps),
+            "steps_central": central_steps,
             "batch_size_central": PARTIES * args.batch_size,
         },
         "no_prefix": score(full, tokenizer, test, torch.zeros_like(joint)[:, :, :, :0], args.max_length),
@@ -238,6 +259,11 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=2, help="Upper layers the emulator keeps.")
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--local-steps", type=int, default=5, help="Steps per party per round.")
+    parser.add_argument(
+        "--local-epochs",
+        type=float,
+        help="Passes over its data per party per round (steps then follow each party's data size).",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--prefix-len", type=int, default=64)
