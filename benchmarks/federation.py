@@ -19,8 +19,9 @@ seed in --seeds (each seed draws its own task, partition, starting prefix and ba
 goal is judged on the means. Seeds can run apart (one invocation each, or on other machines) and
 --merge summarizes their outputs as one run of all of them would.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/federation.py --seeds 0 1 2 > seeds-0-2.json
-    python benchmarks/federation.py --merge seeds-0-2.json seeds-3-5.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/federation.py --local-epochs 0.1 --seeds 0 1 2 > a.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/federation.py --local-epochs 0.1 --seeds 3 4 5 > b.json
+    python benchmarks/federation.py --merge a.json b.json
 """
 
 from __future__ import annotations
