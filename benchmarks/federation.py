@@ -206,9 +206,13 @@ def run_seed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         central = train_alone(args, emulator, url, token, train, central_steps, central_batch)
         results["central_wall_s"] = round(time.perf_counter() - start, 1)
         max_weight = max(round_steps) * args.batch_size
-        fed = federate(args, emulator, url, token, files, work / "federated", False, max_weight)
+        fed = federate(
+            args, emulator, url, token, files, work / "federated", secure=False, max_weight=max_weight
+        )
         if args.secure:
-            sec = federate(args, emulator, url, token, files, work / "secure", True, max_weight)
+            sec = federate(
+                args, emulator, url, token, files, work / "secure", secure=True, max_weight=max_weight
+            )
     joint = Prefix.load(work / "federated" / "prefix")().detach()
     a = [score(full, tokenizer, test, kv, args.max_length) for kv in alone]
     b = score(full, tokenizer, test, joint, args.max_length)
