@@ -14,6 +14,7 @@ from splitprefix.model.prefixed import forward_with_prefix
 from splitprefix.model.registry import architecture_of
 from splitprefix.model.split import Bottom, Head
 from splitprefix.model_party.backend import TopBackend
+from splitprefix.model_party.graphs import SavedBytes
 from splitprefix.model_party.settings import ServerSettings
 from splitprefix.model_party.validation import RequestError, check_forward_inputs
 from splitprefix.wire import schemas
@@ -293,3 +294,23 @@ def test_an_fp16_backward_scales_the_loss_so_small_gradients_survive(served):
     for name in ("grad_hidden", "grad_prefix_kv"):
         assert grads[name].dtype == torch.float32
         torch.testing.assert_close(grads[name], unit[name] * 1e-7, rtol=0.05, atol=1e-10)
+
+
+def test_a_held_graph_keeps_about_one_hidden_state_per_layer(served):
+    # Prepare
+    model, backend = served("llama")
+    step = local_step(model, "client", backend.top.bottom_sha256, step_id="checkpointed")
+    inputs = check_forward_inputs(step.tensors, backend.shape)
+    everything = SavedBytes(backend._weights)
+    with torch.enable_grad(), everything.measure():
+        backend._run(inputs, requires_grad=True)  # the same forward, every activation saved
+
+    # Execute
+    graph = backend._forward_with_graph(inputs)
+
+    # Assert: inputs, output, one (B, T, d) state per layer and the masks and rotary tables (about
+    # one more), a fraction of all the activations
+    hidden, kv = graph.inputs
+    layers = len(backend.top.stack.layers)
+    assert graph.nbytes <= (layers + 3) * hidden.nbytes + kv.nbytes
+    assert graph.nbytes * 3 < everything.nbytes

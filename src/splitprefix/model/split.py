@@ -12,14 +12,17 @@ would run and silently give wrong numbers, so every part checks the length again
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from functools import partial
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import Cache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from splitprefix.errors import ConfigError, ShapeMismatchError
+from splitprefix.model.prefix import prefix_cache
 from splitprefix.model.registry import architecture_of
 
 HeadPlacement = Literal["server", "client"]
@@ -90,17 +93,56 @@ class LayerStack(nn.Module):
 
     def forward(self, x: Activations, cache: Cache | None = None) -> torch.Tensor:
         """Run the layers on `x`, reading and extending `cache` for these layers. Returns (B, T, d)."""
-        self._check_mask(x, cache)
-        masks = {sliding: self._mask(x, cache, sliding) for sliding in set(self.sliding)}
-        extra = {}
-        if self.rotary is not None:
-            extra["position_embeddings"] = self.rotary(x.hidden, position_ids=x.positions)
+        masks, extra = self._prepare(x, cache)
         hidden = x.hidden
         for layer, sliding in zip(self.layers, self.sliding, strict=True):
             hidden = layer(
                 hidden, attention_mask=masks[sliding], position_ids=x.positions, cache=cache, **extra
             )
         return hidden
+
+    def forward_checkpointed(self, x: Activations, kv: torch.Tensor | None) -> torch.Tensor:
+        """`forward` with `prefix_cache(kv)` as the cache, keeping for the backward only each layer's
+        input, and recomputing inside the layer then (per-layer activation checkpointing): a graph
+        then costs about B x T x d per layer. `kv` (stop - start, 2, n_kv, P, hd) or None. (B, T, d)
+
+        Each layer gets a cache of its own prefix, built anew on the recompute, since a layer
+        extends its cache in place.
+        """
+        batch = x.hidden.shape[0]
+        sizing = None if kv is None else prefix_cache(kv.detach(), self.config, batch, self.start)
+        masks, extra = self._prepare(x, sizing)
+        hidden = x.hidden
+        for i, sliding in enumerate(self.sliding):
+            run = partial(self._layer_with_prefix, i, masks[sliding], x.positions, extra)
+            args = (hidden,) if kv is None else (hidden, kv[i])
+            hidden = checkpoint(run, *args, use_reentrant=False)
+        return hidden
+
+    def _layer_with_prefix(
+        self,
+        i: int,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        extra: dict[str, Any],
+        hidden: torch.Tensor,
+        *layer_kv: torch.Tensor,
+    ) -> torch.Tensor:
+        """Layer `start + i` on `hidden`, with a fresh cache of its prefix `layer_kv` (none: no prefix)."""
+        at = self.start + i
+        cache = prefix_cache(layer_kv[0][None], self.config, hidden.shape[0], at) if layer_kv else None
+        return self.layers[i](hidden, attention_mask=mask, position_ids=positions, cache=cache, **extra)
+
+    def _prepare(
+        self, x: Activations, cache: Cache | None
+    ) -> tuple[dict[bool, torch.Tensor | None], dict[str, Any]]:
+        """The attention mask of each kind of layer, and the rotary embeddings, for `x`."""
+        self._check_mask(x, cache)
+        masks = {sliding: self._mask(x, cache, sliding) for sliding in set(self.sliding)}
+        extra: dict[str, Any] = {}
+        if self.rotary is not None:
+            extra["position_embeddings"] = self.rotary(x.hidden, position_ids=x.positions)
+        return masks, extra
 
     def _check_mask(self, x: Activations, cache: Cache | None) -> None:
         batch, new = x.hidden.shape[:2]

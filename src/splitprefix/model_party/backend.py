@@ -175,24 +175,35 @@ class TopBackend:
         return out, step.reply(n_tokens=int(supervised.sum()))
 
     def _forward_with_graph(self, inputs: ForwardInputs) -> HeldGraph:
+        """A forward whose graph waits for its backward: each layer keeps only its input (B, T, d)
+        and recomputes its inside on the backward, so that a held graph costs about B x T x d per
+        layer rather than every activation of every layer."""
         saved = SavedBytes(self._weights)
         with torch.enable_grad(), saved.measure():
-            output, leaves = self._run(inputs, requires_grad=True)
+            output, leaves = self._run(inputs, requires_grad=True, checkpointed=True)
         for leaf in (*leaves, output):
             saved.add(leaf)
-        return HeldGraph(output=output, inputs=leaves, head="client", nbytes=saved.nbytes)
+        # the layers' inputs, which the checkpoints keep, are not saved tensors that autograd reports
+        layer_inputs = (len(self.top.stack.layers) - 1) * output.nbytes
+        return HeldGraph(output=output, inputs=leaves, head="client", nbytes=saved.nbytes + layer_inputs)
 
     def _run(
-        self, inputs: ForwardInputs, requires_grad: bool
+        self, inputs: ForwardInputs, requires_grad: bool, checkpointed: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The top's last hidden states (B, T, d) and its input leaves, computed like the whole model."""
         device = self.settings.device
         hidden = inputs.hidden.to(device, self.dtype).requires_grad_(requires_grad)  # (B, T, d)
         kv = inputs.prefix_kv.to(device, self.dtype).requires_grad_(requires_grad)  # (L - K, 2, n_kv, P, hd)
-        batch = hidden.shape[0]
-        # an empty prefix is no prefix: the cache would hold zero-length layers
-        cache = prefix_cache(kv, self.config, batch, self.settings.split_at) if inputs.prefix_len else None
         x = Activations(hidden, inputs.attention_mask.to(device), inputs.positions.to(device))
+        # an empty prefix is no prefix: the cache would hold zero-length layers
+        layers_kv = kv if inputs.prefix_len else None
+        if checkpointed:
+            return self.top.stack.forward_checkpointed(x, layers_kv), (hidden, kv)
+        cache = (
+            None
+            if layers_kv is None
+            else prefix_cache(kv, self.config, hidden.shape[0], self.settings.split_at)
+        )
         return self.top.stack(x, cache), (hidden, kv)
 
     def _grads(
