@@ -25,7 +25,9 @@ serving. Status codes and error codes:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from functools import partial
 from typing import Annotated, Any
 
@@ -194,10 +196,22 @@ def _add_generation_routes(app: FastAPI, generation: GenerationBackend) -> None:
 async def _serve(
     request: Request, limit: int, handler: Handler, client: str, inline: Handler | None = None
 ) -> Response:
-    """Read the body and answer it with `handler` (see `exchange.answer`)."""
+    """Read the body and answer it with `handler` (see `exchange.answer`), which stops if the
+    client disconnects meanwhile."""
     body = await _read_body(request, limit)
-    out = await answer(request.url.path, body, limit, handler, client, inline)
+    gone = threading.Event()
+    watcher = asyncio.create_task(_watch_disconnect(request, gone))
+    try:
+        out = await answer(request.url.path, body, limit, handler, client, inline, gone)
+    finally:
+        watcher.cancel()
     return Response(out, media_type=CONTENT_TYPE)
+
+
+async def _watch_disconnect(request: Request, gone: threading.Event, every_s: float = 0.05) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    gone.set()
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

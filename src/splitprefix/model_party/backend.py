@@ -19,6 +19,7 @@ from splitprefix.model.loading import checkpoint_dtype
 from splitprefix.model.prefix import prefix_cache
 from splitprefix.model.registry import architecture_of, model_dims
 from splitprefix.model.split import Activations
+from splitprefix.model_party.cancel import check
 from splitprefix.model_party.graphs import GraphStore, HeldGraph, SavedBytes
 from splitprefix.model_party.settings import ServerSettings
 from splitprefix.model_party.top_loader import LoadedTop, load_top
@@ -66,6 +67,8 @@ class TopBackend:
             settings.graph_ttl_s, settings.max_graph_bytes, settings.max_graphs_per_client
         )
         self._weights = [*self.top.stack.parameters(), *self.top.head.parameters()]
+        for layer in self.top.stack.layers:  # a request whose client is gone stops between layers
+            layer.register_forward_pre_hook(lambda *_: check())
         self._lock = threading.Lock()
 
     def info(self) -> schemas.ModelInfo:
@@ -116,6 +119,7 @@ class TopBackend:
         check_names(tensors, forward_names(step.head), "forward request")
         inputs = check_forward_inputs(tensors, self.shape)
         with self._lock:
+            check()  # a client that went away while waiting for the model gets nothing
             held = False
             if step.keep_graph:
                 graph = self._forward_with_graph(inputs)
@@ -141,6 +145,7 @@ class TopBackend:
         check_names(tensors, expected, "backward request")
         inputs = check_forward_inputs(tensors, self.shape) if recompute else None
         with self._lock:
+            check()
             graph = self.graphs.get(client_id, step.step_id)
             if graph is None and inputs is None:
                 raise _graph_missing(step)
@@ -166,6 +171,7 @@ class TopBackend:
         targets = check_targets(tensors, inputs, self.dims.vocab_size).to(self.settings.device)
         supervised = targets != schemas.IGNORE_TARGET  # (B, T)
         with self._lock, torch.set_grad_enabled(step.grad):
+            check()
             last, leaves = self._run(inputs, requires_grad=step.grad)  # (B, T, d)
             logits = self.top.head(last[supervised])  # (N, V)
             loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
