@@ -116,3 +116,18 @@ def test_noise_without_a_clip_norm_is_refused(dirs, server, trained, tmp_path):
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--noise", "1"])
     assert result.exit_code != 0
     assert "needs clip_norm" in str(result.exception)
+
+
+def test_two_noisy_evaluations_differ_unless_a_seed_is_given(dirs, server, trained):
+    # Prepare: the attack was that two runs of `eval --clip 30 --noise 0.5` agreed to the digit
+    prefix, data = trained
+    args = [str(dirs.emulator), "--data", str(data), "--prefix", str(prefix), "--server", server.url]
+    args += ["--clip", "30", "--noise", "0.5", "--no-exact-match"]
+
+    # Execute
+    fresh = [evaluate(*args)["loss"] for _ in range(2)]
+    seeded = [evaluate(*args, "--noise-seed", "7")["loss"] for _ in range(2)]
+
+    # Assert: fresh OS noise every run; an explicit seed replays exactly
+    assert fresh[0] != fresh[1]
+    assert seeded[0] == seeded[1]

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from splitprefix.cli.train import TOKEN_ENV, client_settings, privacy_config
+from splitprefix.cli.train import NOISE_SEED_HELP, TOKEN_ENV, client_settings, privacy_config
 from splitprefix.data.formats import Example
 from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings
@@ -34,7 +34,7 @@ def eval_command(
     wire_dtype: str = typer.Option("fp32", help="With --server: fp32, bf16 or fp16 on the wire."),
     clip: float | None = typer.Option(None, "--clip", help="With --server: clip each sent state to norm C."),
     noise: float = typer.Option(0.0, "--noise", help="With --server: noise of std noise * C on sent states."),
-    noise_seed: int = typer.Option(0, "--noise-seed", help="With --server: seed of the noise."),
+    noise_seed: int | None = typer.Option(None, "--noise-seed", help=f"With --server: {NOISE_SEED_HELP}"),
 ) -> None:
     """Evaluate MODEL (optionally with --prefix) on --data: loss, perplexity, n_tokens, exact_match."""
     from splitprefix.data.formats import load_jsonl

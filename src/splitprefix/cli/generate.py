@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from splitprefix.cli.train import TOKEN_ENV, client_settings, privacy_config
+from splitprefix.cli.train import NOISE_SEED_HELP, TOKEN_ENV, client_settings, privacy_config
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.sampling import GenerationConfig
 
@@ -25,7 +25,7 @@ _CLIP = typer.Option(
 _NOISE = typer.Option(
     0.0, "--noise", help="Add Gaussian noise of std noise * C to the sent states (needs --clip)."
 )
-_NOISE_SEED = typer.Option(0, "--noise-seed", help="Seed of the noise generator.")
+_NOISE_SEED = typer.Option(None, "--noise-seed", help=NOISE_SEED_HELP)
 
 
 def generate_command(
@@ -47,7 +47,7 @@ def generate_command(
     ca_path: Path | None = _CA,
     clip: float | None = _CLIP,
     noise: float = _NOISE,
-    noise_seed: int = _NOISE_SEED,
+    noise_seed: int | None = _NOISE_SEED,
 ) -> None:
     """Data party: continue PROMPT through the split model and stream the text to the terminal.
 
@@ -88,7 +88,7 @@ def gateway_command(
     ca_path: Path | None = _CA,
     clip: float | None = _CLIP,
     noise: float = _NOISE,
-    noise_seed: int = _NOISE_SEED,
+    noise_seed: int | None = _NOISE_SEED,
 ) -> None:
     """Data party: serve the split model as an OpenAI-compatible API.
 

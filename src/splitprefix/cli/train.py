@@ -38,7 +38,13 @@ def client_settings(
     )
 
 
-def privacy_config(clip: float | None, noise: float, seed: int) -> PrivacyConfig | None:
+NOISE_SEED_HELP = (
+    "Replay the noise from this seed, for tests only: whoever knows it can remove the noise. "
+    "Default: fresh noise from the OS's cryptographic source."
+)
+
+
+def privacy_config(clip: float | None, noise: float, seed: int | None) -> PrivacyConfig | None:
     """The --clip/--noise options as a PrivacyConfig; None when both are off."""
     if clip is None and noise == 0:
         return None
@@ -99,7 +105,7 @@ def train_command(
     noise: float = typer.Option(
         0.0, "--noise", help="Add Gaussian noise of std noise * C to the sent states (needs --clip)."
     ),
-    noise_seed: int = typer.Option(0, "--noise-seed", help="Seed of the noise generator."),
+    noise_seed: int | None = typer.Option(None, "--noise-seed", help=NOISE_SEED_HELP),
 ) -> None:
     """Data party: train a prefix for all L layers through the server; text and labels stay here."""
     from splitprefix.data_party.split_train import train_split
