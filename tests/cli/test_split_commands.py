@@ -131,3 +131,21 @@ def test_two_noisy_evaluations_differ_unless_a_seed_is_given(dirs, server, train
     # Assert: fresh OS noise every run; an explicit seed replays exactly
     assert fresh[0] != fresh[1]
     assert seeded[0] == seeded[1]
+
+
+def test_train_with_noise_prints_and_saves_epsilon_and_no_seed(dirs, server, trained, tmp_path):
+    # Prepare
+    _, data = trained
+    out = tmp_path / "accounted"
+    args = ["train", str(dirs.emulator), "--server", server.url, "--data", str(data), "--out", str(out)]
+    args += ["--steps", "2", "--batch-size", "2", "--prefix-len", "2", "--clip", "1", "--noise", "40"]
+
+    # Execute
+    result = runner.invoke(app, args)
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "train_config.json").read_text())
+    assert run["config"]["privacy"]["seed"] is None
+    epsilon = run["privacy"]["epsilon"]
+    assert epsilon > 0 and f"epsilon: {epsilon:.4g} at delta 1e-05" in result.output

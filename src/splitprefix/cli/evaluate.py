@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from splitprefix.cli.train import NOISE_SEED_HELP, TOKEN_ENV, client_settings, privacy_config
+from splitprefix.cli.train import NOISE_SEED_HELP, TOKEN_ENV, client_settings, privacy_config, privacy_line
 from splitprefix.data.formats import Example
 from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings
@@ -55,6 +55,8 @@ def eval_command(
             typer.echo(
                 f"{key}: {report[key]:.4g}" if isinstance(report[key], float) else f"{key}: {report[key]}"
             )
+    if "privacy" in report:
+        typer.echo(privacy_line(report["privacy"]))
 
 
 def _evaluate_whole(
@@ -81,6 +83,7 @@ def _evaluate_split(
     config: EvalConfig,
     privacy: PrivacyConfig | None,
 ) -> dict[str, Any]:
+    from splitprefix.data_party.accounting import held_out_releases, privacy_report
     from splitprefix.data_party.split_train import open_split
     from splitprefix.evaluation.evaluate import evaluate
     from splitprefix.model.prefix import Prefix
@@ -92,6 +95,9 @@ def _evaluate_split(
             loaded = Prefix.load(prefix).fold()
             session.check_prefix(loaded, f"the prefix {prefix}")
             kv = loaded().detach()
-        return evaluate(session.logits_fn(), session.tokenizer, examples, kv, config)
+        report = evaluate(session.logits_fn(), session.tokenizer, examples, kv, config)
     finally:
         session.close()
+    releases = {"evaluated": held_out_releases(session.tokenizer, examples, config, 1)}
+    spent = privacy_report(privacy, releases)
+    return report | ({"privacy": spent} if spent else {})

@@ -134,3 +134,12 @@ def train_command(
     typer.echo(
         json.dumps({k: v for k, v in report.items() if k != "held_out"} | {"held_out": held_out}, indent=2)
     )
+    if "privacy" in report:
+        typer.echo(privacy_line(report["privacy"]), err=True)
+
+
+def privacy_line(spent: dict) -> str:
+    """The (epsilon, delta) of a run's sent states, in words."""
+    if spent["epsilon"] is None:
+        return "epsilon: none (clipping without noise gives no guarantee)"
+    return f"epsilon: {spent['epsilon']:.4g} at delta {spent['delta']:g}, for the layer-K states sent"
