@@ -323,3 +323,25 @@ def trained(kv: torch.Tensor, num_examples: int) -> RecordDict:
     return RecordDict(
         {"arrays": ArrayRecord({"kv": kv}), "metrics": MetricRecord({"num-examples": num_examples})}
     )
+
+
+def test_a_partys_node_config_clips_what_it_sends(dirs, server, tmp_path, as_superlink, monkeypatch):
+    # Prepare: the party's own clip norm, far below the tiny model's state norms
+    data = write_jsonl(tmp_path / "party.jsonl", EXAMPLES[:4])
+    own = {"emulator-dir": str(dirs.emulator), "server-url": server.url, "data-file": str(data)}
+    backend, sent = server.app.state.backend, []
+    real = backend.forward
+    monkeypatch.setattr(backend, "forward", lambda t, m, c: sent.append(t["hidden"]) or real(t, m, c))
+
+    # Execute
+    reply = make_client_app()(
+        train_message(joint_kv(dirs)),
+        party_context({"local-steps": 1, "batch-size": 4}, own | {"clip-norm": 0.05}),
+    )
+
+    # Assert: every real token left clipped to the party's C (padding is sent as zeros)
+    assert not reply.has_error() and sent
+    for hidden in sent:
+        norms = hidden.norm(dim=-1)
+        real = norms > 0
+        assert real.any() and (norms[real] <= 0.05 * (1 + 1e-5)).all() and (norms[real] > 0.04).all()

@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 
 from splitprefix.data.batching import Batch, encode_examples, resolve_pad_id
 from splitprefix.data.formats import load_jsonl
+from splitprefix.data_party.accounting import privacy_report, training_releases
 from splitprefix.data_party.offsite import steps_for
 from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings
@@ -214,7 +215,16 @@ def train_round(config: PartyConfig, kv: torch.Tensor, server_round: int) -> Par
         )
     finally:
         session.close()
+    _log_privacy(config, [len(e) for e in encoded], train, server_round)
     return PartyRound(prefix().detach(), seen[0], sum(history.losses) / len(history.losses))
+
+
+def _log_privacy(config: PartyConfig, lengths: list[int], train: TrainConfig, server_round: int) -> None:
+    """Log the (epsilon, delta) of this party's sent states over rounds 1..server_round alike."""
+    per_round = training_releases(lengths, train.batch_size, train.steps)
+    spent = privacy_report(config.privacy(), {"train": max(server_round, 1) * per_round})
+    if spent is not None:
+        logger.info("after round %d: epsilon %s at delta %g", server_round, spent["epsilon"], spent["delta"])
 
 
 def _counting(loss_fn: LossFn, seen: list[int]) -> LossFn:
