@@ -93,3 +93,17 @@ def test_generate_with_noise_but_no_clip_norm_is_refused(dirs, server):
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0
     assert "needs clip_norm" in str(result.exception)
+
+
+def test_generate_with_noise_reports_the_epsilon_of_its_prompt(dirs, server):
+    # "The quick" plus 5 new tokens: the prompt's states once, then 4 single tokens (the last is never sent)
+    from splitprefix.data_party.accounting import gaussian_epsilon
+    from splitprefix.model.loading import load_tokenizer
+
+    prompt_tokens = len(load_tokenizer(dirs.emulator)("The quick")["input_ids"])
+    args = ["generate", str(dirs.emulator), "The quick", "--server", server.url, "--max-new-tokens", "5"]
+
+    result = CliRunner().invoke(app, [*args, "--clip", "1", "--noise", "30"])
+
+    assert result.exit_code == 0, result.output
+    assert f"epsilon: {gaussian_epsilon(30.0, prompt_tokens + 4):.4g} at delta 1e-05" in result.output

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from splitprefix.cli.train import NOISE_SEED_HELP, TOKEN_ENV, client_settings, privacy_config
+from splitprefix.cli.train import NOISE_SEED_HELP, TOKEN_ENV, client_settings, privacy_config, privacy_line
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.sampling import GenerationConfig
 
@@ -55,6 +55,7 @@ def generate_command(
     (/v1/generate/sessions) receives layer-K hidden states only. A session the server lost is
     reopened transparently.
     """
+    from splitprefix.data_party.accounting import generation_releases, privacy_report
     from splitprefix.data_party.generate import SplitModel
 
     settings = client_settings(server, token, head, wire_dtype, False, timeout_s, max_retries, ca_path)
@@ -67,9 +68,14 @@ def generate_command(
         seed=seed,
         stop=tuple(stop or ()),
     )
-    with SplitModel.open(emulator, settings, prefix, privacy_config(clip, noise, noise_seed)) as model:
+    privacy = privacy_config(clip, noise, noise_seed)
+    with SplitModel.open(emulator, settings, prefix, privacy) as model:
         model.generate(prompt, config, on_text=lambda _, text: typer.echo(text, nl=False))
+        prompt_tokens = int(model.encode([prompt])[1].sum())
     typer.echo()
+    spent = privacy_report(privacy, {"prompt": generation_releases(prompt_tokens, max_new_tokens)})
+    if spent is not None:
+        typer.echo(privacy_line(spent), err=True)
 
 
 def gateway_command(
