@@ -17,7 +17,8 @@ so there is no generator state at all: no seed to guess, nothing that a replay w
 seed) could regenerate, and two runs never share noise. Only an explicit `seed` (`--noise-seed`)
 switches to a seeded `torch.Generator`, whose stream anyone who knows the seed can regenerate and
 subtract: use it for tests and replays only. The noise is added outside the autograd graph, so
-gradients flow through the clipping only.
+gradients flow through the clipping only. `accounting` turns sigma and the releases into (epsilon,
+delta).
 """
 
 from __future__ import annotations
