@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 
 DEFAULT_DELTA = 1e-5
 """delta of the reported (epsilon, delta): keep it well below 1 / (examples in the data set)."""
-ORDERS = [1.0 + x for x in np.logspace(-5, 4, 400).tolist()]
-"""Rényi orders searched for the best conversion; wide, because epsilon here ranges from 0.1 to 1e5."""
+ORDERS = [1.0 + x for x in np.logspace(-5, 6, 500).tolist()]
+"""Rényi orders searched for the best conversion; wide, because epsilon here ranges from 1e-3 to 1e8."""
 NEIGHBOURS = (
     "one example replaced by another with the same token count; each token's state clipped to C, "
     "so one release of T tokens has L2 sensitivity 2C*sqrt(T)"
