@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from splitprefix.cli.train import DEVICE_OPTION, DTYPE_OPTION, runtime_settings
 from splitprefix.federation.client_app import PartyConfig
 from splitprefix.federation.server_app import FederationConfig
 
@@ -60,6 +61,8 @@ def federate_command(
     ),
     party_cpus: float = typer.Option(1.0, help="CPUs reserved per simulated party."),
     seed: int = typer.Option(0, help="Seed of the prefix, the data order and the cut."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
 ) -> None:
     """Run N data parties against one model party locally, as a Flower simulation; write results.json."""
     import logging
@@ -82,6 +85,8 @@ def federate_command(
         "secagg-max-weight": secagg_max_weight,
         "exact-match": exact_match,
         "seed": seed,
+        "device": runtime_settings(device, dtype).device,
+        "dtype": dtype,
     }
     if local_epochs is not None:
         flower["local-epochs"] = local_epochs

@@ -33,6 +33,7 @@ from splitprefix.data_party.split_train import open_split
 from splitprefix.data_party.train import LossFn, TrainConfig, train_prefix
 from splitprefix.errors import ConfigError, ShapeMismatchError
 from splitprefix.model.prefix import Prefix
+from splitprefix.runtime import DtypeName, RuntimeSettings
 from splitprefix.wire.schemas import HeadMode
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ PARTY_ONLY_KEYS = frozenset(
         "noise-seed",
         "data-file",
         "data-files",
+        "device",
+        "dtype",
     }
 )
 """Keys a party takes only from its own node config (or the code that builds its app), never from
@@ -130,12 +133,20 @@ class PartyConfig:
     """Tokens kept per example."""
     seed: int = 0
     """Seed of the data order; round r uses seed + r, so rounds see different batches."""
+    device: str = "cpu"
+    """Torch device of this party's model parts (cpu, cuda, cuda:N, mps)."""
+    dtype: DtypeName = "fp32"
+    """Dtype of this party's frozen model parts (the prefix stays fp32)."""
 
     def __post_init__(self) -> None:
         if self.local_epochs is not None and self.local_epochs <= 0:
             raise ConfigError(f"local_epochs must be > 0; got {self.local_epochs}")
         self.train_config(1)  # validates steps, batch size and lr
         self.privacy()  # validates clip and noise
+        self.runtime()  # validates the device and dtype
+
+    def runtime(self) -> RuntimeSettings:
+        return RuntimeSettings(self.device, self.dtype)
 
     @classmethod
     def from_flower(
@@ -203,7 +214,7 @@ def train_round(config: PartyConfig, kv: torch.Tensor, server_round: int) -> Par
     if kv.ndim != 5 or kv.shape[1] != 2:
         raise ShapeMismatchError(f"the joint prefix must be (L, 2, n_kv, P, head_dim); got {tuple(kv.shape)}")
     examples = load_jsonl(Path(config.data_file))
-    session = open_split(config.emulator_dir, config.client_settings(), config.privacy())
+    session = open_split(config.emulator_dir, config.client_settings(), config.privacy(), config.runtime())
     try:
         prefix = Prefix(session.prefix_config(kv.shape[3]), kv)  # raises on a wrong layout
         train = steps_for(config.train_config(server_round), config.local_epochs, len(examples))
