@@ -1,56 +1,162 @@
 """The one place where supported architecture families differ.
 
-Every other module asks this registry where a model keeps its embeddings, layers, final norm and
-rotary embedding. Adding a family means adding one `Architecture` entry to `ARCHITECTURES`.
+Every other module asks this registry where a model keeps its parts (embeddings, layers, final
+norm, rotary embedding) and how it runs them where families differ beyond names: embedding scale,
+logit transform, rotary embeddings per layer type, the shape of each layer's key/value cache, and
+the keyword a layer takes its cache by. Adding a family means adding one `Architecture` entry to
+`ARCHITECTURES`, and the family test in tests/model then covers it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from splitprefix.errors import UnsupportedArchitectureError
 
-
-def _no_sliding_layers(config: PretrainedConfig) -> list[bool]:
-    return [False] * config.num_hidden_layers
-
-
-def _sliding_if_window(config: PretrainedConfig) -> list[bool]:
-    # Mistral applies its sliding window to every layer when one is configured.
-    return [config.sliding_window is not None] * config.num_hidden_layers
+FULL, SLIDING = "full_attention", "sliding_attention"
+PositionEmbeddings = tuple[torch.Tensor, torch.Tensor]
 
 
-def _sliding_from_layer_types(config: PretrainedConfig) -> list[bool]:
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    return [kind == "sliding_attention" for kind in layer_types]
+@dataclass(frozen=True)
+class LayerKV:
+    """What one decoder layer caches per token: `num_kv_heads` keys and values of their own widths."""
+
+    num_kv_heads: int
+    """Key/value heads (fewer than attention heads under grouped-query attention)."""
+    key_dim: int
+    """Width of one cached key head."""
+    value_dim: int
+    """Width of one cached value head."""
+
+
+# --- layer types: which layers attend through a sliding window ---------------------------------
+
+
+def _all_full(config: PretrainedConfig) -> list[str]:
+    return [FULL] * config.num_hidden_layers
+
+
+def _sliding_if_window(config: PretrainedConfig) -> list[str]:
+    # Mistral, Mixtral, Phi-3 and Qwen3-MoE slide every layer when a window is configured.
+    return [SLIDING if config.sliding_window is not None else FULL] * config.num_hidden_layers
+
+
+def _from_layer_types(config: PretrainedConfig) -> list[str]:
+    return list(getattr(config, "layer_types", None) or _all_full(config))
+
+
+# --- key/value cache shapes ----------------------------------------------------------------------
+
+
+def _grouped_query_kv(config: PretrainedConfig) -> list[LayerKV]:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return [LayerKV(kv_heads, head_dim, head_dim)] * config.num_hidden_layers
+
+
+def _multi_head_kv(config: PretrainedConfig) -> list[LayerKV]:
+    # GPT-2 and GPT-NeoX give every attention head its own keys; a num_key_value_heads or head_dim
+    # attribute on their config is not read by their attention, so it is not read here either.
+    heads = config.num_attention_heads
+    return [
+        LayerKV(heads, config.hidden_size // heads, config.hidden_size // heads)
+    ] * config.num_hidden_layers
+
+
+def _latent_kv(config: PretrainedConfig) -> list[LayerKV]:
+    # DeepSeek-V3's multi-head latent attention caches the compressed latents, not expanded heads:
+    # as "keys" the normalised kv latent (kv_lora_rank wide), as "values" the shared rotary key
+    # (qk_rope_head_dim wide), one head each; kv_b_proj expands them after the cache is read.
+    return [LayerKV(1, config.kv_lora_rank, config.qk_rope_head_dim)] * config.num_hidden_layers
+
+
+# --- rotary embeddings ---------------------------------------------------------------------------
+
+
+def _shared_rotary(
+    rotary: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, layer_types: Sequence[str]
+) -> dict[str, PositionEmbeddings]:
+    embeddings = rotary(hidden, position_ids=positions)
+    return dict.fromkeys(layer_types, embeddings)
+
+
+def _rotary_per_layer_type(
+    rotary: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, layer_types: Sequence[str]
+) -> dict[str, PositionEmbeddings]:
+    # Gemma 3: local (sliding) and global layers rotate with different bases.
+    return {kind: rotary(hidden, positions, kind) for kind in set(layer_types)}
+
+
+# --- embedding scale and logit transforms -----------------------------------------------------------
+
+
+def _no_embedding_scale(config: PretrainedConfig) -> float | None:
+    # Gemma scales by sqrt(d) inside its embedding module, so it needs nothing here.
+    return None
+
+
+def _embedding_multiplier(config: PretrainedConfig) -> float | None:
+    return config.embedding_multiplier  # Granite
+
+
+def _logits_unchanged(config: PretrainedConfig, logits: torch.Tensor) -> torch.Tensor:
+    return logits
+
+
+def _final_softcap(config: PretrainedConfig, logits: torch.Tensor) -> torch.Tensor:
+    # Gemma 2 and 3; the same three operations in the same order as HF, for bit-equal logits.
+    cap = config.final_logit_softcapping
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def _divide_by_logits_scaling(config: PretrainedConfig, logits: torch.Tensor) -> torch.Tensor:
+    return logits / config.logits_scaling  # Granite
+
+
+def _multiply_by_logit_scale(config: PretrainedConfig, logits: torch.Tensor) -> torch.Tensor:
+    return logits * config.logit_scale  # Cohere
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where one architecture family keeps its parts inside a `*ForCausalLM` model."""
+    """Where one architecture family keeps its parts inside a `*ForCausalLM` model, and how it runs them."""
 
     name: str
     """The `config.model_type` this entry serves."""
-    backbone: str
+    backbone: str = "model"
     """Attribute of the causal-LM wrapper that holds the decoder (`model`, `transformer`)."""
-    embed_tokens: str
+    embed_tokens: str = "embed_tokens"
     """Attribute of the backbone holding the token embedding."""
-    layers: str
+    layers: str = "layers"
     """Attribute of the backbone holding the `nn.ModuleList` of decoder layers."""
-    final_norm: str
+    final_norm: str = "norm"
     """Attribute of the backbone holding the norm applied before the LM head."""
     embed_positions: str | None = None
     """Attribute of the backbone holding learned position embeddings; None for rotary models."""
     embed_dropout: str | None = None
     """Attribute of the backbone holding dropout applied after the embeddings, if any."""
-    rotary: str | None = None
-    """Attribute of the backbone holding the rotary embedding module, if any."""
-    sliding_layers: Callable[[PretrainedConfig], list[bool]] = _no_sliding_layers
-    """Which layers use a sliding-window attention mask."""
+    rotary: str | None = "rotary_emb"
+    """Attribute of the backbone holding the rotary embedding module; None without one."""
+    layer_types: Callable[[PretrainedConfig], list[str]] = _all_full
+    """Each layer's attention kind, `full_attention` or `sliding_attention`."""
+    rotary_embeddings: Callable[..., dict[str, PositionEmbeddings]] = _shared_rotary
+    """(rotary, hidden, positions, layer types) -> position embeddings for each layer type."""
+    embedding_scale: Callable[[PretrainedConfig], float | None] = _no_embedding_scale
+    """Factor the model multiplies its token embeddings by outside the embedding module, if any."""
+    logit_transform: Callable[[PretrainedConfig, torch.Tensor], torch.Tensor] = _logits_unchanged
+    """What the causal-LM class does to the LM head's output (soft-capping, scaling)."""
+    kv_layout: Callable[[PretrainedConfig], list[LayerKV]] = _grouped_query_kv
+    """The key/value cache shape of every layer, read as the family's attention reads its config."""
+    cache_keyword: str = "cache"
+    """Keyword a decoder layer takes the cache by (GPT-NeoX: `layer_past`)."""
 
     def backbone_of(self, model: PreTrainedModel) -> nn.Module:
         return getattr(model, self.backbone)
@@ -68,41 +174,49 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture(
-        name="llama",
-        backbone="model",
-        embed_tokens="embed_tokens",
-        layers="layers",
-        final_norm="norm",
-        rotary="rotary_emb",
-    ),
-    "qwen2": Architecture(
-        name="qwen2",
-        backbone="model",
-        embed_tokens="embed_tokens",
-        layers="layers",
-        final_norm="norm",
-        rotary="rotary_emb",
-        sliding_layers=_sliding_from_layer_types,
-    ),
-    "mistral": Architecture(
-        name="mistral",
-        backbone="model",
-        embed_tokens="embed_tokens",
-        layers="layers",
-        final_norm="norm",
-        rotary="rotary_emb",
-        sliding_layers=_sliding_if_window,
-    ),
-    "gpt2": Architecture(
-        name="gpt2",
-        backbone="transformer",
-        embed_tokens="wte",
-        layers="h",
-        final_norm="ln_f",
-        embed_positions="wpe",
-        embed_dropout="drop",
-    ),
+    entry.name: entry
+    for entry in (
+        Architecture("llama"),
+        Architecture("qwen2", layer_types=_from_layer_types),
+        Architecture("qwen3", layer_types=_from_layer_types),
+        Architecture("qwen3_moe", layer_types=_sliding_if_window),
+        Architecture("mistral", layer_types=_sliding_if_window),
+        Architecture("mixtral", layer_types=_sliding_if_window),
+        Architecture("phi3", layer_types=_sliding_if_window),
+        Architecture("olmo2"),
+        Architecture("gemma2", layer_types=_from_layer_types, logit_transform=_final_softcap),
+        Architecture(
+            "gemma3_text",
+            layer_types=_from_layer_types,
+            logit_transform=_final_softcap,
+            rotary_embeddings=_rotary_per_layer_type,
+        ),
+        Architecture(
+            "granite", embedding_scale=_embedding_multiplier, logit_transform=_divide_by_logits_scaling
+        ),
+        Architecture("cohere", logit_transform=_multiply_by_logit_scale),
+        Architecture(
+            "gpt2",
+            backbone="transformer",
+            embed_tokens="wte",
+            layers="h",
+            final_norm="ln_f",
+            embed_positions="wpe",
+            embed_dropout="drop",
+            rotary=None,
+            kv_layout=_multi_head_kv,
+        ),
+        Architecture(
+            "gpt_neox",
+            backbone="gpt_neox",
+            embed_tokens="embed_in",
+            final_norm="final_layer_norm",
+            embed_dropout="emb_dropout",
+            kv_layout=_multi_head_kv,
+            cache_keyword="layer_past",
+        ),
+        Architecture("deepseek_v3", kv_layout=_latent_kv),
+    )
 }
 
 
@@ -126,21 +240,35 @@ class ModelDims:
     hidden_size: int
     """Width d of the hidden states."""
     num_kv_heads: int
-    """Key/value heads per layer (fewer than attention heads under grouped-query attention)."""
+    """Key/value heads of the prefix tensor: the most any layer caches."""
     head_dim: int
-    """Width of one attention head."""
+    """Head width of the prefix tensor: the widest key or value any layer caches."""
     vocab_size: int
     """Rows of the LM head."""
+    layer_kv: tuple[LayerKV, ...] = ()
+    """What each layer caches; narrower layers use the leading heads and columns of the prefix tensor."""
+
+    @property
+    def uniform(self) -> bool:
+        """True when every layer caches exactly (num_kv_heads, head_dim) for keys and for values."""
+        full = LayerKV(self.num_kv_heads, self.head_dim, self.head_dim)
+        return all(layer == full for layer in self.layer_kv)
 
 
 def model_dims(config: PretrainedConfig) -> ModelDims:
     """Read the split- and prefix-relevant sizes from any supported config."""
-    architecture_of(config)
-    heads = config.num_attention_heads
+    layers = tuple(architecture_of(config).kv_layout(config))
     return ModelDims(
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        num_kv_heads=max(layer.num_kv_heads for layer in layers),
+        head_dim=max(max(layer.key_dim, layer.value_dim) for layer in layers),
         vocab_size=config.vocab_size,
+        layer_kv=layers,
     )
+
+
+def scale_embeddings(config: PretrainedConfig, embeddings: torch.Tensor) -> torch.Tensor:
+    """Apply the family's embedding scale, if it has one outside the embedding module. (B, T, d)"""
+    scale = architecture_of(config).embedding_scale(config)
+    return embeddings if scale is None else embeddings * scale

@@ -20,7 +20,7 @@ from transformers import Cache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from splitprefix.errors import ConfigError, ShapeMismatchError
-from splitprefix.model.registry import architecture_of
+from splitprefix.model.registry import SLIDING, architecture_of, scale_embeddings
 
 HeadPlacement = Literal["server", "client"]
 
@@ -65,12 +65,13 @@ class Embeddings(nn.Module):
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         arch = architecture_of(model.config)
+        self.config = model.config
         self.tokens = arch.part(model, arch.embed_tokens)
         self.positions = arch.optional_part(model, arch.embed_positions)
         self.dropout = arch.optional_part(model, arch.embed_dropout)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.tokens(input_ids)  # (B, T, d)
+        hidden = scale_embeddings(self.config, self.tokens(input_ids))  # (B, T, d)
         if self.positions is not None:
             hidden = hidden + self.positions(positions)
         return hidden if self.dropout is None else self.dropout(hidden)
@@ -81,24 +82,29 @@ class LayerStack(nn.Module):
 
     def __init__(self, model: PreTrainedModel, start: int, stop: int) -> None:
         super().__init__()
-        arch = architecture_of(model.config)
+        self.arch = architecture_of(model.config)
         self.config = model.config
         self.start, self.stop = start, stop
-        self.layers = nn.ModuleList(arch.layers_of(model)[start:stop])
-        self.rotary = arch.optional_part(model, arch.rotary)
-        self.sliding = arch.sliding_layers(model.config)[start:stop]
+        self.layers = nn.ModuleList(self.arch.layers_of(model)[start:stop])
+        self.rotary = self.arch.optional_part(model, self.arch.rotary)
+        self.layer_types = self.arch.layer_types(model.config)[start:stop]
 
     def forward(self, x: Activations, cache: Cache | None = None) -> torch.Tensor:
         """Run the layers on `x`, reading and extending `cache` for these layers. Returns (B, T, d)."""
         self._check_mask(x, cache)
-        masks = {sliding: self._mask(x, cache, sliding) for sliding in set(self.sliding)}
-        extra = {}
+        masks = {kind: self._mask(x, cache, kind) for kind in set(self.layer_types)}
+        rotary = {}
         if self.rotary is not None:
-            extra["position_embeddings"] = self.rotary(x.hidden, position_ids=x.positions)
+            rotary = self.arch.rotary_embeddings(self.rotary, x.hidden, x.positions, self.layer_types)
         hidden = x.hidden
-        for layer, sliding in zip(self.layers, self.sliding, strict=True):
+        for layer, kind in zip(self.layers, self.layer_types, strict=True):
+            extra = {} if self.rotary is None else {"position_embeddings": rotary[kind]}
             hidden = layer(
-                hidden, attention_mask=masks[sliding], position_ids=x.positions, cache=cache, **extra
+                hidden,
+                attention_mask=masks[kind],
+                position_ids=x.positions,
+                **{self.arch.cache_keyword: cache},
+                **extra,
             )
         return hidden
 
@@ -115,9 +121,9 @@ class LayerStack(nn.Module):
         if tuple(x.positions.shape) != (batch, new):
             raise ShapeMismatchError(f"positions must be {(batch, new)}; got {tuple(x.positions.shape)}")
 
-    def _mask(self, x: Activations, cache: Cache | None, sliding: bool) -> torch.Tensor | None:
-        make = create_sliding_window_causal_mask if sliding else create_causal_mask
-        first = self.start + self.sliding.index(sliding)  # size the mask against a layer of this kind
+    def _mask(self, x: Activations, cache: Cache | None, kind: str) -> torch.Tensor | None:
+        make = create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask
+        first = self.start + self.layer_types.index(kind)  # size the mask against a layer of this kind
         return make(
             config=self.config,
             inputs_embeds=x.hidden,
@@ -133,12 +139,17 @@ class Head(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
-        arch = architecture_of(model.config)
-        self.norm = arch.part(model, arch.final_norm)
+        self.arch = architecture_of(model.config)
+        self.config = model.config
+        self.norm = self.arch.part(model, self.arch.final_norm)
         self.lm_head = model.get_output_embeddings()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+        return self.logits(self.norm(hidden))
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) of normed hidden states, with the family's soft-cap or scaling applied."""
+        return self.arch.logit_transform(self.config, self.lm_head(normed))
 
 
 class Bottom(nn.Module):

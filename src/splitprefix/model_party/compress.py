@@ -134,8 +134,8 @@ class _Distiller:
         if kind in ("hidden", "both"):
             total = total + F.mse_loss(student, teacher)
         if kind in ("logits", "both"):
-            t_logp = F.log_softmax(self.teacher_head.lm_head(teacher), -1)
-            s_logp = F.log_softmax(self.student_head.lm_head(student), -1)
+            t_logp = F.log_softmax(self.teacher_head.logits(teacher), -1)
+            s_logp = F.log_softmax(self.student_head.logits(student), -1)
             total = total + F.kl_div(
                 s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean"
             )
