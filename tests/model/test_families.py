@@ -5,7 +5,8 @@ Per family variant, on one tiny model with non-default family-specific fields:
 - split equals whole, with and without a prefix;
 - prefix gradients through the split equal the whole model's;
 - greedy split generation over a real loopback server is token-identical to HF `generate` with the
-  same prefix as its cache (the sliding windows are shorter than prefix + prompt + new tokens);
+  same prefix as its cache (the sliding windows are shorter than prefix + prompt + new tokens), and
+  the server announces the prefix layout (per-layer key/value widths) of the whole model;
 - the emulator's bottom, norm and head are bit-identical to the full model's;
 - the PEFT adapter round trip, where PEFT's prefix tuning can hold the family's prefix.
 """
@@ -19,11 +20,12 @@ from peft import PeftModel
 from conftest import random_batch
 from families import FAMILY_VARIANTS
 from live_server import LiveServer
-from split_helpers import SPLIT_AT, make_dirs, seeded_prefix, server_settings
+from split_helpers import PREFIX_LEN, SPLIT_AT, make_dirs, seeded_prefix, server_settings
 from splitprefix.data_party.generate import GenerationConfig, SplitModel
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.model.loading import load_causal_lm
 from splitprefix.model.peft_io import export_peft, import_peft, peft_unsupported
+from splitprefix.model.prefix import PrefixConfig
 from splitprefix.model.prefixed import forward_split, forward_with_prefix, generate_with_prefix
 from splitprefix.model.registry import ARCHITECTURES
 from splitprefix.model.split import Bottom, Head, split_model, token_positions
@@ -117,6 +119,13 @@ def test_greedy_split_generation_over_the_server_equals_hf_generate(family, serv
 
     # Assert
     assert torch.equal(generated, expected)
+
+
+def test_the_server_announces_the_prefix_layout_of_the_whole_model(family, server):
+    _, dirs, whole = family
+    with SplitModel.open(dirs.emulator, ClientSettings(server.url)) as model:
+        announced = model.split.prefix_config(PREFIX_LEN)
+    assert announced == PrefixConfig.for_model(whole.config, PREFIX_LEN)
 
 
 def test_the_emulator_keeps_bottom_norm_and_head_bit_identical(family):
