@@ -220,11 +220,16 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+def supported_architectures() -> list[str]:
+    """The `model_type`s the registry serves, sorted."""
+    return sorted(ARCHITECTURES)
+
+
 def architecture_of(config: PretrainedConfig) -> Architecture:
     """The registry entry for `config.model_type`, or a clear error listing what is supported."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        supported = ", ".join(sorted(ARCHITECTURES))
+        supported = ", ".join(supported_architectures())
         raise UnsupportedArchitectureError(
             f"model_type {model_type!r} is not supported; supported architectures: {supported}"
         )
