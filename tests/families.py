@@ -15,6 +15,7 @@ from typing import Any
 from transformers import (
     CohereConfig,
     DeepseekV3Config,
+    FalconConfig,
     Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
@@ -232,6 +233,41 @@ def _deepseek_v3(num_layers: int, vocab: int) -> PretrainedConfig:
     )
 
 
+_FALCON_SIZES = dict(
+    hidden_size=64,
+    ffn_hidden_size=96,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def _falcon_rotary(num_layers: int, vocab: int) -> PretrainedConfig:
+    return FalconConfig(
+        **_FALCON_SIZES,
+        vocab_size=vocab,
+        num_hidden_layers=num_layers,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        num_ln_in_parallel_attn=2,
+        bias=True,
+        rope_parameters=dict(rope_type="default", rope_theta=5000.0),
+    )
+
+
+def _falcon_alibi(num_layers: int, vocab: int) -> PretrainedConfig:
+    return FalconConfig(
+        **_FALCON_SIZES,
+        vocab_size=vocab,
+        num_hidden_layers=num_layers,
+        alibi=True,
+        multi_query=False,
+        parallel_attn=False,
+    )
+
+
 FAMILY_VARIANTS: dict[str, tuple[str, Callable[[int, int], PretrainedConfig]]] = {
     "llama-llama3": ("llama", _llama3),
     "llama-yarn": ("llama", _llama_yarn),
@@ -249,6 +285,8 @@ FAMILY_VARIANTS: dict[str, tuple[str, Callable[[int, int], PretrainedConfig]]] =
     "gpt2-scaled": ("gpt2", _gpt2),
     "gpt_neox": ("gpt_neox", _gpt_neox),
     "deepseek_v3": ("deepseek_v3", _deepseek_v3),
+    "falcon-rotary": ("falcon", _falcon_rotary),
+    "falcon-alibi": ("falcon", _falcon_alibi),
 }
 """Variant id -> (registry family, builder(num_layers, vocab_size)). Ids differ from the plain
 configs of conftest.ARCHS, which the older per-architecture tests use."""

@@ -9,17 +9,22 @@ the keyword a layer takes its cache by. Adding a family means adding one `Archit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
 from splitprefix.errors import UnsupportedArchitectureError
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 PositionEmbeddings = tuple[torch.Tensor, torch.Tensor]
+Masks = dict[str, torch.Tensor | None]
+"""The attention mask of each layer type, as `create_causal_mask` builds it."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,16 @@ def _multi_head_kv(config: PretrainedConfig) -> list[LayerKV]:
     ] * config.num_hidden_layers
 
 
+def _falcon_kv(config: PretrainedConfig) -> list[LayerKV]:
+    # Falcon's new decoder architecture broadcasts its kv heads to every query head before caching;
+    # the old one caches one head under multi-query attention, else num_kv_heads.
+    heads = config.num_attention_heads
+    kv_heads = config.num_kv_heads if not config.multi_query else 1
+    kv_heads = heads if config.new_decoder_architecture else kv_heads
+    head_dim = config.hidden_size // heads
+    return [LayerKV(kv_heads, head_dim, head_dim)] * config.num_hidden_layers
+
+
 def _latent_kv(config: PretrainedConfig) -> list[LayerKV]:
     # DeepSeek-V3's multi-head latent attention caches the compressed latents, not expanded heads:
     # as "keys" the normalised kv latent (kv_lora_rank wide), as "values" the shared rotary key
@@ -91,6 +106,45 @@ def _rotary_per_layer_type(
 ) -> dict[str, PositionEmbeddings]:
     # Gemma 3: local (sliding) and global layers rotate with different bases.
     return {kind: rotary(hidden, positions, kind) for kind in set(layer_types)}
+
+
+# --- what layers take besides hidden states, masks, positions and the cache ------------------------
+
+
+def _no_extra_inputs(
+    config: PretrainedConfig, hidden: torch.Tensor, attention_mask: torch.Tensor, masks: Masks
+) -> tuple[Masks, dict[str, Any]]:
+    return masks, {}
+
+
+def _falcon_alibi(
+    config: PretrainedConfig, hidden: torch.Tensor, attention_mask: torch.Tensor, masks: Masks
+) -> tuple[Masks, dict[str, Any]]:
+    """Falcon's layers take `alibi`; with ALiBi on, its bias is also fused into the (materialised)
+    masks, as FalconModel.forward does. `attention_mask` (B, S) covers prefix, past and new tokens."""
+    if not config.alibi:
+        return masks, {"alibi": None}
+    alibi = build_alibi_tensor(attention_mask, config.num_attention_heads, dtype=hidden.dtype)  # (B*H, 1, S)
+    per_batch = alibi.reshape(hidden.shape[0], -1, *alibi.shape[1:])  # (B, H, 1, S)
+    lowest = torch.finfo(hidden.dtype).min
+    scale = math.sqrt(config.hidden_size // config.num_attention_heads)
+    fused: Masks = {}
+    for kind, mask in masks.items():
+        if mask is None or mask.ndim != 4:
+            fused[kind] = mask
+            continue
+        if mask.dtype == torch.bool:
+            mask = torch.where(mask, torch.full((), 0.0, device=mask.device, dtype=hidden.dtype), lowest)
+        fused[kind] = torch.masked_fill(per_batch / scale, mask < -1, lowest)
+    return fused, {"alibi": alibi}
+
+
+def _hidden_states(output: Any) -> torch.Tensor:
+    return output
+
+
+def _first_of_tuple(output: Any) -> torch.Tensor:
+    return output[0]  # Falcon's layers return (hidden states, attention weights)
 
 
 # --- embedding scale and logit transforms -----------------------------------------------------------
@@ -156,7 +210,13 @@ class Architecture:
     kv_layout: Callable[[PretrainedConfig], list[LayerKV]] = _grouped_query_kv
     """The key/value cache shape of every layer, read as the family's attention reads its config."""
     cache_keyword: str = "cache"
-    """Keyword a decoder layer takes the cache by (GPT-NeoX: `layer_past`)."""
+    """Keyword a decoder layer takes the cache by (GPT-NeoX, Falcon: `layer_past`)."""
+    layer_inputs: Callable[..., tuple[Masks, dict[str, Any]]] = _no_extra_inputs
+    """(config, hidden, 2D mask, masks) -> masks and extra layer keywords (Falcon: `alibi`)."""
+    materialise_masks: bool = False
+    """Build 4D masks even where sdpa could skip them (Falcon adds ALiBi onto them)."""
+    layer_output: Callable[[Any], torch.Tensor] = _hidden_states
+    """The hidden states in what a decoder layer returns."""
 
     def backbone_of(self, model: PreTrainedModel) -> nn.Module:
         return getattr(model, self.backbone)
@@ -216,6 +276,18 @@ ARCHITECTURES: dict[str, Architecture] = {
             cache_keyword="layer_past",
         ),
         Architecture("deepseek_v3", kv_layout=_latent_kv),
+        Architecture(
+            "falcon",
+            backbone="transformer",
+            embed_tokens="word_embeddings",
+            layers="h",
+            final_norm="ln_f",
+            kv_layout=_falcon_kv,
+            cache_keyword="layer_past",
+            layer_inputs=_falcon_alibi,
+            materialise_masks=True,
+            layer_output=_first_of_tuple,
+        ),
     )
 }
 

@@ -93,19 +93,22 @@ class LayerStack(nn.Module):
         """Run the layers on `x`, reading and extending `cache` for these layers. Returns (B, T, d)."""
         self._check_mask(x, cache)
         masks = {kind: self._mask(x, cache, kind) for kind in set(self.layer_types)}
+        masks, extra = self.arch.layer_inputs(self.config, x.hidden, x.attention_mask, masks)
         rotary = {}
         if self.rotary is not None:
             rotary = self.arch.rotary_embeddings(self.rotary, x.hidden, x.positions, self.layer_types)
         hidden = x.hidden
         for layer, kind in zip(self.layers, self.layer_types, strict=True):
-            extra = {} if self.rotary is None else {"position_embeddings": rotary[kind]}
-            hidden = layer(
+            position = {} if self.rotary is None else {"position_embeddings": rotary[kind]}
+            out = layer(
                 hidden,
                 attention_mask=masks[kind],
                 position_ids=x.positions,
                 **{self.arch.cache_keyword: cache},
+                **position,
                 **extra,
             )
+            hidden = self.arch.layer_output(out)
         return hidden
 
     def _check_mask(self, x: Activations, cache: Cache | None) -> None:
@@ -131,6 +134,7 @@ class LayerStack(nn.Module):
             cache=cache,
             position_ids=x.positions,
             layer_idx=first,
+            allow_is_causal_skip=not self.arch.materialise_masks,
         )
 
 
