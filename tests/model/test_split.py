@@ -130,9 +130,16 @@ def test_unsupported_architecture_lists_supported_ones():
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(
         UnsupportedArchitectureError,
-        match=r"'opt'.*deepseek_v3, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama",
+        match=r"'opt'.*deepseek_v3, falcon, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama",
     ):
         split_model(model, 1)
+
+
+def test_an_option_the_registry_entry_does_not_implement_is_rejected():
+    config = tiny_config("gemma3_text")
+    config.use_bidirectional_attention = True
+    with pytest.raises(UnsupportedArchitectureError, match="use_bidirectional_attention"):
+        split_model(AutoModelForCausalLM.from_config(config), 1)
 
 
 def test_mask_that_omits_the_prefix_is_rejected():

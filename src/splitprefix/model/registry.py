@@ -147,6 +147,19 @@ def _first_of_tuple(output: Any) -> torch.Tensor:
     return output[0]  # Falcon's layers return (hidden states, attention weights)
 
 
+# --- configurations a family's entry does not serve ----------------------------------------------
+
+
+def _any_config(config: PretrainedConfig) -> str | None:
+    return None
+
+
+def _causal_gemma3(config: PretrainedConfig) -> str | None:
+    if getattr(config, "use_bidirectional_attention", False):
+        return "use_bidirectional_attention=True (the split builds causal masks only)"
+    return None
+
+
 # --- embedding scale and logit transforms -----------------------------------------------------------
 
 
@@ -217,6 +230,8 @@ class Architecture:
     """Build 4D masks even where sdpa could skip them (Falcon adds ALiBi onto them)."""
     layer_output: Callable[[Any], torch.Tensor] = _hidden_states
     """The hidden states in what a decoder layer returns."""
+    unsupported: Callable[[PretrainedConfig], str | None] = _any_config
+    """Why this entry cannot serve a config of its family (an option it does not implement), or None."""
 
     def backbone_of(self, model: PreTrainedModel) -> nn.Module:
         return getattr(model, self.backbone)
@@ -250,6 +265,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             layer_types=_from_layer_types,
             logit_transform=_final_softcap,
             rotary_embeddings=_rotary_per_layer_type,
+            unsupported=_causal_gemma3,
         ),
         Architecture(
             "granite", embedding_scale=_embedding_multiplier, logit_transform=_divide_by_logits_scaling
@@ -305,7 +321,11 @@ def architecture_of(config: PretrainedConfig) -> Architecture:
         raise UnsupportedArchitectureError(
             f"model_type {model_type!r} is not supported; supported architectures: {supported}"
         )
-    return ARCHITECTURES[model_type]
+    entry = ARCHITECTURES[model_type]
+    reason = entry.unsupported(config)
+    if reason is not None:
+        raise UnsupportedArchitectureError(f"{model_type} with {reason} is not supported")
+    return entry
 
 
 @dataclass(frozen=True)
