@@ -109,7 +109,8 @@ def _qwen3_moe(num_layers: int, vocab: int) -> PretrainedConfig:
         num_experts_per_tok=2,
         moe_intermediate_size=32,
         norm_topk_prob=False,
-        mlp_only_layers=[0],  # a dense bottom layer; the emulator keeps bottom layers in place
+        decoder_sparse_step=2,  # layers 1 and 3 on the sparse grid, then layer 1 made dense:
+        mlp_only_layers=[1],  # the emulator (layers 0, 1, 3) must renumber the pattern
     )
 
 

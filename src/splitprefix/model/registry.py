@@ -9,6 +9,7 @@ the keyword a layer takes its cache by. Adding a family means adding one `Archit
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -147,6 +148,29 @@ def _first_of_tuple(output: Any) -> torch.Tensor:
     return output[0]  # Falcon's layers return (hidden states, attention weights)
 
 
+# --- per-layer config fields, for a model that keeps only some layers (the emulator) -------------
+
+
+def _no_layer_fields(config: PretrainedConfig, kept: list[int]) -> None:
+    return None
+
+
+def _qwen3_moe_sparse_layers(config: PretrainedConfig, kept: list[int]) -> None:
+    # A layer is sparse unless listed in mlp_only_layers or off the decoder_sparse_step grid; list
+    # the kept dense layers explicitly, since the grid does not survive renumbering.
+    dense = [
+        new
+        for new, old in enumerate(kept)
+        if old in config.mlp_only_layers or config.num_experts == 0 or (old + 1) % config.decoder_sparse_step
+    ]
+    config.mlp_only_layers, config.decoder_sparse_step = dense, 1
+
+
+def _deepseek_dense_layers(config: PretrainedConfig, kept: list[int]) -> None:
+    # Layers below first_k_dense_replace are dense; `kept` is sorted, so they stay a leading block.
+    config.first_k_dense_replace = sum(old < config.first_k_dense_replace for old in kept)
+
+
 # --- configurations a family's entry does not serve ----------------------------------------------
 
 
@@ -230,6 +254,9 @@ class Architecture:
     """Build 4D masks even where sdpa could skip them (Falcon adds ALiBi onto them)."""
     layer_output: Callable[[Any], torch.Tensor] = _hidden_states
     """The hidden states in what a decoder layer returns."""
+    keep_layer_fields: Callable[[PretrainedConfig, list[int]], None] = _no_layer_fields
+    """Rewrite, in place, the family's per-layer config fields beyond `layer_types` for a model
+    that keeps only the original layers `kept`."""
     unsupported: Callable[[PretrainedConfig], str | None] = _any_config
     """Why this entry cannot serve a config of its family (an option it does not implement), or None."""
 
@@ -254,7 +281,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("llama"),
         Architecture("qwen2", layer_types=_from_layer_types),
         Architecture("qwen3", layer_types=_from_layer_types),
-        Architecture("qwen3_moe", layer_types=_sliding_if_window),
+        Architecture("qwen3_moe", layer_types=_sliding_if_window, keep_layer_fields=_qwen3_moe_sparse_layers),
         Architecture("mistral", layer_types=_sliding_if_window),
         Architecture("mixtral", layer_types=_sliding_if_window),
         Architecture("phi3", layer_types=_sliding_if_window),
@@ -291,7 +318,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             kv_layout=_multi_head_kv,
             cache_keyword="layer_past",
         ),
-        Architecture("deepseek_v3", kv_layout=_latent_kv),
+        Architecture("deepseek_v3", kv_layout=_latent_kv, keep_layer_fields=_deepseek_dense_layers),
         Architecture(
             "falcon",
             backbone="transformer",
@@ -311,6 +338,17 @@ ARCHITECTURES: dict[str, Architecture] = {
 def supported_architectures() -> list[str]:
     """The `model_type`s the registry serves, sorted."""
     return sorted(ARCHITECTURES)
+
+
+def config_keeping_layers(config: PretrainedConfig, kept: list[int]) -> PretrainedConfig:
+    """A copy of `config` for a model made of the original layers `kept` (sorted), in that order."""
+    arch = architecture_of(config)
+    out = copy.deepcopy(config)
+    out.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None):
+        out.layer_types = [config.layer_types[i] for i in kept]
+    arch.keep_layer_fields(out, kept)
+    return out
 
 
 def architecture_of(config: PretrainedConfig) -> Architecture:
