@@ -108,7 +108,7 @@ def _qwen3_moe(num_layers: int, vocab: int) -> PretrainedConfig:
         num_experts=4,
         num_experts_per_tok=2,
         moe_intermediate_size=32,
-        norm_topk_prob=False,
+        norm_topk_prob=True,
         decoder_sparse_step=2,  # layers 1 and 3 on the sparse grid, then layer 1 made dense:
         mlp_only_layers=[1],  # the emulator (layers 0, 1, 3) must renumber the pattern
     )
@@ -231,6 +231,16 @@ def _deepseek_v3(num_layers: int, vocab: int) -> PretrainedConfig:
         topk_group=1,
         first_k_dense_replace=1,
         routed_scaling_factor=1.5,
+        norm_topk_prob=False,
+        rope_interleave=False,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=4.0,
+            original_max_position_embeddings=32,
+            mscale=1.0,
+            mscale_all_dim=0.8,  # scales the attention, not only the rotary embedding
+        ),
     )
 
 

@@ -34,8 +34,8 @@ from splitprefix.model_party.app import create_app
 # fp32, the same ops in the same order as HF: observed differences are 0; the tolerance allows for
 # kernels that reorder a sum.
 EXACT = dict(atol=1e-6, rtol=1e-5)
-# Gradients: split and whole sum the loss over the same tokens in a different order.
-GRAD = dict(atol=1e-5, rtol=1e-5)
+# Gradients are about 1e-3 here; observed differences are 0, as for the logits.
+GRAD = dict(atol=1e-7, rtol=1e-5)
 PROMPT_LEN, NEW_TOKENS = 12, 8
 
 

@@ -2,9 +2,12 @@
 
 Every other module asks this registry where a model keeps its parts (embeddings, layers, final
 norm, rotary embedding) and how it runs them where families differ beyond names: embedding scale,
-logit transform, rotary embeddings per layer type, the shape of each layer's key/value cache, and
-the keyword a layer takes its cache by. Adding a family means adding one `Architecture` entry to
-`ARCHITECTURES`, and the family test in tests/model then covers it.
+logit transform, rotary embeddings per layer type, sliding-window layers, the shape of each
+layer's key/value cache, how a layer is called (cache keyword, extra inputs, what it returns) and
+which per-layer config fields an emulator renumbers. Each hook mirrors what the family's
+transformers code does outside its decoder layers. Adding a family means adding one
+`Architecture` entry to `ARCHITECTURES` and a tiny config to tests/families.py; the family test
+in tests/model then covers it.
 """
 
 from __future__ import annotations
