@@ -105,7 +105,7 @@ def load_top(
                 _materialise(part, aliases, reader, dtype, device)
                 _init_buffers(model, part, device)
             else:
-                part.to(device=device, dtype=dtype)
+                _move(part, dtype, device)
     tokenizer = load_tokenizer(path)
     return LoadedTop(
         model=model,
@@ -126,6 +126,22 @@ def _load_converted(path: Path) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _move(part: nn.Module, dtype: torch.dtype, device: str) -> None:
+    """Cast `part`'s parameters to `dtype` on `device`; computed buffers (rotary frequencies) keep
+    their dtype, as on the path that reads the top's tensors alone."""
+    for module in part.modules():
+        for local, param in list(module.named_parameters(recurse=False)):
+            setattr(
+                module,
+                local,
+                nn.Parameter(param.detach().to(device=device, dtype=dtype), requires_grad=False),
+            )
+        for local, buffer in list(module.named_buffers(recurse=False)):
+            module.register_buffer(
+                local, buffer.to(device), persistent=local not in module._non_persistent_buffers_set
+            )
 
 
 def _parameter_aliases(model: nn.Module) -> dict[int, list[str]]:
