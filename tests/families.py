@@ -136,6 +136,20 @@ def _phi3(num_layers: int, vocab: int) -> PretrainedConfig:
     )
 
 
+def _phi3_longrope(num_layers: int, vocab: int) -> PretrainedConfig:
+    # Phi-3 128k style: long factors once positions pass original_max_position_embeddings, which the
+    # family test's generation does (prefix 3 + prompt 12 + 8 new > 16)
+    rope = dict(
+        rope_type="longrope",
+        rope_theta=10000.0,
+        partial_rotary_factor=0.5,
+        short_factor=[1.0, 1.1, 1.2, 1.3],
+        long_factor=[2.0, 3.0, 4.0, 5.0],
+        original_max_position_embeddings=16,
+    )
+    return Phi3Config(**_sized(vocab_size=vocab, num_hidden_layers=num_layers), rope_parameters=rope)
+
+
 def _olmo2(num_layers: int, vocab: int) -> PretrainedConfig:
     return Olmo2Config(**_sized(vocab_size=vocab, num_hidden_layers=num_layers), attention_bias=True)
 
@@ -288,6 +302,7 @@ FAMILY_VARIANTS: dict[str, tuple[str, Callable[[int, int], PretrainedConfig]]] =
     "mistral-sliding": ("mistral", _mistral),
     "mixtral": ("mixtral", _mixtral),
     "phi3": ("phi3", _phi3),
+    "phi3-longrope": ("phi3", _phi3_longrope),
     "olmo2": ("olmo2", _olmo2),
     "gemma2": ("gemma2", _gemma2),
     "gemma3_text": ("gemma3_text", _gemma3),
