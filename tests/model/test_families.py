@@ -3,7 +3,8 @@ config in tests/families.py (the first test fails until it does).
 
 Per family variant, on one tiny model with non-default family-specific fields:
 - split equals whole, with and without a prefix;
-- prefix gradients through the split equal the whole model's;
+- prefix gradients through the split equal the whole model's, and two split-training steps over
+  the server equal two whole-model steps;
 - greedy split generation over a real loopback server is token-identical to HF `generate` with the
   same prefix as its cache (the sliding windows are shorter than prefix + prompt + new tokens), and
   the server announces the prefix layout (per-layer key/value widths) of the whole model;
@@ -20,10 +21,21 @@ from peft import PeftModel
 from conftest import random_batch
 from families import FAMILY_VARIANTS
 from live_server import LiveServer
-from split_helpers import PREFIX_LEN, SPLIT_AT, make_dirs, seeded_prefix, server_settings
+from split_helpers import (
+    PREFIX_LEN,
+    SPLIT_AT,
+    TIGHT,
+    encoded_examples,
+    make_dirs,
+    seeded_prefix,
+    server_settings,
+)
+from splitprefix.data.batching import resolve_pad_id
 from splitprefix.data_party.generate import GenerationConfig, SplitModel
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.model.loading import load_causal_lm
+from splitprefix.data_party.split_train import open_split
+from splitprefix.data_party.train import TrainConfig, local_loss_fn, train_prefix
+from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.peft_io import export_peft, import_peft, peft_unsupported
 from splitprefix.model.prefix import PrefixConfig
 from splitprefix.model.prefixed import forward_split, forward_with_prefix, generate_with_prefix
@@ -37,6 +49,7 @@ EXACT = dict(atol=1e-6, rtol=1e-5)
 # Gradients are about 1e-3 here; observed differences are 0, as for the logits.
 GRAD = dict(atol=1e-7, rtol=1e-5)
 PROMPT_LEN, NEW_TOKENS = 12, 8
+TWO_STEPS = TrainConfig(steps=2, batch_size=4, warmup_steps=1, lr=5e-2, checkpoint_every=0)
 
 
 def test_every_registry_family_has_a_tiny_variant():
@@ -119,6 +132,28 @@ def test_greedy_split_generation_over_the_server_equals_hf_generate(family, serv
 
     # Assert
     assert torch.equal(generated, expected)
+
+
+@pytest.mark.parametrize("head", ["server", "client"])
+def test_split_training_over_the_server_equals_whole_model_training(family, server, head):
+    # Prepare: two optimiser steps on the same examples and the same initial prefix
+    _, dirs, whole = family
+    tokenizer = load_tokenizer(dirs.full)
+    examples, pad = encoded_examples(tokenizer), resolve_pad_id(tokenizer)
+    expected = seeded_prefix(whole.config)
+    expected_losses = train_prefix(expected, local_loss_fn(whole), examples, pad, TWO_STEPS).losses
+
+    # Execute
+    session = open_split(dirs.emulator, ClientSettings(server.url, head=head))
+    try:
+        prefix = seeded_prefix(whole.config)
+        losses = train_prefix(prefix, session.loss_fn(), examples, pad, TWO_STEPS).losses
+    finally:
+        session.close()
+
+    # Assert
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), **TIGHT)
+    torch.testing.assert_close(prefix().detach(), expected().detach(), **TIGHT)
 
 
 def test_the_server_announces_the_prefix_layout_of_the_whole_model(family, server):
