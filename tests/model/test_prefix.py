@@ -170,3 +170,7 @@ def test_a_prefix_with_another_layout_does_not_fit():
 def test_layers_kv_wider_than_the_tensor_is_rejected():
     with pytest.raises(ConfigError, match="layers_kv must give 2"):
         PrefixConfig(2, 1, 8, 3, layers_kv=((1, 8, 8), (1, 9, 8)))
+
+
+def test_a_layout_without_padding_is_the_plain_config():
+    assert PrefixConfig(2, 1, 8, 3, layers_kv=[[1, 8, 8], [1, 8, 8]]) == PrefixConfig(2, 1, 8, 3)

@@ -41,9 +41,9 @@ class PrefixConfig:
     num_layers: int
     """Decoder layers L that get a prefix."""
     num_kv_heads: int
-    """Key/value heads per layer."""
+    """Key/value heads of the prefix tensor: the most any layer caches."""
     head_dim: int
-    """Width of one head."""
+    """Head width of the prefix tensor: the widest key or value any layer caches."""
     num_virtual_tokens: int
     """Virtual tokens P per layer."""
     projection_dim: int | None = None
@@ -61,10 +61,13 @@ class PrefixConfig:
         if self.projection_dim is not None and self.projection_dim < 1:
             raise ConfigError(f"projection_dim must be >= 1 or None; got {self.projection_dim}")
         if self.layers_kv is not None:
-            object.__setattr__(
-                self, "layers_kv", tuple(tuple(layer) for layer in self.layers_kv)
-            )  # JSON lists
+            # JSON gives lists; tuples keep the config comparable, and a layout without padding is None
+            layers = tuple(tuple(layer) for layer in self.layers_kv)
+            full = (self.num_kv_heads, self.head_dim, self.head_dim)
+            object.__setattr__(self, "layers_kv", layers)
             self._check_layers_kv()
+            if all(layer == full for layer in layers):
+                object.__setattr__(self, "layers_kv", None)
 
     def _check_layers_kv(self) -> None:
         layers = self.layers_kv or ()
