@@ -19,7 +19,7 @@ import torch
 from peft import PeftModel
 
 from conftest import random_batch
-from families import FAMILY_VARIANTS
+from families import FAMILY_VARIANTS, family_config
 from live_server import LiveServer
 from split_helpers import (
     PREFIX_LEN,
@@ -55,6 +55,8 @@ TWO_STEPS = TrainConfig(steps=2, batch_size=4, warmup_steps=1, lr=5e-2, checkpoi
 def test_every_registry_family_has_a_tiny_variant():
     covered = {family for family, _ in FAMILY_VARIANTS.values()}
     assert covered == set(ARCHITECTURES), f"no tiny config for {set(ARCHITECTURES) - covered}"
+    for variant, (family, _) in FAMILY_VARIANTS.items():
+        assert family_config(variant).model_type == family, variant
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILY_VARIANTS))
