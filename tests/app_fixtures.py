@@ -41,7 +41,7 @@ def client(backend):
         yield test_client
 
 
-def step_for(model, backend, head="server", step_id="step-1", **kwargs):
+def step_for(model, backend, head="client", step_id="step-1", **kwargs):
     return local_step(model, head, backend.top.bottom_sha256, step_id=step_id, **kwargs)
 
 

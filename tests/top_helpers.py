@@ -66,7 +66,7 @@ def local_step(
         "prefix_kv": kv[SPLIT_AT:].contiguous(),
     }
     if head == "server":
-        tensors[schemas.SUPERVISED] = mask
+        tensors[schemas.TARGETS] = next_targets(ids, mask)
     meta = {
         "protocol_version": schemas.PROTOCOL_VERSION,
         "step_id": step_id,
@@ -76,6 +76,14 @@ def local_step(
         "bottom_sha256": bottom_sha256,
     }
     return LocalStep(ids, mask, kv, tensors, meta)
+
+
+def next_targets(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T): each real position's next real token, -100 at the last one and on padding."""
+    targets = torch.full_like(ids, schemas.IGNORE_TARGET)
+    follows = mask[:, :-1].bool() & mask[:, 1:].bool()
+    targets[:, :-1][follows] = ids[:, 1:][follows]
+    return targets
 
 
 def blob(tensors: dict[str, torch.Tensor], meta: dict[str, Any], dtype: str = "fp32") -> bytes:

@@ -106,3 +106,16 @@ def test_generate_with_noise_but_no_clip_norm_is_refused(dirs, server):
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0
     assert "needs clip_norm" in str(result.exception)
+
+
+@pytest.mark.parametrize("command", ["train-offsite", "train", "eval", "generate", "gateway"])
+def test_every_data_party_command_takes_a_device_and_a_dtype(command):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "--device" in result.output and "--dtype" in result.output
+
+
+def test_a_device_this_machine_lacks_is_refused_with_what_to_do(tmp_path):
+    result = runner.invoke(app, ["eval", "builtin", "--data", str(tmp_path / "x.jsonl"), "--device", "gpu"])
+    assert result.exit_code != 0
+    assert "device must be cpu, cuda, cuda:N or mps; got 'gpu'" in str(result.exception) + result.output

@@ -129,7 +129,7 @@ def test_the_wire_carries_clipped_noised_states(dirs, server, monkeypatch):
     # Execute
     try:
         with torch.no_grad():
-            run_split(session.bottom, session.remote_top, ids, mask, kv, 2, None, session.privacy)
+            run_split(session.bottom, session.remote_top, ids, mask, kv, 2, session.privacy)
             session.privacy = None
             clean = run_split(session.bottom, _Capture(), ids, mask, kv, 2)
     finally:
@@ -149,5 +149,5 @@ class _Capture:
 
     head = "client"
 
-    def __call__(self, x, top_kv, supervised=None):
+    def __call__(self, x, top_kv):
         return x.hidden

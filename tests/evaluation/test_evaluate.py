@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from conftest import TOKENIZER_VOCAB, build_tiny_model, build_tiny_tokenizer
+from splitprefix.data.batching import resolve_pad_id
 from splitprefix.data.formats import Example
-from splitprefix.evaluation.evaluate import EvalConfig, evaluate, generate_answers
+from splitprefix.evaluation.evaluate import (
+    EvalConfig,
+    Scorer,
+    evaluate,
+    generate_answers,
+    greedy_generate,
+    local_scorer,
+)
 from splitprefix.evaluation.metrics import exact_match, normalize_answer, token_loss_sum
 from splitprefix.model.prefix import PrefixConfig
 from splitprefix.model.prefixed import forward_with_prefix
@@ -71,29 +79,37 @@ def test_token_loss_ignores_masked_labels():
     torch.testing.assert_close(total, torch.nn.functional.cross_entropy(logits[0, :1], labels[0, 1:2]))
 
 
-def test_greedy_generation_through_a_logits_function_matches_hf_generate(model_and_tokenizer):
-    # Prepare: the same model, once as a model (HF generate) and once as a logits function
+def _rerun_scorer(model, tok):
+    """The model as a `Scorer` that generates by rerunning the whole sequence per token."""
+    pad, eos = resolve_pad_id(tok), tok.eos_token_id
+
+    def logits_fn(ids, mask, prefix):
+        return forward_with_prefix(model, ids, mask, prefix)
+
+    def generate(ids, mask, kv, new):
+        return greedy_generate(logits_fn, ids, mask, kv, new, pad, eos)
+
+    return Scorer(local_scorer(model, pad).loss_sum, generate)
+
+
+def test_greedy_generation_by_reruns_matches_hf_generate(model_and_tokenizer):
+    # Prepare: the same model, once as a model (HF generate) and once rerun per token
     model, tok = model_and_tokenizer
     kv = torch.randn(PrefixConfig.for_model(model.config, 3).kv_shape)
     prompts = [e.prompt for e in EXAMPLES]
     config = EvalConfig(batch_size=3)
 
-    def logits_fn(ids, mask, prefix):
-        return forward_with_prefix(model, ids, mask, prefix)
-
     # Execute
     via_generate = generate_answers(model, tok, prompts, kv, 6, config)
-    via_logits = generate_answers(logits_fn, tok, prompts, kv, 6, config)
+    via_reruns = generate_answers(_rerun_scorer(model, tok), tok, prompts, kv, 6, config)
 
     # Assert
-    assert via_logits == via_generate
+    assert via_reruns == via_generate
 
 
-def test_evaluation_through_a_logits_function_matches_the_model(model_and_tokenizer):
+def test_evaluation_through_a_scorer_matches_the_model(model_and_tokenizer):
     model, tok = model_and_tokenizer
     kv = torch.randn(PrefixConfig.for_model(model.config, 2).kv_shape)
     direct = evaluate(model, tok, EXAMPLES, kv, EvalConfig(max_new_tokens=3))
-    via_fn = evaluate(
-        lambda i, m, p: forward_with_prefix(model, i, m, p), tok, EXAMPLES, kv, EvalConfig(max_new_tokens=3)
-    )
-    assert via_fn == direct
+    via_scorer = evaluate(_rerun_scorer(model, tok), tok, EXAMPLES, kv, EvalConfig(max_new_tokens=3))
+    assert via_scorer == direct

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import httpx
 import pytest
@@ -98,3 +99,36 @@ def test_a_real_server_on_loopback_serves_and_restarts(model_dir, model):
     assert recomputed.status_code == 200
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + schemas.HEALTH_PATH)
+
+
+@pytest.mark.parametrize("route", ["forward", "loss"])
+def test_a_request_whose_client_is_gone_does_not_use_the_model(model_dir, model, route, caplog):
+    # Prepare: the model is busy with another party's step, and we count the layers that run
+    backend = TopBackend(ServerSettings(model_dir, SPLIT_AT))
+    step = step_for(model, backend, head="client" if route == "forward" else "server")
+    path = schemas.FORWARD_PATH if route == "forward" else schemas.LOSS_PATH
+    ran = []
+    backend.top.stack.layers[0].register_forward_pre_hook(lambda *_: ran.append(1))
+    caplog.set_level(logging.INFO, logger="splitprefix.model_party.exchange")
+    with LiveServer(create_app(backend)) as server:
+        backend._lock.acquire()
+        try:
+            # Execute: the client gives up while its request waits for the model
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(
+                    server.url + path,
+                    content=blob(step.tensors, step.meta),
+                    headers=binary_headers(),
+                    timeout=0.5,
+                )
+            time.sleep(0.3)  # the server notices the closed connection
+        finally:
+            backend._lock.release()
+        deadline = time.monotonic() + 10
+        while "disconnected" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = httpx.post(server.url + path, content=blob(step.tensors, step.meta), headers=binary_headers())
+
+    # Assert: the dropped request never ran a layer; the next one is served
+    assert "disconnected during" in caplog.text
+    assert len(ran) == 1 and after.status_code == 200

@@ -52,7 +52,7 @@ def _long_prefix(t, m):
 
 
 FORWARD_CASES = {
-    "future-protocol": (_meta(protocol_version=2), 422, "unsupported_protocol", r"must be 1; got 2\. Use a"),
+    "future-protocol": (_meta(protocol_version=3), 422, "unsupported_protocol", r"must be 2; got 3\. Use a"),
     "no-protocol": (_drop_meta("protocol_version"), 422, "unsupported_protocol", "got None"),
     "no-step-id": (_drop_meta("step_id"), 422, "invalid_meta", "'step_id' must be a non-empty string"),
     "unknown-head": (_meta(head="middle"), 422, "invalid_meta", "'head' must be 'server' or 'client'"),
@@ -68,8 +68,7 @@ FORWARD_CASES = {
     "fingerprint": (_meta(bottom_sha256="0" * 64), 422, "fingerprint_mismatch", "come from another model"),
     "missing-tensor": (_drop("prefix_kv"), 422, "bad_tensor", r"missing \['prefix_kv'\], unexpected \[\]"),
     "extra-tensor": (_set("labels", torch.zeros(3, 7)), 422, "bad_tensor", r"unexpected \['labels'\]"),
-    "no-supervised": (_drop("supervised"), 422, "bad_tensor", r"missing \['supervised'\]"),
-    "supervised-for-client": (_meta(head="client"), 422, "bad_tensor", r"unexpected \['supervised'\]"),
+    "head-server": (_meta(head="server"), 422, "wrong_route", r"a head=server step goes to /v1/train/loss"),
     "hidden-width": (
         _set("hidden", lambda h: h[..., :32]),
         422,
@@ -145,7 +144,7 @@ def _grad(shape_change=None):
 
 
 BACKWARD_CASES = {
-    "old-protocol": (_meta(protocol_version=0), 422, "unsupported_protocol", "must be 1; got 0"),
+    "old-protocol": (_meta(protocol_version=1), 422, "unsupported_protocol", "must be 2; got 1"),
     "wrong-k": (_meta(split_at=1), 422, "split_mismatch", "split_at must be 2; got 1"),
     "fingerprint": (
         _meta(bottom_sha256="f" * 64),
@@ -153,13 +152,13 @@ BACKWARD_CASES = {
         "fingerprint_mismatch",
         r"ffffffffffff… is not this model's",
     ),
-    "other-head": (_meta(head="client"), 422, "invalid_meta", "was forwarded with head=server"),
+    "other-head": (_meta(head="server"), 422, "wrong_route", "serves head=client training steps"),
     "no-grad": (_drop("grad_output"), 422, "bad_tensor", r"missing \['grad_output'\]"),
     "grad-shape": (
         _set("grad_output", lambda g: g[:-1]),
         422,
         "bad_tensor",
-        r"grad_output must have shape the forward output's shape \(21, 320\); got \(20, 320\)",
+        r"grad_output must have shape the forward output's shape \(3, 7, 64\); got \(2, 7, 64\)",
     ),
     "grad-int": (
         _set("grad_output", lambda g: g.long()),
@@ -172,7 +171,7 @@ BACKWARD_CASES = {
         _set("hidden", torch.zeros(3, 7, 64)),
         422,
         "bad_tensor",
-        r"missing \['attention_mask', 'positions', 'prefix_kv', 'supervised'\]",
+        r"missing \['attention_mask', 'positions', 'prefix_kv'\]",
     ),
 }
 
@@ -195,13 +194,55 @@ def test_a_bad_backward_gets_a_4xx_and_keeps_the_graph(client, model, backend, c
     assert_a_valid_step_succeeds(client, model, backend)
 
 
+LOSS_CASES = {
+    "head-client": (
+        _meta(head="client"),
+        422,
+        "wrong_route",
+        r"a head=client step goes to /v1/train/forward",
+    ),
+    "no-targets": (_drop("targets"), 422, "bad_tensor", r"missing \['targets'\]"),
+    "targets-float": (_set("targets", lambda t: t.float()), 422, "bad_tensor", "targets must be an integer"),
+    "targets-shape": (_set("targets", lambda t: t[:, :5]), 422, "bad_tensor", r"targets must have shape"),
+    "targets-range": (
+        _set("targets", lambda t: t.clamp(min=0) + 10_000),
+        422,
+        "bad_tensor",
+        r"targets must be token ids in \[0, 320\) or -100",
+    ),
+    "targets-on-padding": (
+        _set("targets", lambda t: t.clamp(min=0)),
+        422,
+        "bad_tensor",
+        "targets must be -100 on padding",
+    ),
+    "grad-flag": (_meta(grad="yes"), 422, "invalid_meta", "'grad' must be true or false"),
+    "no-fingerprint": (_drop_meta("bottom_sha256"), 422, "invalid_meta", "'bottom_sha256' must be present"),
+}
+
+
+@pytest.mark.parametrize("case", LOSS_CASES)
+def test_a_bad_loss_request_gets_a_4xx_that_says_what_to_fix(client, model, backend, case):
+    # Prepare: a left-padded batch, so that some positions are padding
+    mutate, status, code, pattern = LOSS_CASES[case]
+    step = step_for(model, backend, head="server", step_id=f"bad-loss-{case}", padding="left")
+    tensors, meta = mutate(step.tensors, step.meta)
+
+    # Execute
+    response = post(client, schemas.LOSS_PATH, tensors, meta)
+
+    # Assert
+    assert_error(response, status, code, pattern)
+    assert post(client, schemas.LOSS_PATH, step.tensors, step.meta).status_code == 200
+
+
 def test_a_backward_for_an_unknown_step_without_inputs_gets_409(client, model, backend):
     step = step_for(model, backend, step_id="never-forwarded")
-    response = post(client, schemas.BACKWARD_PATH, {"grad_output": torch.ones(21, 320)}, step.meta)
+    response = post(client, schemas.BACKWARD_PATH, {"grad_output": torch.ones(3, 7, 64)}, step.meta)
     assert_error(response, 409, "graph_missing", "resend this backward with the forward inputs hidden, ")
     # the stateless path: the same backward with the inputs is recomputed
     recompute = post(
-        client, schemas.BACKWARD_PATH, {"grad_output": torch.ones(21, 320)} | step.tensors, step.meta
+        client, schemas.BACKWARD_PATH, {"grad_output": torch.ones(3, 7, 64)} | step.tensors, step.meta
     )
     assert recompute.status_code == 200, recompute.text
 
@@ -210,7 +251,7 @@ def test_a_party_cannot_run_the_backward_of_anothers_step(client, model, backend
     # Prepare
     step = step_for(model, backend, step_id="alice-only")
     post(client, schemas.FORWARD_PATH, step.tensors, step.meta, token=ALICE)
-    grad = {"grad_output": torch.ones(21, 320)}
+    grad = {"grad_output": torch.ones(3, 7, 64)}
 
     # Execute
     as_bob = post(client, schemas.BACKWARD_PATH, grad, step.meta, token=BOB)
@@ -276,7 +317,7 @@ def test_a_head_mode_the_server_does_not_offer_gets_422(model_dir, model):
     step = step_for(model, backend, head="server")
 
     # Execute
-    response = post(client, schemas.FORWARD_PATH, step.tensors, step.meta, token=None)
+    response = post(client, schemas.LOSS_PATH, step.tensors, step.meta, token=None)
 
     # Assert
     assert_error(response, 422, "head_not_enabled", r"head=server is not enabled .* ask for head=client")

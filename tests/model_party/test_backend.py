@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import build_tiny_model, build_tiny_tokenizer
 from splitprefix.errors import ConfigError
@@ -13,8 +14,10 @@ from splitprefix.model.prefixed import forward_with_prefix
 from splitprefix.model.registry import architecture_of
 from splitprefix.model.split import Bottom, Head
 from splitprefix.model_party.backend import TopBackend
+from splitprefix.model_party.graphs import SavedBytes
 from splitprefix.model_party.settings import ServerSettings
-from splitprefix.model_party.validation import RequestError
+from splitprefix.model_party.validation import RequestError, check_forward_inputs
+from splitprefix.wire import schemas
 from top_helpers import EXACT, GRADS, SPLIT_AT, local_step, save_model_dir
 
 
@@ -35,10 +38,9 @@ def served(tmp_path_factory):
     return get
 
 
-def _server_loss(model, output, step, head, weights):
-    """The data party's loss on the server's output: logits at supervised positions, weighted."""
-    logits = output if head == "server" else Head(model)(output)[step.mask.bool()]
-    return (logits * weights).sum()
+def _client_loss(model, output, step, weights):
+    """The data party's loss on the server's output: logits at real positions, weighted."""
+    return (Head(model)(output)[step.mask.bool()] * weights).sum()
 
 
 def test_top_loads_only_its_part_and_knows_the_whole_models_fingerprints(arch, served, tmp_path):
@@ -58,31 +60,28 @@ def test_top_loads_only_its_part_and_knows_the_whole_models_fingerprints(arch, s
 
 
 @pytest.mark.parametrize("padding", [None, "left", "right"])
-@pytest.mark.parametrize("head", ["server", "client"])
-def test_top_output_equals_the_whole_model(arch, served, head, padding):
+def test_top_output_equals_the_whole_model(arch, served, padding):
     # Prepare
     model, backend = served(arch)
-    step = local_step(model, head, backend.top.bottom_sha256, padding)
+    step = local_step(model, "client", backend.top.bottom_sha256, padding)
 
     # Execute
     out, reply = backend.forward(step.tensors, step.meta | {"keep_graph": False}, "alice")
     with torch.no_grad():
         expected = forward_with_prefix(model, step.ids, step.mask, step.kv)  # (B, T, V)
         real = step.mask.bool()
-        actual = out["output"] if head == "server" else Head(model)(out["output"])[real]
+        actual = Head(model)(out["output"])[real]
 
     # Assert
     assert reply["graph_held"] is False and reply["step_id"] == step.meta["step_id"]
-    assert out["output"].shape == (
-        (int(real.sum()), model.config.vocab_size) if head == "server" else (3, 7, 64)
-    )
+    assert out["output"].shape == (3, 7, 64)
     torch.testing.assert_close(actual, expected[real], **EXACT)
 
 
 def test_an_empty_prefix_gives_the_base_model(served):
     # Prepare
     model, backend = served("llama")
-    step = local_step(model, "server", backend.top.bottom_sha256, "left", prefix_len=0)
+    step = local_step(model, "client", backend.top.bottom_sha256, "left", prefix_len=0)
 
     # Execute
     out, _ = backend.forward(step.tensors, step.meta | {"step_id": "no-prefix"}, "alice")
@@ -93,12 +92,14 @@ def test_an_empty_prefix_gives_the_base_model(served):
     # Assert
     with torch.no_grad():
         expected = forward_with_prefix(model, step.ids, step.mask, None)
-    torch.testing.assert_close(out["output"], expected[step.mask.bool()], **EXACT)
+        actual = Head(model)(out["output"])
+    torch.testing.assert_close(actual[step.mask.bool()], expected[step.mask.bool()], **EXACT)
     assert grads["grad_prefix_kv"].shape == (2, 2, model.config.num_key_value_heads, 0, 16)
 
 
-def _whole_model_grads(model, step, head, weights):
-    """Gradients of the data party's loss w.r.t. the layer-K hidden states and the top prefix, whole model."""
+def _whole_model_grads(model, step, loss_of_logits):
+    """The loss of the whole model's logits (B, T, V) and its gradients w.r.t. the layer-K hidden
+    states and the top prefix."""
     kv = step.kv.clone().requires_grad_(True)
     captured = {}
 
@@ -112,24 +113,26 @@ def _whole_model_grads(model, step, head, weights):
         logits = forward_with_prefix(model, step.ids, step.mask, kv)
     finally:
         handle.remove()
-    (logits[step.mask.bool()] * weights).sum().backward()
-    return captured["hidden"].grad, kv.grad[SPLIT_AT:]
+    loss = loss_of_logits(logits)
+    loss.backward()
+    return loss.detach(), captured["hidden"].grad, kv.grad[SPLIT_AT:]
 
 
 @pytest.mark.parametrize("path", ["held", "recompute"])
-@pytest.mark.parametrize("head", ["server", "client"])
-def test_backward_equals_autograd_through_the_whole_model(arch, served, head, path):
+def test_backward_equals_autograd_through_the_whole_model(arch, served, path):
     # Prepare
     model, backend = served(arch)
-    step = local_step(model, head, backend.top.bottom_sha256, "left", step_id=f"grad-{head}-{path}")
+    step = local_step(model, "client", backend.top.bottom_sha256, "left", step_id=f"grad-{path}")
     weights = torch.randn(model.config.vocab_size, generator=torch.Generator().manual_seed(3))
-    expected_hidden, expected_kv = _whole_model_grads(model, step, head, weights)
+    _, expected_hidden, expected_kv = _whole_model_grads(
+        model, step, lambda logits: (logits[step.mask.bool()] * weights).sum()
+    )
 
     # Execute: forward, the data party's loss on the output, backward
     keep = path == "held"
     out, reply = backend.forward(step.tensors, step.meta | {"keep_graph": keep}, "alice")
     output = out["output"].requires_grad_(True)
-    (grad_output,) = torch.autograd.grad(_server_loss(model, output, step, head, weights), output)
+    (grad_output,) = torch.autograd.grad(_client_loss(model, output, step, weights), output)
     request = {"grad_output": grad_output} | ({} if keep else step.tensors)
     grads, _ = backend.backward(request, step.meta, "alice")
 
@@ -137,6 +140,33 @@ def test_backward_equals_autograd_through_the_whole_model(arch, served, head, pa
     assert reply["graph_held"] is keep
     torch.testing.assert_close(grads["grad_hidden"], expected_hidden, **GRADS)
     torch.testing.assert_close(grads["grad_prefix_kv"], expected_kv, **GRADS)
+
+
+@pytest.mark.parametrize("padding", [None, "left"])
+def test_the_head_server_loss_and_its_gradients_equal_the_whole_models(arch, served, padding):
+    # Prepare: the whole model's summed cross-entropy on the same targets
+    model, backend = served(arch)
+    step = local_step(model, "server", backend.top.bottom_sha256, padding, step_id="loss")
+    targets = step.tensors[schemas.TARGETS]
+    kept = targets != schemas.IGNORE_TARGET
+    expected_loss, expected_hidden, expected_kv = _whole_model_grads(
+        model, step, lambda logits: F.cross_entropy(logits[kept], targets[kept], reduction="sum")
+    )
+
+    # Execute: one round trip, and the same request asking for the loss alone
+    out, reply = backend.loss(step.tensors, step.meta, "alice")
+    plain, _ = backend.loss(step.tensors, step.meta | {"grad": False}, "alice")
+
+    # Assert: nothing of size V comes back
+    assert reply["n_tokens"] == int(kept.sum())
+    assert set(out) == {schemas.LOSS_SUM, schemas.GRAD_HIDDEN, schemas.GRAD_PREFIX} and set(plain) == {
+        "loss_sum"
+    }
+    torch.testing.assert_close(out["loss_sum"], expected_loss, **GRADS)
+    torch.testing.assert_close(plain["loss_sum"], out["loss_sum"], rtol=0, atol=0)
+    torch.testing.assert_close(out["grad_hidden"], expected_hidden, **GRADS)
+    torch.testing.assert_close(out["grad_prefix_kv"], expected_kv, **GRADS)
+    assert len(backend.graphs) == 0  # one round trip: nothing is held
 
 
 def _expect_graph_missing(backend, step, client):
@@ -202,7 +232,7 @@ def test_a_sharded_checkpoint_loads_the_same_top(served, tmp_path):
 
     # Execute
     sharded = TopBackend(ServerSettings(tmp_path, SPLIT_AT, head="both"))
-    step = local_step(model, "server", backend.top.bottom_sha256)
+    step = local_step(model, "client", backend.top.bottom_sha256)
     expected, _ = backend.forward(step.tensors, step.meta | {"keep_graph": False}, "alice")
     actual, _ = sharded.forward(step.tensors, step.meta | {"keep_graph": False}, "alice")
 
@@ -231,3 +261,56 @@ def test_bf16_compute_stays_close_to_fp32(served, tmp_path):
     # Assert: results come back as fp32 and within bf16 precision
     assert out["output"].dtype == grads["grad_prefix_kv"].dtype == torch.float32
     torch.testing.assert_close(out["output"], reference["output"], atol=0.1, rtol=0.05)
+
+
+def test_the_server_computes_in_the_checkpoints_own_dtype_by_default(tmp_path):
+    # Prepare: a checkpoint stored in bf16
+    build_tiny_model("llama").to(torch.bfloat16).save_pretrained(tmp_path)
+    build_tiny_tokenizer().save_pretrained(tmp_path)
+
+    # Execute
+    backend = TopBackend(ServerSettings(tmp_path, SPLIT_AT))
+
+    # Assert
+    assert backend.dtype == torch.bfloat16
+    assert {p.dtype for p in backend.top.stack.parameters()} == {torch.bfloat16}
+
+
+def test_an_fp16_backward_scales_the_loss_so_small_gradients_survive(served):
+    # Prepare: gradients so small that fp16 flushes most of them to zero without scaling
+    model, backend = served("llama")
+    half = TopBackend(ServerSettings(backend.settings.model_dir, SPLIT_AT, dtype="fp16"))
+    step = local_step(model, "client", backend.top.bottom_sha256, step_id="fp16")
+    ones, tiny = torch.ones(3, 7, 64), torch.full((3, 7, 64), 1e-7)
+    graph = half._forward_with_graph(check_forward_inputs(step.tensors, half.shape))
+    (plain,) = torch.autograd.grad(graph.output, graph.inputs[1], tiny.half())
+    assert (plain == 0).float().mean() > 0.5  # the attack on an unscaled backward
+
+    # Execute
+    grads, _ = half.backward({"grad_output": tiny} | step.tensors, step.meta, "alice")
+    unit, _ = half.backward({"grad_output": ones} | step.tensors, step.meta, "alice")
+
+    # Assert: the scaled backward of 1e-7 is 1e-7 times the backward of 1, in fp32
+    for name in ("grad_hidden", "grad_prefix_kv"):
+        assert grads[name].dtype == torch.float32
+        torch.testing.assert_close(grads[name], unit[name] * 1e-7, rtol=0.05, atol=1e-10)
+
+
+def test_a_held_graph_keeps_about_one_hidden_state_per_layer(served):
+    # Prepare
+    model, backend = served("llama")
+    step = local_step(model, "client", backend.top.bottom_sha256, step_id="checkpointed")
+    inputs = check_forward_inputs(step.tensors, backend.shape)
+    everything = SavedBytes(backend._weights)
+    with torch.enable_grad(), everything.measure():
+        backend._run(inputs, requires_grad=True)  # the same forward, every activation saved
+
+    # Execute
+    graph = backend._forward_with_graph(inputs)
+
+    # Assert: inputs, output, one (B, T, d) state per layer and the masks and rotary tables (about
+    # one more), a fraction of all the activations
+    hidden, kv = graph.inputs
+    layers = len(backend.top.stack.layers)
+    assert graph.nbytes <= (layers + 3) * hidden.nbytes + kv.nbytes
+    assert graph.nbytes * 3 < everything.nbytes

@@ -14,7 +14,7 @@ from splitprefix.model_party.settings import ServerSettings
         ({"split_at": 0}, r"1 <= K < L .* got K=0"),
         ({"head": "middle"}, "head must be 'server', 'client' or 'both'; got 'middle'"),
         ({"port": 70000}, r"port must be in \[0, 65535\]; got 70000"),
-        ({"dtype": "fp64"}, "dtype must be 'fp32', 'bf16' or 'fp16'"),
+        ({"dtype": "fp64"}, "dtype must be 'auto', 'fp32', 'bf16' or 'fp16'"),
         ({"max_batch_size": 0}, "max_batch_size must be >= 1; got 0"),
         ({"max_request_bytes": -1}, "max_request_bytes must be >= 1"),
         ({"graph_ttl_s": 0}, "graph_ttl_s > 0"),

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from splitprefix.data.batching import EncodedExample
+from splitprefix.data.batching import IGNORE_INDEX, EncodedExample
 from splitprefix.data_party.privacy import HiddenPrivacy
 from splitprefix.data_party.split_train import wire_activations
 from splitprefix.model.prefix import prefix_cache
@@ -23,39 +24,34 @@ from splitprefix.wire.schemas import HeadMode
 
 
 class LocalTop(nn.Module):
-    """Layers [K, L) (and the head, for head=server) of the full model, called like `RemoteTop`.
+    """Layers [K, L) (and the head and loss, for head=server) of the full model, called like `RemoteTop`.
 
-    With `record_grads`, the gradient of every head=server logits output is kept in `logit_grads`:
-    that is the `grad_output` tensor the data party would send in its backward request.
+    `seen_targets` keeps every head=server request's targets (B, T): they travel in the clear.
     """
 
     def __init__(self, model: PreTrainedModel, split_at: int, head: HeadMode = "client") -> None:
         super().__init__()
         self.top = Top(model, split_at, head)
         self.split_at, self._head = split_at, head
-        self.record_grads = False
-        self.logit_grads: list[torch.Tensor] = []
+        self.seen_targets: list[torch.Tensor] = []
 
     @property
     def head(self) -> HeadMode:
         return self._head
 
-    def forward(
-        self, x: Activations, top_kv: torch.Tensor, supervised: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """head=client: last hidden states (B, T, d); head=server: logits (N, V) at `supervised`."""
+    def forward(self, x: Activations, top_kv: torch.Tensor) -> torch.Tensor:
+        """head=client: last hidden states (B, T, d); head=server: logits (B, T, V)."""
         batch, p = x.hidden.shape[0], top_kv.shape[3]
         config = self.top.stack.config
         cache = prefix_cache(top_kv, config, batch, first_layer=self.split_at) if p else None
-        out = self.top(x, cache)
-        if self._head == "client":
-            return out
-        if supervised is None:
-            raise ValueError("head=server needs the supervised positions")
-        logits = out[supervised.bool()]  # (N, V)
-        if self.record_grads and logits.requires_grad:
-            logits.register_hook(lambda grad: self.logit_grads.append(grad.detach()))
-        return logits
+        return self.top(x, cache)
+
+    def loss(self, x: Activations, top_kv: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """head=server: the summed cross-entropy of `targets` (B, T), as the server computes it."""
+        self.seen_targets.append(targets.detach())
+        supervised = targets != IGNORE_INDEX
+        logits = self(x, top_kv)[supervised]  # (N, V)
+        return F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
 
 
 @dataclass

@@ -26,14 +26,14 @@ from splitprefix.audit.inversion import InversionConfig, invert, public_sequence
 from splitprefix.audit.labels import label_recovery
 from splitprefix.audit.nearest import nearest_neighbour_attack
 from splitprefix.audit.observe import LocalTop, Observation, first_tokens, observe
-from splitprefix.data.batching import EncodedExample, encode_examples, resolve_pad_id
+from splitprefix.data.batching import Batch, EncodedExample, encode_examples, resolve_pad_id
 from splitprefix.data.formats import Example, load_jsonl
 from splitprefix.data_party.offsite import split_held_out
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
 from splitprefix.data_party.split_train import run_split, split_loss_fn
 from splitprefix.data_party.train import TrainConfig, train_prefix
 from splitprefix.errors import ConfigError
-from splitprefix.evaluation.evaluate import EvalConfig, LogitsFn, evaluate
+from splitprefix.evaluation.evaluate import EvalConfig, Scorer, evaluate, greedy_generate
 from splitprefix.model.emulator import MANIFEST_FILE, EmulatorManifest
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig
@@ -118,8 +118,7 @@ def run_audit(
 
 ATTACKER = (
     "The model party owns the full model and sees every wire tensor: the layer-K states, the mask, "
-    "the positions, its own layers' prefix and, with head=server, the supervised positions and the "
-    "logit gradients. It does not know the data party's prefix for layers [0, K), nor the noise "
+    "the positions, its own layers' prefix and, with head=server, the target tokens. It does not know the data party's prefix for layers [0, K), nor the noise "
     "seed; it knows C and sigma."
 )
 
@@ -230,19 +229,37 @@ def _utility(
     kv = prefix().detach()
     eval_config = EvalConfig(max_length=config.max_length)
     report = evaluate(
-        _logits_fn(bottom, top, head, k, session), target.tokenizer, target.held_out, kv, eval_config
+        _scorer(bottom, top, head, k, session, target.tokenizer),
+        target.tokenizer,
+        target.held_out,
+        kv,
+        eval_config,
     )
     utility = {key: report[key] for key in ("loss", "exact_match") if key in report}
     return kv, utility | {"final_train_loss": history.losses[-1], "steps": config.utility_steps}
 
 
-def _logits_fn(bottom: Bottom, top: LocalTop, head: Head, k: int, privacy: HiddenPrivacy | None) -> LogitsFn:
-    """Logits (B, T, V) through the privatised split, for evaluation."""
+def _scorer(
+    bottom: Bottom, top: LocalTop, head: Head, k: int, privacy: HiddenPrivacy | None, tokenizer: Any
+) -> Scorer:
+    """The privatised split for evaluation: its loss, and greedy generation by full reruns (the
+    audit's local stand-in for the server keeps no generation cache)."""
+    loss = split_loss_fn(bottom, top, head, k, privacy)
+    eos = tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, int) else None
+    pad_id = resolve_pad_id(tokenizer)
 
-    @torch.no_grad()
-    def logits(input_ids: torch.Tensor, token_mask: torch.Tensor, kv: torch.Tensor | None) -> torch.Tensor:
+    def logits(ids: torch.Tensor, mask: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return head(run_split(bottom, top, ids, mask, kv, k, privacy))  # (B, T, V)
+
+    def trained(kv: torch.Tensor | None) -> torch.Tensor:
         if kv is None:
             raise ConfigError("the audit evaluates a trained prefix")
-        return head(run_split(bottom, top, input_ids, token_mask, kv, k, None, privacy))
+        return kv
 
-    return logits
+    def loss_sum(batch: Batch, kv: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        return loss(batch, trained(kv))
+
+    def generate(ids: torch.Tensor, mask: torch.Tensor, kv: torch.Tensor | None, new: int) -> torch.Tensor:
+        return greedy_generate(logits, ids, mask, trained(kv), new, pad_id, eos)
+
+    return Scorer(loss_sum, generate)

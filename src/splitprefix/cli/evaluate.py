@@ -8,11 +8,19 @@ from typing import Any
 
 import typer
 
-from splitprefix.cli.train import TOKEN_ENV, client_settings, privacy_config
+from splitprefix.cli.train import (
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    TOKEN_ENV,
+    client_settings,
+    privacy_config,
+    runtime_settings,
+)
 from splitprefix.data.formats import Example
 from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.evaluation.evaluate import EvalConfig
+from splitprefix.runtime import RuntimeSettings
 
 
 def eval_command(
@@ -35,18 +43,21 @@ def eval_command(
     clip: float | None = typer.Option(None, "--clip", help="With --server: clip each sent state to norm C."),
     noise: float = typer.Option(0.0, "--noise", help="With --server: noise of std noise * C on sent states."),
     noise_seed: int = typer.Option(0, "--noise-seed", help="With --server: seed of the noise."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
 ) -> None:
     """Evaluate MODEL (optionally with --prefix) on --data: loss, perplexity, n_tokens, exact_match."""
     from splitprefix.data.formats import load_jsonl
 
     config = EvalConfig(batch_size, max_length, max_new_tokens, not no_exact_match)
+    runtime = runtime_settings(device, dtype)  # settings first: a typo fails before any loading
     examples = load_jsonl(data)
     if server is None:
-        report = _evaluate_whole(model, examples, prefix, config)
+        report = _evaluate_whole(model, examples, prefix, config, runtime)
     else:
         settings = client_settings(server, token, head, wire_dtype)
         privacy = privacy_config(clip, noise, noise_seed)
-        report = _evaluate_split(model, settings, examples, prefix, config, privacy)
+        report = _evaluate_split(model, settings, examples, prefix, config, privacy, runtime)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -58,13 +69,13 @@ def eval_command(
 
 
 def _evaluate_whole(
-    model: str, examples: list[Example], prefix: Path | None, config: EvalConfig
+    model: str, examples: list[Example], prefix: Path | None, config: EvalConfig, runtime: RuntimeSettings
 ) -> dict[str, Any]:
     from splitprefix.evaluation.evaluate import evaluate
     from splitprefix.model.loading import load_causal_lm, load_tokenizer
     from splitprefix.model.prefix import Prefix
 
-    lm = load_causal_lm(model)
+    lm = load_causal_lm(model, runtime.torch_dtype, device=runtime.device)
     kv = None
     if prefix is not None:
         loaded = Prefix.load(prefix)
@@ -80,18 +91,19 @@ def _evaluate_split(
     prefix: Path | None,
     config: EvalConfig,
     privacy: PrivacyConfig | None,
+    runtime: RuntimeSettings,
 ) -> dict[str, Any]:
     from splitprefix.data_party.split_train import open_split
     from splitprefix.evaluation.evaluate import evaluate
     from splitprefix.model.prefix import Prefix
 
-    session = open_split(emulator, settings, privacy)
+    session = open_split(emulator, settings, privacy, runtime)
     try:
         kv = None
         if prefix is not None:
             loaded = Prefix.load(prefix).fold()
             session.check_prefix(loaded, f"the prefix {prefix}")
             kv = loaded().detach()
-        return evaluate(session.logits_fn(), session.tokenizer, examples, kv, config)
+        return evaluate(session.scorer(), session.tokenizer, examples, kv, config)
     finally:
         session.close()

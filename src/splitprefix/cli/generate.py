@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from splitprefix.cli.train import TOKEN_ENV, client_settings, privacy_config
+from splitprefix.cli.train import (
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    TOKEN_ENV,
+    client_settings,
+    privacy_config,
+    runtime_settings,
+)
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.sampling import GenerationConfig
 
@@ -48,6 +55,8 @@ def generate_command(
     clip: float | None = _CLIP,
     noise: float = _NOISE,
     noise_seed: int = _NOISE_SEED,
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
 ) -> None:
     """Data party: continue PROMPT through the split model and stream the text to the terminal.
 
@@ -67,7 +76,8 @@ def generate_command(
         seed=seed,
         stop=tuple(stop or ()),
     )
-    with SplitModel.open(emulator, settings, prefix, privacy_config(clip, noise, noise_seed)) as model:
+    privacy, runtime = privacy_config(clip, noise, noise_seed), runtime_settings(device, dtype)
+    with SplitModel.open(emulator, settings, prefix, privacy, runtime) as model:
         model.generate(prompt, config, on_text=lambda _, text: typer.echo(text, nl=False))
     typer.echo()
 
@@ -89,6 +99,8 @@ def gateway_command(
     clip: float | None = _CLIP,
     noise: float = _NOISE,
     noise_seed: int = _NOISE_SEED,
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
 ) -> None:
     """Data party: serve the split model as an OpenAI-compatible API.
 
@@ -102,5 +114,6 @@ def gateway_command(
     from splitprefix.data_party.generate import SplitModel
 
     settings = client_settings(server, token, head, wire_dtype, False, timeout_s, max_retries, ca_path)
-    with SplitModel.open(emulator, settings, prefix, privacy_config(clip, noise, noise_seed)) as model:
+    privacy, runtime = privacy_config(clip, noise, noise_seed), runtime_settings(device, dtype)
+    with SplitModel.open(emulator, settings, prefix, privacy, runtime) as model:
         uvicorn.run(create_gateway(model, model_name, max_tokens), host=host, port=port, log_level="info")

@@ -8,6 +8,7 @@ from typing import Literal
 
 import typer
 
+from splitprefix.cli.train import DEVICE_OPTION, DTYPE_OPTION, runtime_settings
 from splitprefix.data_party.offsite import OffsiteConfig
 from splitprefix.data_party.train import TrainConfig
 from splitprefix.model_party.compress import DistillConfig
@@ -58,6 +59,8 @@ def train_offsite_command(
     batch_size: int = typer.Option(TrainConfig.batch_size, help="Examples per step."),
     checkpoint_every: int = typer.Option(TrainConfig.checkpoint_every, help="Steps between checkpoints."),
     seed: int = typer.Option(TrainConfig.seed, help="Seed of the data order."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
 ) -> None:
     """Data party: train a prefix on the emulator, offline, and evaluate it on held-out data."""
     from splitprefix.data_party.offsite import train_offsite
@@ -70,7 +73,7 @@ def train_offsite_command(
         seed=seed,
     )
     config = OffsiteConfig(prefix_len=prefix_len, projection_dim=projection_dim, epochs=epochs, train=train)
-    report = train_offsite(emulator, data, out, config, eval_data)
+    report = train_offsite(emulator, data, out, config, eval_data, runtime_settings(device, dtype))
     typer.echo(
         json.dumps(
             {k: v for k, v in report.items() if k != "held_out"}

@@ -43,7 +43,9 @@ def serve_command(
         ServerSettings.max_session_bytes, help="Memory cap of all sessions' KV caches."
     ),
     device: str = typer.Option(ServerSettings.device, help="Torch device: cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option(ServerSettings.dtype, help="Compute dtype: fp32, bf16 or fp16."),
+    dtype: str = typer.Option(
+        ServerSettings.dtype, help="Compute dtype: auto (the checkpoint's own), fp32, bf16 or fp16."
+    ),
     access_log: bool = typer.Option(
         False, help="Log one line per request (off by default: a generation step is one request per token)."
     ),

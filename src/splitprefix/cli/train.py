@@ -11,8 +11,24 @@ from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.split_train import SplitTrainConfig
 from splitprefix.data_party.train import TrainConfig
+from splitprefix.runtime import RuntimeSettings
 
 TOKEN_ENV = "SPLITPREFIX_TOKEN"
+DEVICE_OPTION = typer.Option(
+    RuntimeSettings.device,
+    "--device",
+    help="Torch device of this party's model parts: cpu, cuda, cuda:N, mps.",
+)
+DTYPE_OPTION = typer.Option(
+    RuntimeSettings.dtype,
+    "--dtype",
+    help="Dtype of the frozen model parts: fp32, bf16, fp16 (the prefix stays fp32).",
+)
+
+
+def runtime_settings(device: str, dtype: str) -> RuntimeSettings:
+    """RuntimeSettings from --device and --dtype; the dataclass validates them."""
+    return RuntimeSettings(device=device, dtype=dtype)  # type: ignore[arg-type]
 
 
 def client_settings(
@@ -100,6 +116,11 @@ def train_command(
         0.0, "--noise", help="Add Gaussian noise of std noise * C to the sent states (needs --clip)."
     ),
     noise_seed: int = typer.Option(0, "--noise-seed", help="Seed of the noise generator."),
+    exact_match: bool = typer.Option(
+        SplitTrainConfig.exact_match, help="Score exact match on the held-out prompts at the end."
+    ),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
 ) -> None:
     """Data party: train a prefix for all L layers through the server; text and labels stay here."""
     from splitprefix.data_party.split_train import train_split
@@ -122,8 +143,9 @@ def train_command(
         eval_data=eval_data,
         train=train,
         privacy=privacy_config(clip, noise, noise_seed),
+        exact_match=exact_match,
     )
-    report = train_split(emulator, settings, data, out, config)
+    report = train_split(emulator, settings, data, out, config, runtime_settings(device, dtype))
     held_out = {k: v for k, v in report.get("held_out", {}).items() if k != "samples"}
     typer.echo(
         json.dumps({k: v for k, v in report.items() if k != "held_out"} | {"held_out": held_out}, indent=2)

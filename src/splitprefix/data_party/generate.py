@@ -29,11 +29,12 @@ from splitprefix.data.batching import resolve_pad_id
 from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings, RemoteError, SplitClient
 from splitprefix.data_party.sampling import GenerationConfig, next_tokens
-from splitprefix.data_party.split_train import SplitSession, open_split
+from splitprefix.data_party.split_train import SplitSession, bottom_device, bottom_dtype, open_split
 from splitprefix.data_party.steps import STEP_LOST, StepTransport, open_steps
 from splitprefix.errors import ConfigError
 from splitprefix.model.prefix import Prefix, prefix_cache
 from splitprefix.model.split import Bottom, Head, extend_mask, token_positions
+from splitprefix.runtime import RuntimeSettings
 from splitprefix.wire import schemas
 
 __all__ = ["Completion", "GenerationConfig", "SplitModel"]
@@ -86,12 +87,14 @@ class SplitModel:
         settings: ClientSettings,
         prefix_dir: str | Path | None = None,
         privacy: PrivacyConfig | None = None,
+        runtime: RuntimeSettings = RuntimeSettings(),
     ) -> SplitModel:
-        """Load the emulator's bottom (and head), connect to the server, and load a full-layout prefix.
+        """Load the emulator's bottom (and head) on `runtime`'s device and dtype, connect to the
+        server, and load a full-layout prefix.
 
         With `privacy` enabled, every hidden state sent is clipped and noised (`privatize`).
         """
-        split = open_split(emulator_dir, settings, privacy)
+        split = open_split(emulator_dir, settings, privacy, runtime)
         try:
             kv = None
             if prefix_dir is not None:
@@ -196,7 +199,7 @@ class SplitModel:
         With greedy decoding this equals the whole model's `generate_with_prefix`.
         """
         tokens = list(self.iter_tokens(input_ids, token_mask, config or GenerationConfig()))
-        return torch.stack(tokens, dim=1)
+        return torch.stack(tokens, dim=1).cpu()
 
     @torch.no_grad()
     def iter_tokens(
@@ -206,7 +209,9 @@ class SplitModel:
         if input_ids.shape != token_mask.shape or not bool(token_mask[:, -1].all()):
             raise ConfigError("prompts must be left-padded: token_mask (B, T) like input_ids, last column 1")
         batch, p = input_ids.shape[0], self.kv.shape[3]
-        generator = config.generator()
+        device = bottom_device(self.bottom)
+        input_ids, token_mask, eos = input_ids.to(device), token_mask.to(device), self._eos.to(device)
+        generator = config.generator(device)
         cache = self._bottom_cache(batch)
         bottom_mask = extend_mask(token_mask, p)  # (B, P + T)
         positions = token_positions(token_mask, p)  # (B, T)
@@ -216,7 +221,7 @@ class SplitModel:
         answer = self._open(
             session, self._outgoing(x.hidden, token_mask), token_mask, positions, max_length, config
         )
-        finished = torch.zeros(batch, dtype=torch.bool)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
         next_position = positions[:, -1:] + 1  # (B, 1)
         try:
             for step in range(config.max_new_tokens):
@@ -225,7 +230,7 @@ class SplitModel:
                 )
                 yield token
                 if config.stop_at_eos and self.eos_ids:
-                    finished |= torch.isin(token, self._eos)
+                    finished |= torch.isin(token, eos)
                 if finished.all() or step == config.max_new_tokens - 1:
                     break
                 ones = token_mask.new_ones(batch, 1)
@@ -247,17 +252,20 @@ class SplitModel:
     def _bottom_cache(self, batch: int) -> DynamicCache:
         config, split_at = self.bottom.stack.config, self.split.split_at
         if self.kv.shape[3]:
-            return prefix_cache(self.kv[:split_at], config, batch)
+            kv = self.kv[:split_at].to(bottom_device(self.bottom), bottom_dtype(self.bottom))
+            return prefix_cache(kv, config, batch)
         return DynamicCache(config=config)
 
     def _scores(self, answer: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scores, token ids or None for the whole vocabulary) from a server answer."""
+        device = bottom_device(self.bottom)
         if schemas.LAST_HIDDEN in answer:
             assert self.head is not None
-            return self.head(answer[schemas.LAST_HIDDEN]), None  # (B, V)
+            hidden = answer[schemas.LAST_HIDDEN].to(device, bottom_dtype(self.bottom))  # (B, d)
+            return self.head(hidden), None  # (B, V)
         if schemas.LOGITS in answer:
-            return answer[schemas.LOGITS], None
-        return answer[schemas.TOP_VALUES], answer[schemas.TOP_INDICES]
+            return answer[schemas.LOGITS].to(device), None
+        return answer[schemas.TOP_VALUES].to(device), answer[schemas.TOP_INDICES].to(device)
 
     # --- server session -------------------------------------------------------------------------
 

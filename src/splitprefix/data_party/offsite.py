@@ -20,6 +20,7 @@ from splitprefix.files import write_json
 from splitprefix.model.emulator import DroppedLayers, EmulatorManifest, integrate_kv
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig
+from splitprefix.runtime import RuntimeSettings
 
 CHECKPOINT_DIR = "checkpoint"
 RUN_FILE = "train_config.json"
@@ -71,11 +72,18 @@ def steps_for(train: TrainConfig, epochs: float | None, n_train: int) -> TrainCo
 
 
 def train_offsite(
-    emulator_dir: Path, data: Path, out: Path, config: OffsiteConfig, eval_data: Path | None = None
+    emulator_dir: Path,
+    data: Path,
+    out: Path,
+    config: OffsiteConfig,
+    eval_data: Path | None = None,
+    runtime: RuntimeSettings = RuntimeSettings(),
 ) -> dict[str, Any]:
-    """Train a prefix on the emulator; write it, its hyper-parameters and its held-out evaluation to `out`."""
+    """Train a prefix on the emulator, on `runtime`'s device and dtype (the prefix stays fp32);
+    write it, its hyper-parameters and its held-out evaluation to `out`."""
     manifest = EmulatorManifest.load(emulator_dir)
-    model, tokenizer = load_causal_lm(emulator_dir), load_tokenizer(emulator_dir)
+    model = load_causal_lm(emulator_dir, runtime.torch_dtype, device=runtime.device)
+    tokenizer = load_tokenizer(emulator_dir)
     train, held_out = split_held_out(load_jsonl(data), config.eval_fraction, eval_data)
     train_config = steps_for(config.train, config.epochs, len(train))
     steps = train_config.steps
@@ -110,6 +118,7 @@ def train_offsite(
             "base_model": manifest.base_model,
             "data": str(data),
             "config": asdict(config),
+            "runtime": asdict(runtime),
             "effective_steps": steps,
         },
     )

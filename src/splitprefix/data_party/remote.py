@@ -222,23 +222,46 @@ class SplitClient:
 
     # --- training endpoints ---------------------------------------------------------------------
 
-    def forward(self, inputs: dict[str, torch.Tensor], step_id: str, keep_graph: bool) -> torch.Tensor:
-        """Send forward inputs (see `wire.schemas`); returns the server's `output` as fp32."""
+    def forward(
+        self, inputs: dict[str, torch.Tensor], step_id: str, keep_graph: bool
+    ) -> tuple[torch.Tensor, bool]:
+        """head=client: send forward inputs (see `wire.schemas`); the server's `output` as fp32, and
+        whether the server holds the graph for the backward."""
+        tensors, reply = self.call(schemas.FORWARD_PATH, inputs, self._training_meta(step_id, keep_graph))
+        output = _expect(tensors, schemas.OUTPUT, self._url(schemas.FORWARD_PATH))
+        return output, reply.get("graph_held") is True
+
+    def loss(
+        self, inputs: dict[str, torch.Tensor], step_id: str, grad: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """head=server: forward inputs plus `targets` (B, T) in, the summed loss () out, with
+        `grad_hidden` and `grad_prefix_kv` when `grad`: one round trip per training step."""
+        meta = self._training_meta(step_id, False) | {"grad": grad}
+        tensors = self._exchange(schemas.LOSS_PATH, inputs, meta)
+        url = self._url(schemas.LOSS_PATH)
+        names = (schemas.GRAD_HIDDEN, schemas.GRAD_PREFIX) if grad else ()
+        return _expect(tensors, schemas.LOSS_SUM, url), {name: _expect(tensors, name, url) for name in names}
+
+    def _training_meta(self, step_id: str, keep_graph: bool) -> dict[str, Any]:
         if self._identity is None:
             raise ConfigError(
-                "call check_compatible(manifest) before forward: requests carry its fingerprint"
+                "call check_compatible(manifest) before training: requests carry its fingerprint"
             )
-        meta = self._meta(step_id) | self._identity | {"keep_graph": keep_graph}
-        tensors = self._exchange(schemas.FORWARD_PATH, inputs, meta)
-        return _expect(tensors, schemas.OUTPUT, self._url(schemas.FORWARD_PATH))
+        return self._meta(step_id) | self._identity | {"keep_graph": keep_graph}
 
     def backward(
-        self, step_id: str, grad_output: torch.Tensor, inputs: dict[str, torch.Tensor] | None
+        self,
+        step_id: str,
+        grad_output: torch.Tensor,
+        inputs: dict[str, torch.Tensor] | None,
+        graph_held: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients (hidden, prefix_kv) for `grad_output`. With `inputs` the server recomputes the
-        forward; without, it uses the graph it holds, and on `graph_missing` we resend with them."""
+        """Gradients (hidden, prefix_kv) for `grad_output`. When the server did not hold the graph
+        (`graph_held` false, or a stateless client) the inputs go along at once for a recompute;
+        else the server uses its graph, and on `graph_missing` (restart, eviction) we resend."""
+        stateless = not (graph_held and self.settings.keep_graph)
         try:
-            tensors = self._backward(step_id, grad_output, inputs if not self.settings.keep_graph else None)
+            tensors = self._backward(step_id, grad_output, inputs if stateless else None)
         except RemoteError as error:
             if error.code != schemas.GRAPH_MISSING or inputs is None:
                 raise

@@ -54,8 +54,9 @@ class GenerationConfig:
             return 1
         return self.top_k if self.top_k and self.top_p >= 1.0 else 0
 
-    def generator(self) -> torch.Generator | None:
-        return None if self.seed is None else torch.Generator().manual_seed(self.seed)
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """The seeded sampling generator on `device` (where the scores are), or None when unseeded."""
+        return None if self.seed is None else torch.Generator(device).manual_seed(self.seed)
 
 
 def next_tokens(

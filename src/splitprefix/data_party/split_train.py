@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from splitprefix.data.batching import IGNORE_INDEX, Batch, encode_examples, resolve_pad_id
@@ -25,15 +24,17 @@ from splitprefix.data_party.offsite import split_held_out, steps_for
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings, SplitClient
 from splitprefix.data_party.remote_top import RemoteTop
+from splitprefix.data_party.sampling import GenerationConfig
 from splitprefix.data_party.train import LossFn, StepHooks, TrainConfig, train_prefix
 from splitprefix.errors import ConfigError, ShapeMismatchError
-from splitprefix.evaluation.evaluate import EvalConfig, LogitsFn, evaluate
+from splitprefix.evaluation.evaluate import EvalConfig, Scorer, evaluate
 from splitprefix.evaluation.metrics import token_loss_sum
 from splitprefix.files import write_json
 from splitprefix.model.emulator import EmulatorManifest, verify_bottom
-from splitprefix.model.loading import load_causal_lm, load_tokenizer
+from splitprefix.model.loading import checkpoint_dtype, load_causal_lm, load_tokenizer, place
 from splitprefix.model.prefix import Prefix, PrefixConfig, prefix_cache
 from splitprefix.model.split import Activations, Bottom, Head, extend_mask, token_positions
+from splitprefix.runtime import RuntimeSettings
 from splitprefix.wire.schemas import HEAD_SERVER_WARNING, HeadMode, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -51,9 +52,13 @@ class TopPart(Protocol):
     @property
     def head(self) -> HeadMode: ...
 
-    def __call__(
-        self, x: Activations, top_kv: torch.Tensor, supervised: torch.Tensor | None = None
-    ) -> torch.Tensor: ...
+    def __call__(self, x: Activations, top_kv: torch.Tensor) -> torch.Tensor:
+        """head=client: the last hidden states (B, T, d)."""
+        ...
+
+    def loss(self, x: Activations, top_kv: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """head=server: the summed cross-entropy () of `targets` (B, T), -100 where there is none."""
+        ...
 
 
 def run_split(
@@ -63,16 +68,12 @@ def run_split(
     token_mask: torch.Tensor,
     kv: torch.Tensor,
     split_at: int,
-    supervised: torch.Tensor | None = None,
     privacy: HiddenPrivacy | None = None,
 ) -> torch.Tensor:
-    """Bottom with `kv[:K]` here, then the server's layers with `kv[K:]`: the `RemoteTop` output.
-
-    `kv` is (L, 2, n_kv, P, hd) and may have P = 0 (no prefix). `privacy` clips and noises the
-    layer-K states before they leave.
-    """
+    """head=client: the bottom with `kv[:K]` here, then the server's layers with `kv[K:]`; returns
+    the last hidden states (B, T, d)."""
     x = wire_activations(bottom, input_ids, token_mask, kv, split_at, privacy)
-    return remote_top(x, kv[split_at:], supervised)
+    return remote_top(x, kv[split_at:])
 
 
 def wire_activations(
@@ -84,22 +85,36 @@ def wire_activations(
     privacy: HiddenPrivacy | None = None,
 ) -> Activations:
     """The layer-K activations exactly as they are sent to the model party: hidden (B, T, d),
-    the mask over prefix and tokens (B, P + T), and the positions (B, T)."""
+    the mask over prefix and tokens (B, P + T), and the positions (B, T).
+
+    `kv` is (L, 2, n_kv, P, hd) and may have P = 0 (no prefix); its bottom K layers are used here.
+    `privacy` clips and noises the layer-K states before they leave.
+    """
     p = kv.shape[3]
+    device = bottom_device(bottom)
+    token_mask = token_mask.to(device)
     mask, positions = extend_mask(token_mask, p), token_positions(token_mask, p)
-    cache = prefix_cache(kv[:split_at], bottom.stack.config, input_ids.shape[0]) if p else None
-    x = bottom(input_ids, mask, positions, cache)  # hidden (B, T, d) at layer K
+    bottom_kv = kv[:split_at].to(device, bottom_dtype(bottom))  # a differentiable cast: grads reach kv
+    cache = prefix_cache(bottom_kv, bottom.stack.config, input_ids.shape[0]) if p else None
+    x = bottom(input_ids.to(device), mask, positions, cache)  # hidden (B, T, d) at layer K
     if privacy is not None:
         x.hidden = privacy(x.hidden, token_mask)
     return x
 
 
-def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Supervised positions (B, T) (those whose next label counts) and their targets (N,), row-major."""
+def bottom_device(bottom: Bottom) -> torch.device:
+    return next(bottom.parameters()).device
+
+
+def bottom_dtype(bottom: Bottom) -> torch.dtype:
+    return next(bottom.parameters()).dtype
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The token each position must predict (B, T): the next label, or -100 where none counts."""
     following = torch.full_like(labels, IGNORE_INDEX)
     following[:, :-1] = labels[:, 1:]
-    supervised = following != IGNORE_INDEX
-    return supervised, following[supervised]
+    return following
 
 
 def split_loss_fn(
@@ -112,35 +127,23 @@ def split_loss_fn(
     """A `LossFn` for `train_prefix` through the split; equals `token_loss_sum` of the whole model
     when `privacy` is None.
 
-    head=client applies the data party's `head` to the returned hidden states; head=server asks for
-    logits only where the next label counts and takes their cross-entropy here.
+    head=client applies the data party's `head` to the returned hidden states; head=server sends
+    the targets, and the server returns the summed loss and its gradients.
     """
-    if remote_top.head == "server":
-        return _server_head_loss(bottom, remote_top, split_at, privacy)
-    if head is None:
+    if remote_top.head == "client" and head is None:
         raise ConfigError("head=client needs the data party's Head (the emulator's final norm and LM head)")
-    local_head = head
 
     def loss_fn(batch: Batch, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
-        hidden = run_split(
-            bottom, remote_top, batch.input_ids, batch.attention_mask, kv, split_at, None, privacy
-        )
-        return token_loss_sum(local_head(hidden), batch.labels)  # hidden (B, T, d)
-
-    return loss_fn
-
-
-def _server_head_loss(
-    bottom: Bottom, remote_top: TopPart, split_at: int, privacy: HiddenPrivacy | None
-) -> LossFn:
-    def loss_fn(batch: Batch, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
-        supervised, targets = next_token_targets(batch.labels)
-        if not targets.numel():  # nothing to learn from: skip the round trip
+        x = wire_activations(bottom, batch.input_ids, batch.attention_mask, kv, split_at, privacy)
+        top_kv = kv[split_at:]  # (L - K, 2, n_kv, P, hd)
+        if head is not None and remote_top.head == "client":
+            hidden = remote_top(x, top_kv)  # (B, T, d)
+            return token_loss_sum(head(hidden), batch.labels.to(hidden.device))
+        targets = next_token_targets(batch.labels)
+        count = int((targets != IGNORE_INDEX).sum())
+        if not count:  # nothing to learn from: skip the round trip
             return kv.sum() * 0.0, 0
-        logits = run_split(
-            bottom, remote_top, batch.input_ids, batch.attention_mask, kv, split_at, supervised, privacy
-        )
-        return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())  # (N, V)
+        return remote_top.loss(x, top_kv, targets), count
 
     return loss_fn
 
@@ -203,39 +206,48 @@ class SplitSession:
     def loss_fn(self) -> LossFn:
         return split_loss_fn(self.bottom, self.remote_top, self.head, self.split_at, self.privacy)
 
-    def logits_fn(self) -> LogitsFn:
-        """Logits (B, T, V) through the split, for evaluation; head=server sends every real position."""
+    def scorer(self) -> Scorer:
+        """The split model for evaluation: batched loss through the server (head=server sends the
+        targets; nothing of size V crosses the wire), and the KV-cached split generation."""
+        from splitprefix.data_party.generate import SplitModel  # generate builds on this module
+
+        loss = self.loss_fn()
 
         @torch.no_grad()
-        def logits(
-            input_ids: torch.Tensor, token_mask: torch.Tensor, kv: torch.Tensor | None
-        ) -> torch.Tensor:
-            kv = self.empty_kv() if kv is None else kv
-            args = (self.bottom, self.remote_top, input_ids, token_mask, kv, self.split_at)
-            if self.head is not None:
-                return self.head(run_split(*args, None, self.privacy))
-            real = token_mask.bool()
-            rows = run_split(*args, real, self.privacy)
-            out = rows.new_zeros(*real.shape, rows.shape[-1])  # (B, T, V); padding keeps zeros
-            out[real] = rows
-            return out
+        def loss_sum(batch: Batch, kv: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+            return loss(batch, self.empty_kv() if kv is None else kv)
 
-        return logits
+        @torch.no_grad()
+        def generate(
+            ids: torch.Tensor, mask: torch.Tensor, kv: torch.Tensor | None, new: int
+        ) -> torch.Tensor:
+            return SplitModel(self, kv).generate_ids(ids, mask, GenerationConfig(max_new_tokens=new))
+
+        return Scorer(loss_sum, generate)
 
     def close(self) -> None:
         self.client.close()
 
 
 def open_split(
-    emulator_dir: str | Path, settings: ClientSettings, privacy: PrivacyConfig | None = None
+    emulator_dir: str | Path,
+    settings: ClientSettings,
+    privacy: PrivacyConfig | None = None,
+    runtime: RuntimeSettings = RuntimeSettings(),
 ) -> SplitSession:
-    """Load the emulator's bottom (and head, for head=client) and connect to a compatible server.
+    """Load the emulator's bottom (and head, for head=client) on `runtime`'s device and dtype, and
+    connect to a compatible server.
 
     With `privacy` enabled, every forward clips and noises the layer-K states before they leave.
     """
     manifest = EmulatorManifest.load(emulator_dir)
-    emulator, tokenizer = load_causal_lm(emulator_dir), load_tokenizer(emulator_dir)
+    # the fingerprint hashes the weights as stored: check them before any cast
+    emulator, tokenizer = (
+        load_causal_lm(emulator_dir, checkpoint_dtype(emulator_dir)),
+        load_tokenizer(emulator_dir),
+    )
     verify_bottom(manifest, emulator, tokenizer)
+    place(emulator, runtime.device, runtime.torch_dtype)
     if settings.head == "server":
         logger.warning(HEAD_SERVER_WARNING)
     client = SplitClient(settings)
@@ -276,6 +288,8 @@ class SplitTrainConfig:
     """Optimisation settings."""
     privacy: PrivacyConfig | None = None
     """Clipping and noise on the layer-K states sent to the server; None = off."""
+    exact_match: bool = True
+    """Score exact match on the held-out prompts at the end (batched, KV-cached split generation)."""
 
     def __post_init__(self) -> None:
         if self.prefix_len is not None and self.prefix_len < 1:
@@ -318,7 +332,7 @@ class _Meter:
             return {}
         before = self.session.client.traffic.snapshot()
         s = self.session
-        report = evaluate(s.logits_fn(), s.tokenizer, self.held_out, prefix().detach(), self.eval_config)
+        report = evaluate(s.scorer(), s.tokenizer, self.held_out, prefix().detach(), self.eval_config)
         after = s.client.traffic.snapshot()
         self.eval_report = {"eval_loss": report["loss"]}
         self.last = {k: self.last[k] + after[k] - before[k] for k in after}  # not the step's traffic
@@ -332,15 +346,20 @@ class _Meter:
 
 
 def train_split(
-    emulator_dir: Path, settings: ClientSettings, data: Path, out: Path, config: SplitTrainConfig
+    emulator_dir: Path,
+    settings: ClientSettings,
+    data: Path,
+    out: Path,
+    config: SplitTrainConfig,
+    runtime: RuntimeSettings = RuntimeSettings(),
 ) -> dict[str, Any]:
     """Train a full-layout prefix through the server; write it, its settings and its evaluation to `out`.
 
     Rerunning an interrupted job with the same `out` resumes from its last checkpoint.
     """
-    session = open_split(emulator_dir, settings, config.privacy)
+    session = open_split(emulator_dir, settings, config.privacy, runtime)
     try:
-        return _train(session, emulator_dir, settings, data, out, config)
+        return _train(session, emulator_dir, settings, data, out, config, runtime)
     finally:
         session.close()
 
@@ -352,6 +371,7 @@ def _train(
     data: Path,
     out: Path,
     config: SplitTrainConfig,
+    runtime: RuntimeSettings,
 ) -> dict[str, Any]:
     train, held_out = split_held_out(load_jsonl(data), config.eval_fraction, config.eval_data)
     train_config = steps_for(config.train, config.epochs, len(train))
@@ -383,12 +403,13 @@ def _train(
         "traffic": session.client.traffic.snapshot(),
     }
     if held_out:
-        eval_config = EvalConfig(max_length=config.max_length)
+        eval_config = EvalConfig(max_length=config.max_length, exact_match=config.exact_match)
         report["held_out"] = evaluate(
-            session.logits_fn(), session.tokenizer, held_out, prefix().detach(), eval_config
+            session.scorer(), session.tokenizer, held_out, prefix().detach(), eval_config
         )
     prefix.save(out)
-    write_json(out / RUN_FILE, _run_record(session, emulator_dir, settings, data, config, train_config))
+    record = _run_record(session, emulator_dir, settings, data, config, train_config)
+    write_json(out / RUN_FILE, record | {"runtime": asdict(runtime)})
     write_json(out / EVAL_FILE, report)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return report

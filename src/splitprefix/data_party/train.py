@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from splitprefix.checkpoint import check_resumable, load_checkpoint, save_checkpoint
@@ -32,6 +31,7 @@ from splitprefix.errors import ConfigError
 from splitprefix.evaluation.metrics import token_loss_sum
 from splitprefix.model.prefix import Prefix, PrefixConfig
 from splitprefix.model.prefixed import forward_with_prefix
+from splitprefix.progress import Progress
 
 LossFn = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, int]]
 """(batch, prefix kv) -> (summed token loss, supervised token count)."""
@@ -142,7 +142,7 @@ def train_prefix(
     batches = batches_forever(encoded, config.batch_size, pad_id, config.seed)
     for _ in range(start * config.grad_accum):
         next(batches)
-    bar = tqdm(range(start, config.steps), desc=desc, initial=start, total=config.steps, disable=None)
+    bar = Progress(range(start, config.steps), desc, total=config.steps, initial=start)
     for step in bar:
         began = time.perf_counter()
         loss = _accumulate(prefix, loss_fn, batches, config.grad_accum)

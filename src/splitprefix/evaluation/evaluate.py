@@ -1,38 +1,63 @@
 """Held-out evaluation of a model, with or without a prefix: loss, perplexity, exact match.
 
-The model is either a local `PreTrainedModel` or a `LogitsFn`, e.g. the split model whose upper
-layers run on the model party's server; a `LogitsFn` generates greedily by rerunning the whole
-sequence for every new token.
+The model is either a local `PreTrainedModel` or a `Scorer`, e.g. the split model whose upper
+layers run on the model party's server: a batched loss, and KV-cached greedy generation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from splitprefix.data.batching import collate, encode_examples, iterate_batches, prompt_batch, resolve_pad_id
+from splitprefix.data.batching import (
+    Batch,
+    collate,
+    encode_examples,
+    iterate_batches,
+    prompt_batch,
+    resolve_pad_id,
+)
 from splitprefix.data.formats import Example
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.metrics import exact_match, normalize_answer, perplexity, token_loss_sum
 from splitprefix.model.prefixed import forward_with_prefix, generate_with_prefix
+from splitprefix.progress import Progress
 
-LogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-"""(input_ids (B, T), token mask (B, T), prefix kv (L, 2, n_kv, P, hd) or None) -> logits (B, T, V)."""
+BatchLoss = Callable[[Batch, torch.Tensor | None], tuple[torch.Tensor, int]]
+"""(batch, prefix kv (L, 2, n_kv, P, hd) or None) -> (summed token loss, supervised token count)."""
+Generate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor]
+"""(left-padded ids (B, T), token mask (B, T), prefix kv or None, max new tokens) -> greedy new
+tokens (B, <= max new); rows past EOS hold the pad id."""
 
-Scorer = PreTrainedModel | LogitsFn
-"""What evaluation runs: a local model, or a function that computes its logits."""
+
+@dataclass(frozen=True)
+class Scorer:
+    """What evaluation runs: a batch's summed loss, and greedy continuations of prompts."""
+
+    loss_sum: BatchLoss
+    generate: Generate
 
 
-def as_logits_fn(model: Scorer) -> LogitsFn:
-    if isinstance(model, PreTrainedModel):
-        return partial(forward_with_prefix, model)
-    return model
+def local_scorer(model: PreTrainedModel, pad_id: int) -> Scorer:
+    """The whole model in this process, with the prefix as its cache."""
+
+    def loss_sum(batch: Batch, kv: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        return token_loss_sum(
+            forward_with_prefix(model, batch.input_ids, batch.attention_mask, kv), batch.labels
+        )
+
+    def generate(ids: torch.Tensor, mask: torch.Tensor, kv: torch.Tensor | None, new: int) -> torch.Tensor:
+        return generate_with_prefix(model, ids, mask, kv, new, pad_id)
+
+    return Scorer(loss_sum, generate)
+
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(input_ids (B, T), token mask (B, T), prefix kv (L, 2, n_kv, P, hd)) -> logits (B, T, V)."""
 
 
 @torch.no_grad()
@@ -40,12 +65,13 @@ def greedy_generate(
     logits_fn: LogitsFn,
     input_ids: torch.Tensor,
     token_mask: torch.Tensor,
-    kv: torch.Tensor | None,
+    kv: torch.Tensor,
     max_new_tokens: int,
     pad_token_id: int,
     eos_token_id: int | None,
 ) -> torch.Tensor:
-    """Greedy continuation (B, <= max_new_tokens) of left-padded prompts, without a KV cache.
+    """Greedy continuation (B, <= max_new_tokens) of left-padded prompts by rerunning the whole
+    sequence for every token, for a model that keeps no KV cache (the audit's stand-in server).
 
     Matches `generate_with_prefix`: rows that hit EOS are padded with `pad_token_id`, and the loop
     stops once every row has.
@@ -63,6 +89,10 @@ def greedy_generate(
         if finished.all():
             break
     return torch.stack(new, dim=1) if new else input_ids[:, :0]
+
+
+def as_scorer(model: PreTrainedModel | Scorer, tokenizer: PreTrainedTokenizerBase) -> Scorer:
+    return local_scorer(model, resolve_pad_id(tokenizer)) if isinstance(model, PreTrainedModel) else model
 
 
 @dataclass(frozen=True)
@@ -89,7 +119,7 @@ class EvalConfig:
 
 @torch.no_grad()
 def evaluate_loss(
-    model: Scorer,
+    model: PreTrainedModel | Scorer,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
     kv: torch.Tensor | None = None,
@@ -98,13 +128,11 @@ def evaluate_loss(
     """Mean next-token loss on the supervised tokens, its perplexity and the token count."""
     encoded = encode_examples(tokenizer, examples, config.max_length)
     pad_id = resolve_pad_id(tokenizer)
-    logits_fn = as_logits_fn(model)
+    scorer = as_scorer(model, tokenizer)
     total, count = 0.0, 0
     chunks = list(iterate_batches(encoded, config.batch_size, shuffle=False))
-    for chunk in tqdm(chunks, desc="loss", leave=False, disable=None):
-        batch = collate(chunk, pad_id)
-        logits = logits_fn(batch.input_ids, batch.attention_mask, kv)
-        loss_sum, n = token_loss_sum(logits, batch.labels)
+    for chunk in Progress(chunks, "held-out loss"):
+        loss_sum, n = scorer.loss_sum(collate(chunk, pad_id), kv)
         total, count = total + float(loss_sum), count + n
     if count == 0:
         raise ConfigError("no supervised token to evaluate: every example's completion is empty")
@@ -114,7 +142,7 @@ def evaluate_loss(
 
 @torch.no_grad()
 def generate_answers(
-    model: Scorer,
+    model: PreTrainedModel | Scorer,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     kv: torch.Tensor | None,
@@ -122,26 +150,18 @@ def generate_answers(
     config: EvalConfig = EvalConfig(),
 ) -> list[str]:
     """Greedy completions of `prompts`, decoded without special tokens."""
+    scorer = as_scorer(model, tokenizer)
     answers: list[str] = []
     chunks = list(iterate_batches(prompts, config.batch_size, shuffle=False))
-    for chunk in tqdm(chunks, desc="generate", leave=False, disable=None):
+    for chunk in Progress(chunks, "exact match"):
         batch = prompt_batch(tokenizer, chunk, "left", config.max_length)
-        pad_id = resolve_pad_id(tokenizer)
-        if isinstance(model, PreTrainedModel):
-            new = generate_with_prefix(
-                model, batch.input_ids, batch.attention_mask, kv, max_new_tokens, pad_id
-            )
-        else:
-            eos = tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, int) else None
-            new = greedy_generate(
-                model, batch.input_ids, batch.attention_mask, kv, max_new_tokens, pad_id, eos
-            )
+        new = scorer.generate(batch.input_ids, batch.attention_mask, kv, max_new_tokens)
         answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     return answers
 
 
 def evaluate(
-    model: Scorer,
+    model: PreTrainedModel | Scorer,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
     kv: torch.Tensor | None = None,
@@ -155,6 +175,7 @@ def evaluate(
     prompted = [e for e in examples if e.prompt]
     if not (config.exact_match and prompted):
         return report
+    # bounded by the references (a few tokens over, for another tokenization of the same text)
     budget = config.max_new_tokens or 4 + max(len(tokenizer.encode(e.completion)) for e in prompted)
     answers = generate_answers(model, tokenizer, [e.prompt for e in prompted], kv, budget, config)
     references = [e.completion for e in prompted]

@@ -17,7 +17,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     `labels` (B, T) are aligned with the inputs; position t of `logits` (B, T, V) predicts label t+1.
     """
     shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
-    shifted_labels = labels[:, 1:].reshape(-1)
+    shifted_labels = labels[:, 1:].reshape(-1).to(logits.device)
     total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return total, int((shifted_labels != IGNORE_INDEX).sum())
 

@@ -189,7 +189,7 @@ class _RoundKeeper:
             return {}
         c, s = self.config, self.session
         report = evaluate(
-            s.logits_fn(),
+            s.scorer(),
             s.tokenizer,
             self.held_out,
             kv,

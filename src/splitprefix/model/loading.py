@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,32 @@ def resolve_model_dir(name_or_dir: str | Path) -> Path:
     return path
 
 
+def checkpoint_dtype(name_or_dir: str | Path) -> torch.dtype:
+    """The dtype a model's weights are stored in, as its config.json records it (fp32 if unsaid)."""
+    raw = json.loads((resolve_model_dir(name_or_dir) / "config.json").read_text())
+    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 def load_causal_lm(
-    name_or_dir: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
+    name_or_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    device: str = "cpu",
 ) -> PreTrainedModel:
-    """A supported causal LM in eval mode, with its weights frozen."""
+    """A supported causal LM on `device` in eval mode, with its weights frozen."""
     path = resolve_model_dir(name_or_dir)
     architecture_of(AutoConfig.from_pretrained(path))  # fail before loading weights
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     model.requires_grad_(False)
-    return model.eval()
+    return place(model, device).eval()
+
+
+def place(model: PreTrainedModel, device: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """`model` moved to `device` (and cast to `dtype`), in place."""
+    torch.nn.Module.to(model, device=device, dtype=dtype)  # transformers types its own `.to` oddly
+    return model
 
 
 def load_tokenizer(name_or_dir: str | Path) -> PreTrainedTokenizerBase:

@@ -13,6 +13,15 @@ def _prefix_len(kv: torch.Tensor | None) -> int:
     return 0 if kv is None else kv.shape[3]
 
 
+def _placed(
+    model: PreTrainedModel, input_ids: torch.Tensor, token_mask: torch.Tensor, kv: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inputs on the model's device, and the fp32 prefix cast to its dtype (the cast keeps gradients)."""
+    device = model.device
+    kv = None if kv is None else kv.to(device, model.dtype)
+    return input_ids.to(device), token_mask.to(device), kv
+
+
 def forward_with_prefix(
     model: PreTrainedModel, input_ids: torch.Tensor, token_mask: torch.Tensor, kv: torch.Tensor | None
 ) -> torch.Tensor:
@@ -22,6 +31,7 @@ def forward_with_prefix(
     batches, and left padding does not shift them.
     """
     p = _prefix_len(kv)
+    input_ids, token_mask, kv = _placed(model, input_ids, token_mask, kv)
     cache = None if kv is None else prefix_cache(kv, model.config, input_ids.shape[0])
     out = model(
         input_ids=input_ids,
@@ -67,6 +77,7 @@ def generate_with_prefix(
     ignores a prefix under transformers 5. Rows that hit EOS are padded with `pad_token_id`.
     """
     p = _prefix_len(kv)
+    input_ids, token_mask, kv = _placed(model, input_ids, token_mask, kv)
     cache = None if kv is None else prefix_cache(kv, model.config, input_ids.shape[0])
     out = model.generate(  # type: ignore[operator]
         input_ids=input_ids,

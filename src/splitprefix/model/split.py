@@ -12,15 +12,18 @@ would run and silently give wrong numbers, so every part checks the length again
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from functools import partial
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import Cache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from splitprefix.errors import ConfigError, ShapeMismatchError
-from splitprefix.model.registry import SLIDING, architecture_of, scale_embeddings
+from splitprefix.model.prefix import prefix_cache
+from splitprefix.model.registry import SLIDING, Masks, PositionEmbeddings, architecture_of, scale_embeddings
 
 HeadPlacement = Literal["server", "client"]
 
@@ -77,6 +80,19 @@ class Embeddings(nn.Module):
         return hidden if self.dropout is None else self.dropout(hidden)
 
 
+class LayerInputs(NamedTuple):
+    """What every layer of a stack gets besides its hidden states and cache."""
+
+    masks: Masks
+    """The attention mask of each layer type."""
+    positions: torch.Tensor
+    """Position ids (B, T)."""
+    extra: dict[str, Any]
+    """Family-specific keywords (Falcon: `alibi`)."""
+    rotary: dict[str, PositionEmbeddings] | None
+    """Rotary (cos, sin) of each layer type; None for families without rotary embeddings."""
+
+
 class LayerStack(nn.Module):
     """Decoder layers [start, stop) of a model, run exactly as the model's own forward runs them."""
 
@@ -91,25 +107,61 @@ class LayerStack(nn.Module):
 
     def forward(self, x: Activations, cache: Cache | None = None) -> torch.Tensor:
         """Run the layers on `x`, reading and extending `cache` for these layers. Returns (B, T, d)."""
+        inputs = self._prepare(x, cache)
+        hidden = x.hidden
+        for i in range(len(self.layers)):
+            hidden = self._call(i, hidden, inputs, cache)
+        return hidden
+
+    def forward_checkpointed(self, x: Activations, kv: torch.Tensor | None) -> torch.Tensor:
+        """`forward` with `prefix_cache(kv)` as the cache, keeping for the backward only each layer's
+        input, and recomputing inside the layer then (per-layer activation checkpointing): a graph
+        then costs about B x T x d per layer. `kv` (stop - start, 2, n_kv, P, hd) or None. (B, T, d)
+
+        Each layer gets a cache of its own prefix, built anew on the recompute, since a layer
+        extends its cache in place.
+        """
+        batch = x.hidden.shape[0]
+        sizing = None if kv is None else prefix_cache(kv.detach(), self.config, batch, self.start)
+        inputs = self._prepare(x, sizing)
+        hidden = x.hidden
+        for i in range(len(self.layers)):
+            run = partial(self._layer_with_prefix, i, inputs)
+            args = (hidden,) if kv is None else (hidden, kv[i])
+            hidden = checkpoint(run, *args, use_reentrant=False)
+        return hidden
+
+    def _layer_with_prefix(
+        self, i: int, inputs: LayerInputs, hidden: torch.Tensor, *layer_kv: torch.Tensor
+    ) -> torch.Tensor:
+        """Layer `start + i` on `hidden`, with a fresh cache of its prefix `layer_kv` (none: no prefix)."""
+        at = self.start + i
+        cache = prefix_cache(layer_kv[0][None], self.config, hidden.shape[0], at) if layer_kv else None
+        return self._call(i, hidden, inputs, cache)
+
+    def _call(self, i: int, hidden: torch.Tensor, inputs: LayerInputs, cache: Cache | None) -> torch.Tensor:
+        """Layer `start + i` on `hidden` (B, T, d), called as its family calls it. Returns (B, T, d)."""
+        kind = self.layer_types[i]
+        position = {} if inputs.rotary is None else {"position_embeddings": inputs.rotary[kind]}
+        out = self.layers[i](
+            hidden,
+            attention_mask=inputs.masks[kind],
+            position_ids=inputs.positions,
+            **{self.arch.cache_keyword: cache},
+            **position,
+            **inputs.extra,
+        )
+        return self.arch.layer_output(out)
+
+    def _prepare(self, x: Activations, cache: Cache | None) -> LayerInputs:
+        """The attention mask of each kind of layer, the rotary embeddings and any extra layer inputs."""
         self._check_mask(x, cache)
         masks = {kind: self._mask(x, cache, kind) for kind in set(self.layer_types)}
         masks, extra = self.arch.layer_inputs(self.config, x.hidden, x.attention_mask, masks)
-        rotary = {}
+        rotary = None
         if self.rotary is not None:
             rotary = self.arch.rotary_embeddings(self.rotary, x.hidden, x.positions, self.layer_types)
-        hidden = x.hidden
-        for layer, kind in zip(self.layers, self.layer_types, strict=True):
-            position = {} if self.rotary is None else {"position_embeddings": rotary[kind]}
-            out = layer(
-                hidden,
-                attention_mask=masks[kind],
-                position_ids=x.positions,
-                **{self.arch.cache_keyword: cache},
-                **position,
-                **extra,
-            )
-            hidden = self.arch.layer_output(out)
-        return hidden
+        return LayerInputs(masks, x.positions, extra, rotary)
 
     def _check_mask(self, x: Activations, cache: Cache | None) -> None:
         batch, new = x.hidden.shape[:2]

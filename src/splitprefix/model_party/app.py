@@ -13,7 +13,7 @@ serving. Status codes and error codes:
     415 unsupported_media     the body was sent as another content type (JSON, form, ...)
     422 non_finite            a tensor holds NaN or Inf
     422 see model_party.validation: unsupported_protocol, invalid_meta, head_not_enabled,
-        split_mismatch, fingerprint_mismatch, bad_tensor
+        split_mismatch, fingerprint_mismatch, bad_tensor, wrong_route
     422 bad_request           any other bad input the model itself refused
     409 graph_missing         backward without inputs for a step whose graph is not held
     404 session_missing       a generation session that expired, was lost in a restart, or is another
@@ -25,7 +25,9 @@ serving. Status codes and error codes:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from functools import partial
 from typing import Annotated, Any
 
@@ -118,9 +120,9 @@ def create_app(source: ServerSettings | TopBackend, auth: TokenAuth | None = Non
 
     forward_doc = _binary_route(
         "Forward of the top for one training step.",
-        "Tensors hidden, attention_mask, positions, prefix_kv (+ supervised for head=server); metadata "
-        "protocol_version, step_id, head, wire_dtype, split_at, bottom_sha256 [, keep_graph].",
-        "Tensor `output`: (B, T, d) last hidden states (head=client) or (N, V) supervised logits (head=server).",
+        "Tensors hidden, attention_mask, positions, prefix_kv; metadata protocol_version, step_id, "
+        "head (client), wire_dtype, split_at, bottom_sha256 [, keep_graph].",
+        "Tensor `output`: (B, T, d) last hidden states; metadata graph_held.",
     )
 
     @app.post(schemas.FORWARD_PATH, **forward_doc)
@@ -136,6 +138,18 @@ def create_app(source: ServerSettings | TopBackend, auth: TokenAuth | None = Non
     @app.post(schemas.BACKWARD_PATH, **backward_doc)
     async def backward(request: Request, client: Client) -> Response:
         return await _serve(request, settings.max_request_bytes, backend.backward, client)
+
+    loss_doc = _binary_route(
+        "One head=server training step: the server runs its layers, the head and the loss.",
+        "Tensors hidden, attention_mask, positions, prefix_kv, targets (B, T) (-100 where no loss); "
+        "metadata as forward [, grad].",
+        "Tensors loss_sum () and, unless grad is false, grad_hidden (B, T, d) and grad_prefix_kv; "
+        "metadata n_tokens.",
+    )
+
+    @app.post(schemas.LOSS_PATH, **loss_doc)
+    async def loss(request: Request, client: Client) -> Response:
+        return await _serve(request, settings.max_request_bytes, backend.loss, client)
 
     _add_generation_routes(app, GenerationBackend(backend))
     _add_error_handlers(app)
@@ -182,10 +196,22 @@ def _add_generation_routes(app: FastAPI, generation: GenerationBackend) -> None:
 async def _serve(
     request: Request, limit: int, handler: Handler, client: str, inline: Handler | None = None
 ) -> Response:
-    """Read the body and answer it with `handler` (see `exchange.answer`)."""
+    """Read the body and answer it with `handler` (see `exchange.answer`), which stops if the
+    client disconnects meanwhile."""
     body = await _read_body(request, limit)
-    out = await answer(request.url.path, body, limit, handler, client, inline)
+    gone = threading.Event()
+    watcher = asyncio.create_task(_watch_disconnect(request, gone))
+    try:
+        out = await answer(request.url.path, body, limit, handler, client, inline, gone)
+    finally:
+        watcher.cancel()
     return Response(out, media_type=CONTENT_TYPE)
+
+
+async def _watch_disconnect(request: Request, gone: threading.Event, every_s: float = 0.05) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    gone.set()
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -1,7 +1,7 @@
 """The model party's compute: the top of the model, run for data parties' training steps.
 
 `TopBackend` knows nothing about HTTP. It takes decoded wire tensors and metadata, checks them,
-runs layers [K, L) (and the head for head=server) exactly as the whole model does, and returns the
+runs layers [K, L) (and the head and the loss for head=server) exactly as the whole model does, and returns the
 tensors to send back. Requests are served one at a time: torch already uses every core, and a
 lock keeps the graph store consistent.
 """
@@ -14,10 +14,13 @@ from dataclasses import astuple
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from splitprefix.model.loading import checkpoint_dtype
 from splitprefix.model.prefix import prefix_cache
 from splitprefix.model.registry import architecture_of, model_dims
 from splitprefix.model.split import Activations
+from splitprefix.model_party.cancel import check
 from splitprefix.model_party.graphs import GraphStore, HeldGraph, SavedBytes
 from splitprefix.model_party.settings import ServerSettings
 from splitprefix.model_party.top_loader import LoadedTop, load_top
@@ -28,16 +31,18 @@ from splitprefix.model_party.validation import (
     TopShape,
     check_forward_inputs,
     check_grad_output,
+    check_head,
     check_meta,
     check_names,
+    check_targets,
     forward_names,
     has_forward_inputs,
 )
+from splitprefix.runtime import DTYPES
 from splitprefix.wire import schemas
 from splitprefix.wire.tensors import WIRE_DTYPES
 
 logger = logging.getLogger(__name__)
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Tensors = dict[str, torch.Tensor]
 
 
@@ -46,7 +51,8 @@ class TopBackend:
 
     def __init__(self, settings: ServerSettings, loaded: LoadedTop | None = None) -> None:
         self.settings = settings
-        self.dtype = COMPUTE_DTYPES[settings.dtype]
+        auto = settings.dtype == "auto"
+        self.dtype = checkpoint_dtype(settings.model_dir) if auto else DTYPES[settings.dtype]
         self.top = loaded or load_top(settings.model_dir, settings.split_at, self.dtype, settings.device)
         self.config = self.top.model.config
         self.dims = model_dims(self.config)
@@ -62,6 +68,8 @@ class TopBackend:
             settings.graph_ttl_s, settings.max_graph_bytes, settings.max_graphs_per_client
         )
         self._weights = [*self.top.stack.parameters(), *self.top.head.parameters()]
+        for layer in self.top.stack.layers:  # a request whose client is gone stops between layers
+            layer.register_forward_pre_hook(lambda *_: check())
         self._lock = threading.Lock()
 
     def info(self) -> schemas.ModelInfo:
@@ -104,22 +112,24 @@ class TopBackend:
     def forward(
         self, tensors: Tensors, meta: dict[str, Any], client_id: str
     ) -> tuple[Tensors, dict[str, Any]]:
-        """`output`: (B, T, d) last hidden states (head=client) or (N, V) supervised logits (head=server).
+        """head=client: `output`, the (B, T, d) last hidden states before the final norm.
 
         With meta `keep_graph` (default true) the graph is held for the backward of this step.
         """
         step = check_meta(meta, self.shape, forward=True)
-        check_names(tensors, forward_names(step.head), f"head={step.head} forward request")
-        inputs = check_forward_inputs(tensors, self.shape, step.head)
+        check_head(step, "client", schemas.FORWARD_PATH)
+        check_names(tensors, forward_names(step.head), "forward request")
+        inputs = check_forward_inputs(tensors, self.shape)
         with self._lock:
+            check()  # a client that went away while waiting for the model gets nothing
             held = False
             if step.keep_graph:
-                graph = self._forward_with_graph(inputs, step.head)
+                graph = self._forward_with_graph(inputs)
                 held = self.graphs.put(client_id, step.step_id, graph)
                 output = graph.output.detach()
             else:
                 with torch.no_grad():
-                    output, _ = self._run(inputs, step.head, requires_grad=False)
+                    output, _ = self._run(inputs, requires_grad=False)
         return {schemas.OUTPUT: output.float().cpu()}, step.reply(graph_held=held)
 
     def backward(
@@ -131,65 +141,116 @@ class TopBackend:
         inputs in the request, else answers 409 `graph_missing`.
         """
         step = check_meta(meta, self.shape, forward=False)
+        check_head(step, "client", schemas.BACKWARD_PATH)
         recompute = has_forward_inputs(tensors)
         expected = [*forward_names(step.head), schemas.GRAD_OUTPUT] if recompute else [schemas.GRAD_OUTPUT]
-        check_names(tensors, expected, f"head={step.head} backward request")
-        inputs = check_forward_inputs(tensors, self.shape, step.head) if recompute else None
+        check_names(tensors, expected, "backward request")
+        inputs = check_forward_inputs(tensors, self.shape) if recompute else None
         with self._lock:
+            check()
             graph = self.graphs.get(client_id, step.step_id)
-            if graph is not None and graph.head != step.head:
-                raise RequestError(
-                    422,
-                    "invalid_meta",
-                    f"step {step.step_id!r} was forwarded with head={graph.head}; its backward asked for "
-                    f"head={step.head}",
-                )
             if graph is None and inputs is None:
                 raise _graph_missing(step)
             if graph is None:
                 assert inputs is not None
-                graph = self._forward_with_graph(inputs, step.head)
+                graph = self._forward_with_graph(inputs)
             grad_output = check_grad_output(tensors, tuple(graph.output.shape))
             self.graphs.discard(client_id, step.step_id)
-            grads = self._grads(graph, grad_output)
+            grads = self._grads(graph.output, graph.inputs, grad_output)
         return grads, step.reply(graph_held=False)
 
-    def _forward_with_graph(self, inputs: ForwardInputs, head: schemas.HeadMode) -> HeldGraph:
+    def loss(self, tensors: Tensors, meta: dict[str, Any], client_id: str) -> tuple[Tensors, dict[str, Any]]:
+        """head=server, one round trip: `loss_sum` over the supervised targets and, unless meta `grad`
+        is false, `grad_hidden` (B, T, d) and `grad_prefix_kv` (L - K, 2, n_kv, P, hd).
+
+        The norm and head run on the supervised rows only (they act per token, so this is exact), and
+        the cross-entropy in fp32: no (B, T, V) tensor is ever built.
+        """
+        step = check_meta(meta, self.shape, forward=True)
+        check_head(step, "server", schemas.LOSS_PATH)
+        check_names(tensors, forward_names(step.head), "loss request")
+        inputs = check_forward_inputs(tensors, self.shape)
+        targets = check_targets(tensors, inputs, self.dims.vocab_size).to(self.settings.device)
+        supervised = targets != schemas.IGNORE_TARGET  # (B, T)
+        with self._lock, torch.set_grad_enabled(step.grad):
+            check()
+            last, leaves = self._run(inputs, requires_grad=step.grad)  # (B, T, d)
+            logits = self.top.head(last[supervised])  # (N, V)
+            loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+            out = {schemas.LOSS_SUM: loss.detach().float().cpu()}
+            if step.grad:
+                out |= self._grads(loss, leaves, torch.ones_like(loss))
+        return out, step.reply(n_tokens=int(supervised.sum()))
+
+    def _forward_with_graph(self, inputs: ForwardInputs) -> HeldGraph:
+        """A forward whose graph waits for its backward: each layer keeps only its input (B, T, d)
+        and recomputes its inside on the backward, so that a held graph costs about B x T x d per
+        layer rather than every activation of every layer."""
         saved = SavedBytes(self._weights)
         with torch.enable_grad(), saved.measure():
-            output, leaves = self._run(inputs, head, requires_grad=True)
+            output, leaves = self._run(inputs, requires_grad=True, checkpointed=True)
         for leaf in (*leaves, output):
             saved.add(leaf)
-        return HeldGraph(output=output, inputs=leaves, head=head, nbytes=saved.nbytes)
+        # the layers' inputs, which the checkpoints keep, are not saved tensors that autograd reports
+        layer_inputs = (len(self.top.stack.layers) - 1) * output.nbytes
+        return HeldGraph(output=output, inputs=leaves, head="client", nbytes=saved.nbytes + layer_inputs)
 
     def _run(
-        self, inputs: ForwardInputs, head: schemas.HeadMode, requires_grad: bool
+        self, inputs: ForwardInputs, requires_grad: bool, checkpointed: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The top's output and its input leaves, computed like the whole model's forward."""
+        """The top's last hidden states (B, T, d) and its input leaves, computed like the whole model."""
         device = self.settings.device
         hidden = inputs.hidden.to(device, self.dtype).requires_grad_(requires_grad)  # (B, T, d)
         kv = inputs.prefix_kv.to(device, self.dtype).requires_grad_(requires_grad)  # (L - K, 2, n_kv, P, hd)
-        batch = hidden.shape[0]
-        # an empty prefix is no prefix: the cache would hold zero-length layers
-        cache = prefix_cache(kv, self.config, batch, self.settings.split_at) if inputs.prefix_len else None
         x = Activations(hidden, inputs.attention_mask.to(device), inputs.positions.to(device))
-        last = self.top.stack(x, cache)  # (B, T, d)
-        if head == "client":
-            return last, (hidden, kv)
-        assert inputs.supervised is not None
-        # the norm and head act per token, so running them on the supervised rows only is exact
-        logits = self.top.head(last[inputs.supervised.to(device).bool()])  # (N, V)
-        return logits, (hidden, kv)
+        # an empty prefix is no prefix: the cache would hold zero-length layers
+        layers_kv = kv if inputs.prefix_len else None
+        if checkpointed:
+            return self.top.stack.forward_checkpointed(x, layers_kv), (hidden, kv)
+        cache = (
+            None
+            if layers_kv is None
+            else prefix_cache(kv, self.config, hidden.shape[0], self.settings.split_at)
+        )
+        return self.top.stack(x, cache), (hidden, kv)
 
-    def _grads(self, graph: HeldGraph, grad_output: torch.Tensor) -> Tensors:
-        grad = grad_output.to(graph.output.device, graph.output.dtype)
-        hidden, kv = graph.inputs
-        # the prefix is unused when P = 0, and a head=server step with N = 0 uses nothing
-        g_hidden, g_kv = torch.autograd.grad(graph.output, (hidden, kv), grad, allow_unused=True)
+    def _grads(
+        self, output: torch.Tensor, leaves: tuple[torch.Tensor, torch.Tensor], grad_output: torch.Tensor
+    ) -> Tensors:
+        """d output / d (hidden, prefix_kv), weighted by `grad_output`; fp16 with loss scaling."""
+        grad = grad_output.to(output.device, torch.float32)  # cast to fp16 only once scaled
+        hidden, kv = leaves
+        # the prefix is unused when P = 0, and a loss over N = 0 targets uses nothing
+        g_hidden, g_kv = scaled_grad(output, (hidden, kv), grad, self.dtype)
         return {
             schemas.GRAD_HIDDEN: _or_zeros(g_hidden, hidden),
             schemas.GRAD_PREFIX: _or_zeros(g_kv, kv),
         }
+
+
+FP16_SCALES = tuple(2.0**e for e in range(16, -1, -2))
+"""Loss scales an fp16 backward tries, largest first, until every gradient is finite."""
+
+
+def scaled_grad(
+    output: torch.Tensor, leaves: tuple[torch.Tensor, ...], grad: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, ...]:
+    """`torch.autograd.grad` for the fp32 `grad`. An fp16 backward scales `grad` by the largest of
+    `FP16_SCALES` whose gradients stay finite, so small gradients do not underflow to zero, and
+    unscales them in fp32."""
+    if dtype != torch.float16:
+        return torch.autograd.grad(output, leaves, grad.to(output.dtype), allow_unused=True)
+    for scale in FP16_SCALES:
+        last = scale == FP16_SCALES[-1]
+        scaled = (grad * scale).to(output.dtype)
+        grads = torch.autograd.grad(output, leaves, scaled, allow_unused=True, retain_graph=not last)
+        if all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            return tuple(None if g is None else g.float() / scale for g in grads)
+    raise RequestError(
+        422,
+        "non_finite",
+        "the fp16 backward overflowed even without loss scaling; serve with --dtype bf16 or fp32",
+    )
 
 
 def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

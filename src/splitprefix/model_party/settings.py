@@ -9,7 +9,7 @@ from typing import Literal
 from splitprefix.errors import ConfigError
 
 HeadSetting = Literal["server", "client", "both"]
-ComputeDtype = Literal["fp32", "bf16", "fp16"]
+ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
 MiB = 1024 * 1024
 
 
@@ -55,8 +55,8 @@ class ServerSettings:
     """Memory reserved by all sessions' KV caches together (503 beyond)."""
     device: str = "cpu"
     """Torch device that runs the top ('cpu', 'cuda', 'cuda:1', ...)."""
-    dtype: ComputeDtype = "fp32"
-    """Compute dtype of the top's weights and activations."""
+    dtype: ComputeDtype = "auto"
+    """Compute dtype of the top's weights and activations; 'auto' is the checkpoint's own dtype."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.split_at, int) or self.split_at < 1:
@@ -65,8 +65,8 @@ class ServerSettings:
             raise ConfigError(f"head must be 'server', 'client' or 'both'; got {self.head!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535]; got {self.port}")
-        if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"dtype must be 'fp32', 'bf16' or 'fp16'; got {self.dtype!r}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"dtype must be 'auto', 'fp32', 'bf16' or 'fp16'; got {self.dtype!r}")
         for name in (
             "max_request_bytes",
             "max_batch_size",

@@ -9,6 +9,7 @@ states what was expected, what arrived and what to do. Codes:
     split_mismatch        422  split_at is not this server's K
     fingerprint_mismatch  422  bottom_sha256 is not this model's bottom
     bad_tensor            422  a tensor is missing, unexpected, or has the wrong shape, dtype or values
+    wrong_route           422  a head=server step sent to forward/backward, or head=client to loss
     limit_exceeded        413  batch size or P + T is over the server's limit
     graph_missing         409  backward without inputs for a step whose graph the server does not hold
 """
@@ -22,7 +23,14 @@ import torch
 
 from splitprefix.errors import SplitPrefixError
 from splitprefix.model.registry import ModelDims
-from splitprefix.wire.schemas import FORWARD_INPUTS, GRAD_OUTPUT, PROTOCOL_VERSION, SUPERVISED, HeadMode
+from splitprefix.wire.schemas import (
+    FORWARD_INPUTS,
+    GRAD_OUTPUT,
+    IGNORE_TARGET,
+    PROTOCOL_VERSION,
+    TARGETS,
+    HeadMode,
+)
 from splitprefix.wire.tensors import WIRE_DTYPES
 
 MAX_STEP_ID_CHARS = 200
@@ -60,6 +68,8 @@ class StepMeta:
     head: HeadMode
     wire_dtype: str
     keep_graph: bool
+    grad: bool = True
+    """Loss requests only: whether the answer carries gradients (false for evaluation)."""
 
     def reply(self, **extra: Any) -> dict[str, Any]:
         """The control fields of the answer to this request, plus `extra`."""
@@ -80,7 +90,6 @@ class ForwardInputs:
     attention_mask: torch.Tensor  # (B, P + T)
     positions: torch.Tensor  # (B, T)
     prefix_kv: torch.Tensor  # (L - K, 2, n_kv, P, hd)
-    supervised: torch.Tensor | None  # (B, T), head=server only
 
     @property
     def prefix_len(self) -> int:
@@ -115,11 +124,25 @@ def check_meta(meta: dict[str, Any], top: TopShape, forward: bool) -> StepMeta:
     wire = meta.get("wire_dtype")
     if wire not in WIRE_DTYPES:
         raise _meta_error("wire_dtype", f"one of {sorted(WIRE_DTYPES)}", wire)
-    keep_graph = meta.get("keep_graph", True)
-    if not isinstance(keep_graph, bool):
-        raise _meta_error("keep_graph", "true or false", keep_graph)
+    flags = {name: meta.get(name, True) for name in ("keep_graph", "grad")}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise _meta_error(name, "true or false", value)
     _check_model_identity(meta, top, forward)
-    return StepMeta(str(step_id), head, wire, keep_graph)
+    return StepMeta(str(step_id), head, wire, flags["keep_graph"], flags["grad"])
+
+
+def check_head(step: StepMeta, expected: HeadMode, path: str) -> None:
+    """Each training route serves one head mode: head=client steps forward and backward, head=server
+    sends its loss requests to the loss route."""
+    if step.head != expected:
+        raise RequestError(
+            422,
+            "wrong_route",
+            f"{path} serves head={expected} training steps; a head={step.head} step goes to "
+            f"{'/v1/train/loss' if step.head == 'server' else '/v1/train/forward and /v1/train/backward'} "
+            "(protocol 2)",
+        )
 
 
 def _check_model_identity(meta: dict[str, Any], top: TopShape, forward: bool) -> None:
@@ -166,10 +189,11 @@ def check_names(tensors: dict[str, torch.Tensor], expected: list[str], what: str
 
 
 def forward_names(head: HeadMode) -> list[str]:
-    return [*FORWARD_INPUTS, SUPERVISED] if head == "server" else list(FORWARD_INPUTS)
+    """The tensors of a head=client forward, or of a head=server loss request."""
+    return [*FORWARD_INPUTS, TARGETS] if head == "server" else list(FORWARD_INPUTS)
 
 
-def check_forward_inputs(tensors: dict[str, torch.Tensor], top: TopShape, head: HeadMode) -> ForwardInputs:
+def check_forward_inputs(tensors: dict[str, torch.Tensor], top: TopShape) -> ForwardInputs:
     """Forward tensors with consistent shapes, dtypes and values, within the server's limits."""
     hidden = _floating(tensors, "hidden")
     kv = _floating(tensors, "prefix_kv")
@@ -188,11 +212,25 @@ def check_forward_inputs(tensors: dict[str, torch.Tensor], top: TopShape, head: 
     positions = _integer(tensors, "positions", (batch, length), f"(B, T) = ({batch}, {length})")
     if (positions < 0).any():
         raise RequestError(422, "bad_tensor", "positions must be >= 0")
-    supervised = None
-    if head == "server":
-        supervised = _integer(tensors, SUPERVISED, (batch, length), f"(B, T) = ({batch}, {length})")
-        _binary(supervised, SUPERVISED)
-    return ForwardInputs(hidden, mask, positions, kv, supervised)
+    return ForwardInputs(hidden, mask, positions, kv)
+
+
+def check_targets(tensors: dict[str, torch.Tensor], inputs: ForwardInputs, vocab_size: int) -> torch.Tensor:
+    """A loss request's targets (B, T): token ids in [0, V), or -100 where there is no loss."""
+    batch, length = inputs.hidden.shape[:2]
+    targets = _integer(tensors, TARGETS, (batch, length), f"(B, T) = ({batch}, {length})")
+    bad = (targets != IGNORE_TARGET) & ((targets < 0) | (targets >= vocab_size))
+    if bad.any():
+        raise RequestError(
+            422,
+            "bad_tensor",
+            f"targets must be token ids in [0, {vocab_size}) or {IGNORE_TARGET}; got "
+            f"{targets[bad].unique().tolist()[:8]}",
+        )
+    real = inputs.attention_mask[:, inputs.prefix_len :].bool()
+    if ((targets != IGNORE_TARGET) & ~real).any():
+        raise RequestError(422, "bad_tensor", "targets must be -100 on padding (attention_mask 0)")
+    return targets
 
 
 def check_grad_output(tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:

@@ -4,22 +4,35 @@ Binary messages (forward and backward) are safetensors blobs (see `wire.tensors`
 always carries `protocol_version`, `step_id`, `head` and `wire_dtype`; forward requests also carry
 `split_at` and `bottom_sha256` so the server can refuse a data party whose bottom is not its model's.
 
-Forward request tensors:
+Training with head=client takes two round trips per step, a forward and a backward:
+Forward request tensors (`FORWARD_PATH`):
     hidden          (B, T, d)                 layer-K hidden states (clipped, noised and zero on
                                               padding when the data party's privacy option is on)
     attention_mask  (B, P + T)                1 for the P prefix keys and every real token
     positions       (B, T)                    position ids of the tokens
     prefix_kv       (L - K, 2, n_kv, P, hd)   the data party's prefix for the server's layers
-    supervised      (B, T)                    head=server only: 1 where logits are wanted
 Forward response tensors:
-    output          head=client: (B, T, d) last hidden states (before the final norm)
-                    head=server: (N, V) logits at the N supervised positions, row-major order
-Backward request tensors:
+    output          (B, T, d) last hidden states (before the final norm); metadata `graph_held`
+                    says whether the server keeps the graph for the backward
+Backward request tensors (`BACKWARD_PATH`):
     grad_output     same shape as `output`
-    + every forward request tensor, when the client asks the server to recompute (stateless path)
+    + every forward request tensor, when the client asks the server to recompute (stateless path,
+      or `graph_held` was false)
 Backward response tensors:
     grad_hidden     (B, T, d)
     grad_prefix_kv  (L - K, 2, n_kv, P, hd)
+
+Training with head=server takes one round trip per step (`LOSS_PATH`). The targets are exposed to
+the model party in this mode anyway, so the data party sends them and the server computes the
+cross-entropy itself: nothing of size V crosses the wire.
+Loss request tensors: the forward request's four, plus
+    targets         (B, T)                    the next token each position must predict, or -100
+                                              where the position is not supervised
+    metadata        as a forward, plus `grad` (default true): false asks for the loss alone
+Loss response tensors:
+    loss_sum        ()                        summed cross-entropy over the supervised positions
+                                              (metadata `n_tokens` counts them)
+    grad_hidden, grad_prefix_kv               d loss_sum / d inputs, when `grad` is true
 
 If the server no longer holds the forward's graph and the backward carries no forward inputs, it
 answers 409 with code `graph_missing`; the client then resends the backward with the inputs.
@@ -55,11 +68,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: head=server trains through `LOSS_PATH` (the server computes the loss); 1 sent (N, V) logits."""
 HEALTH_PATH = "/v1/health"
 INFO_PATH = "/v1/info"
 FORWARD_PATH = "/v1/train/forward"
 BACKWARD_PATH = "/v1/train/backward"
+LOSS_PATH = "/v1/train/loss"
 
 SESSIONS_PATH = "/v1/generate/sessions"
 SESSION_PATH = "/v1/generate/sessions/{session_id}"
@@ -69,7 +84,10 @@ STREAM_IDLE_CLOSE = 4408
 """WebSocket close code: no step came for the session's idle time (`session_ttl_s`)."""
 
 FORWARD_INPUTS = ("hidden", "attention_mask", "positions", "prefix_kv")
-SUPERVISED = "supervised"
+TARGETS = "targets"
+LOSS_SUM = "loss_sum"
+IGNORE_TARGET = -100
+"""A `targets` entry that marks a position without a loss."""
 OUTPUT = "output"
 GRAD_OUTPUT = "grad_output"
 GRAD_HIDDEN = "grad_hidden"
@@ -86,8 +104,8 @@ SESSION_MISSING = "session_missing"
 HeadMode = Literal["server", "client"]
 
 HEAD_SERVER_WARNING = (
-    "head=server: the model party computes the logits and receives their gradients, which reveal the "
-    "data party's target tokens. Use head=client to keep labels at the data party."
+    "head=server: the data party sends its target tokens to the model party, which computes the loss. "
+    "Use head=client to keep the labels off the wire."
 )
 
 
