@@ -4,7 +4,8 @@ config in tests/families.py (the first test fails until it does).
 Per family variant, on one tiny model with non-default family-specific fields:
 - split equals whole, with and without a prefix;
 - prefix gradients through the split equal the whole model's, and two split-training steps over
-  the server equal two whole-model steps;
+  the server equal two whole-model steps, whether the server holds the graph (per-layer
+  checkpointing) or recomputes it;
 - greedy split generation over a real loopback server is token-identical to HF `generate` with the
   same prefix as its cache (the sliding windows are shorter than prefix + prompt + new tokens), and
   the server announces the prefix layout (per-layer key/value widths) of the whole model;
@@ -136,8 +137,9 @@ def test_greedy_split_generation_over_the_server_equals_hf_generate(family, serv
     assert torch.equal(generated, expected)
 
 
+@pytest.mark.parametrize("keep_graph", [True, False], ids=["graph-held", "recompute"])
 @pytest.mark.parametrize("head", ["server", "client"])
-def test_split_training_over_the_server_equals_whole_model_training(family, server, head):
+def test_split_training_over_the_server_equals_whole_model_training(family, server, head, keep_graph):
     # Prepare: two optimiser steps on the same examples and the same initial prefix
     _, dirs, whole = family
     tokenizer = load_tokenizer(dirs.full)
@@ -146,7 +148,7 @@ def test_split_training_over_the_server_equals_whole_model_training(family, serv
     expected_losses = train_prefix(expected, local_loss_fn(whole), examples, pad, TWO_STEPS).losses
 
     # Execute
-    session = open_split(dirs.emulator, ClientSettings(server.url, head=head))
+    session = open_split(dirs.emulator, ClientSettings(server.url, head=head, keep_graph=keep_graph))
     try:
         prefix = seeded_prefix(whole.config)
         losses = train_prefix(prefix, session.loss_fn(), examples, pad, TWO_STEPS).losses
