@@ -16,10 +16,13 @@ from splitprefix.model_party.child import serve_in_child
 
 
 @contextlib.contextmanager
-def benchmark_server(model: str, split_at: int, work: Path) -> Iterator[tuple[str, str]]:
-    """`splitprefix serve MODEL --split-at K` in a child process; yields (url, token), always stops it."""
-    with serve_in_child(model, split_at, work / "server", ["benchmark"]) as child:
-        yield child.url, child.tokens["benchmark"]
+def benchmark_server(
+    model: str, split_at: int, work: Path, extra_args: tuple[str, ...] = ()
+) -> Iterator[tuple[str, str, int]]:
+    """`splitprefix serve MODEL --split-at K [extra_args]` in a child process; yields (url, token,
+    pid), always stops it."""
+    with serve_in_child(model, split_at, work / "server", ["benchmark"], extra_args=extra_args) as child:
+        yield child.url, child.tokens["benchmark"], child.pid
 
 
 def print_run(run: Callable[[argparse.Namespace, Path], dict[str, Any]], args: argparse.Namespace) -> None:

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     emulate(args.model, args.split_at, 1, emulator)
     whole = load_causal_lm(args.model)
     rows: list[dict[str, Any]] = []
-    with benchmark_server(args.model, args.split_at, work) as (url, token):
+    with benchmark_server(args.model, args.split_at, work) as (url, token, _):
         for head in ("server", "client"):
             with SplitModel.open(
                 emulator,

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     kv.requires_grad_(True)
     whole: list[float] = step_times(local_loss_fn(full), batch, kv, args.reps)
     results = []
-    with benchmark_server(args.model, args.split_at, work) as (url, token):
+    with benchmark_server(args.model, args.split_at, work) as (url, token, _):
         for head in ("client", "server"):
             for keep_graph in (True, False):
                 for wire in ("fp32", "bf16", "fp16"):

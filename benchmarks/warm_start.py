@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     Prefix(PrefixConfig.for_model(full.config, 16), warm_kv).save(work / "warm")
 
     curves = {}
-    with benchmark_server(args.model, args.split_at, work) as (url, token):
+    with benchmark_server(args.model, args.split_at, work) as (url, token, _):
         for name, init in (("warm", work / "warm"), ("cold", None)):
             torch.manual_seed(args.seed)
             start = time.perf_counter()

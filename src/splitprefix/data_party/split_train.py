@@ -404,9 +404,11 @@ def _train(
     }
     if held_out:
         eval_config = EvalConfig(max_length=config.max_length, exact_match=config.exact_match)
+        began = time.perf_counter()
         report["held_out"] = evaluate(
             session.scorer(), session.tokenizer, held_out, prefix().detach(), eval_config
         )
+        report["held_out"]["wall_s"] = round(time.perf_counter() - began, 2)
     prefix.save(out)
     record = _run_record(session, emulator_dir, settings, data, config, train_config)
     write_json(out / RUN_FILE, record | {"runtime": asdict(runtime)})

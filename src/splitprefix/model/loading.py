@@ -55,8 +55,15 @@ def load_causal_lm(
 
 
 def place(model: PreTrainedModel, device: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """`model` moved to `device` (and cast to `dtype`), in place."""
-    torch.nn.Module.to(model, device=device, dtype=dtype)  # transformers types its own `.to` oddly
+    """`model` moved to `device`, its weights cast to `dtype`, in place.
+
+    Buffers keep their dtype, as `from_pretrained(dtype=...)` leaves them: a rotary embedding's
+    frequencies cast to bf16 would shift every position.
+    """
+    torch.nn.Module.to(model, device=device)  # transformers types its own `.to` oddly
+    if dtype is not None:
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
     return model
 
 

@@ -36,6 +36,8 @@ class ChildServer:
     """Base URL, e.g. http://127.0.0.1:54321."""
     tokens: dict[str, str]
     """Client name -> the bearer token the server accepts for it (random per start)."""
+    pid: int
+    """Process id of the server."""
 
 
 def free_port() -> int:
@@ -53,11 +55,13 @@ def serve_in_child(
     clients: list[str],
     head: str = "both",
     timeout_s: float = 300.0,
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[ChildServer]:
     """Run `splitprefix serve MODEL --split-at K` in a child process; yield its URL and tokens.
 
     Each name in `clients` gets a random token. `work` receives the tokens file (mode 600, removed
-    when the server stops) and `server.log`, the child's output, which errors quote.
+    when the server stops) and `server.log`, the child's output, which errors quote. `extra_args`
+    go to `serve` as they are (e.g. `--device cuda`).
     """
     work.mkdir(parents=True, exist_ok=True)
     port, tokens = free_port(), {name: secrets.token_urlsafe(24) for name in clients}
@@ -65,13 +69,13 @@ def serve_in_child(
     tokens_file.touch(mode=0o600)
     tokens_file.write_text(json.dumps(tokens))
     command = [sys.executable, "-m", "splitprefix.cli.main", "serve", model, "--split-at", str(split_at)]
-    command += ["--port", str(port), "--head", head, "--tokens-file", str(tokens_file)]
+    command += ["--port", str(port), "--head", head, "--tokens-file", str(tokens_file), *extra_args]
     log = work / "server.log"
     try:
         with child_process(command, log, os.environ.copy()) as process:
             url = f"http://127.0.0.1:{port}"
             _wait_healthy(url, process, timeout_s, log)
-            yield ChildServer(url, tokens)
+            yield ChildServer(url, tokens, process.pid)
     finally:
         tokens_file.unlink(missing_ok=True)  # the tokens die with the server
 
