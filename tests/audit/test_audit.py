@@ -125,6 +125,8 @@ def test_privacy_audit_command_prints_json_with_every_measure(dirs, tmp_path):
         assert {"loss", "exact_match"} <= set(row["utility"])
     assert off["head_server_labels"]["recovery"] == 1.0
     assert off["nearest_neighbour"]["recovery"] > noisy["nearest_neighbour"]["recovery"]
+    assert off["privacy"] is None  # the option off: nothing to account
+    assert noisy["privacy"]["epsilon"] > 0 and noisy["privacy"]["delta"] == 1e-5
 
 
 def test_privacy_audit_help_lists_the_options():

@@ -119,3 +119,17 @@ def test_a_device_this_machine_lacks_is_refused_with_what_to_do(tmp_path):
     result = runner.invoke(app, ["eval", "builtin", "--data", str(tmp_path / "x.jsonl"), "--device", "gpu"])
     assert result.exit_code != 0
     assert "device must be cpu, cuda, cuda:N or mps; got 'gpu'" in str(result.exception) + result.output
+
+
+def test_generate_with_noise_reports_the_epsilon_of_its_prompt(dirs, server):
+    # "The quick" plus 5 new tokens: the prompt's states once, then 4 single tokens (the last is never sent)
+    from splitprefix.data_party.accounting import gaussian_epsilon
+    from splitprefix.model.loading import load_tokenizer
+
+    prompt_tokens = len(load_tokenizer(dirs.emulator)("The quick")["input_ids"])
+    args = ["generate", str(dirs.emulator), "The quick", "--server", server.url, "--max-new-tokens", "5"]
+
+    result = CliRunner().invoke(app, [*args, "--clip", "1", "--noise", "30"])
+
+    assert result.exit_code == 0, result.output
+    assert f"epsilon: {gaussian_epsilon(30.0, prompt_tokens + 4):.4g} at delta 1e-05" in result.output

@@ -116,3 +116,37 @@ def test_noise_without_a_clip_norm_is_refused(dirs, server, trained, tmp_path):
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--noise", "1"])
     assert result.exit_code != 0
     assert "needs clip_norm" in str(result.exception)
+
+
+def test_two_noisy_evaluations_differ_unless_a_seed_is_given(dirs, server, trained):
+    # Prepare: the attack was that two runs of `eval --clip 30 --noise 0.5` agreed to the digit
+    prefix, data = trained
+    args = [str(dirs.emulator), "--data", str(data), "--prefix", str(prefix), "--server", server.url]
+    args += ["--clip", "30", "--noise", "0.5", "--no-exact-match"]
+
+    # Execute
+    fresh = [evaluate(*args) for _ in range(2)]
+    seeded = [evaluate(*args, "--noise-seed", "7")["loss"] for _ in range(2)]
+
+    # Assert: fresh OS noise every run; an explicit seed replays exactly; each run accounts its releases
+    assert fresh[0]["loss"] != fresh[1]["loss"]
+    assert seeded[0] == seeded[1]
+    assert fresh[0]["privacy"]["epsilon"] > 0 and fresh[0]["privacy"]["token_releases"]["evaluated"] > 0
+
+
+def test_train_with_noise_prints_and_saves_epsilon_and_no_seed(dirs, server, trained, tmp_path):
+    # Prepare
+    _, data = trained
+    out = tmp_path / "accounted"
+    args = ["train", str(dirs.emulator), "--server", server.url, "--data", str(data), "--out", str(out)]
+    args += ["--steps", "2", "--batch-size", "2", "--prefix-len", "2", "--clip", "1", "--noise", "40"]
+
+    # Execute
+    result = runner.invoke(app, args)
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "train_config.json").read_text())
+    assert run["config"]["privacy"]["seed"] is None
+    epsilon = run["privacy"]["epsilon"]
+    assert epsilon > 0 and f"epsilon: {epsilon:.4g} at delta 1e-05" in result.output

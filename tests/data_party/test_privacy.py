@@ -8,7 +8,7 @@ import torch
 from conftest import random_batch
 from split_helpers import SHORT_RUN, encoded_examples, seeded_prefix
 from splitprefix.data.batching import resolve_pad_id
-from splitprefix.data_party.privacy import PrivacyConfig, clip_tokens, privatize
+from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig, clip_tokens, os_normals, privatize
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.split_train import open_split, run_split
 from splitprefix.data_party.train import train_prefix
@@ -52,6 +52,58 @@ def test_noise_has_the_configured_standard_deviation_and_is_seeded():
     noise = (out - clip_tokens(hidden, 3.0))[mask.bool()]  # 50k draws: std within ~1%
     assert abs(noise.std().item() - 1.5) < 0.03 and abs(noise.mean().item()) < 0.02
     assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+def reseed_and_subtract(sent: torch.Tensor, config: PrivacyConfig, seed: int) -> torch.Tensor:
+    """The attack on a seeded stream: regenerate the first draw of seed `seed` and take it away."""
+    guess = torch.randn(sent.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return sent - guess * config.noise_std
+
+
+def test_the_default_noise_survives_reseeding_with_any_small_seed():
+    # Prepare: a session with the defaults (no seed) sends one batch of clipped, noised states
+    hidden, mask = states(batch=4, length=50)
+    config = PrivacyConfig(clip_norm=3.0, noise_multiplier=0.5)
+    sent = HiddenPrivacy(config)(hidden, mask)
+    clipped, real = clip_tokens(hidden, 3.0), mask.bool()
+
+    # Execute: the attacker tries seeds 0..99 and keeps the best guess
+    residuals = [(reseed_and_subtract(sent, config, s) - clipped)[real].abs().max() for s in range(100)]
+
+    # Assert: no seed comes anywhere near; the residual is noise of the same scale (std sigma*C = 1.5)
+    assert min(residuals) > 3.0
+
+
+def test_an_explicit_seed_replays_and_so_is_removable():
+    # Prepare: the same attack against a run that asked for --noise-seed 0 (what every run was before)
+    hidden, mask = states(batch=4, length=50)
+    config = PrivacyConfig(clip_norm=3.0, noise_multiplier=0.5, seed=0)
+    sent = HiddenPrivacy(config)(hidden, mask)
+
+    # Execute
+    recovered = reseed_and_subtract(sent, config, 0)
+
+    # Assert: the clipped states come back to float precision, and a second session replays the first
+    real = mask.bool()
+    torch.testing.assert_close(recovered[real], clip_tokens(hidden, 3.0)[real], atol=1e-5, rtol=0)
+    assert torch.equal(HiddenPrivacy(config)(hidden, mask), sent)
+
+
+def test_two_sessions_with_the_default_noise_differ():
+    hidden, mask = states()
+    config = PrivacyConfig(clip_norm=3.0, noise_multiplier=0.5)
+    assert config.generator() is None
+    assert not torch.equal(HiddenPrivacy(config)(hidden, mask), HiddenPrivacy(config)(hidden, mask))
+
+
+def test_os_noise_is_standard_normal():
+    # ~100k draws: mean, std and the share beyond 2 standard deviations (4.55%) to about 1%
+    draws = os_normals((3, 33_333))  # an odd count: Box-Muller makes pairs
+
+    assert draws.shape == (3, 33_333) and draws.dtype == torch.float32
+    assert abs(draws.mean().item()) < 0.01 and abs(draws.std().item() - 1) < 0.01
+    assert abs((draws.abs() > 2).float().mean().item() - 0.0455) < 0.003
+    assert torch.isfinite(draws).all()
 
 
 def test_option_off_returns_the_states_themselves():

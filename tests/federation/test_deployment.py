@@ -35,7 +35,7 @@ def flower_env(home: Path) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="Flower's executables are not installed")
 def test_superlink_and_two_supernodes_run_a_round(dirs, server, tmp_path):
-    # Prepare: a SuperLink and two SuperNodes, each party's data file in its node config
+    # Prepare: a SuperLink and two SuperNodes, each party's own settings in its node config
     files = [write_jsonl(tmp_path / f"party{i}.jsonl", EXAMPLES[: 2 + 2 * i]) for i in range(2)]
     env, link = flower_env(tmp_path / "flwr"), free_port()
     (tmp_path / "flwr" / "config.toml").write_text(
@@ -43,15 +43,18 @@ def test_superlink_and_two_supernodes_run_a_round(dirs, server, tmp_path):
         f'address = "127.0.0.1:{link}"\ninsecure = true\n'
     )
     out = tmp_path / "federation"
-    run_config = f'emulator-dir="{dirs.emulator}" server-url="{server.url}" out-dir="{out}" '
-    run_config += 'num-rounds=1 min-parties=2 local-steps=2 batch-size=2 prefix-len=2 head="client"'
+    run_config = (
+        f'operator-emulator-dir="{dirs.emulator}" operator-server-url="{server.url}" out-dir="{out}" '
+    )
+    run_config += "num-rounds=1 min-parties=2 local-steps=2 batch-size=2 prefix-len=2"
     with ExitStack() as stack:
         superlink = [str(BIN / "flower-superlink"), "--insecure", "--port", str(link)]
         superlink += ["--disable-runtime-dependency-installation"]
         stack.enter_context(child_process(superlink, tmp_path / "superlink.log", env, 30))
         for k, data in enumerate(files):
             node = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}"]
-            node += ["--port", str(free_port()), "--node-config", f'data-file="{data}"']
+            own = f'data-file="{data}" emulator-dir="{dirs.emulator}" server-url="{server.url}"'
+            node += ["--port", str(free_port()), "--node-config", own]
             stack.enter_context(child_process(node, tmp_path / f"supernode{k}.log", env, 30))
 
         # Execute

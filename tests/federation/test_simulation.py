@@ -45,7 +45,8 @@ def replay_round(
 ) -> torch.Tensor:
     """What the federation should make of `kv` in one round: each party's training, weighted."""
     results = [
-        train_round(PartyConfig.from_flower(party, {"partition-id": i}), kv, server_round) for i in parties
+        train_round(PartyConfig.from_flower({}, {"partition-id": i}, party), kv, server_round)
+        for i in parties
     ]
     assert [r.num_examples for r in results] == [SIZES[i] for i in parties]
     return weighted_average([r.kv for r in results], [r.num_examples for r in results])
@@ -60,7 +61,12 @@ def configs(dirs, url: str, files: list, out, **server: object) -> tuple[dict, d
         "local-epochs": 1.0,
         "batch-size": 2,
     }
-    base = {"emulator-dir": str(dirs.emulator), "server-url": url, "out-dir": str(out), "prefix-len": 2}
+    base = {
+        "operator-emulator-dir": str(dirs.emulator),
+        "operator-server-url": url,
+        "out-dir": str(out),
+        "prefix-len": 2,
+    }
     return party, base | {"min-parties": 3} | server
 
 
@@ -81,8 +87,8 @@ def test_three_parties_two_rounds_give_the_example_weighted_mean(dirs, tmp_path)
             "batch-size": 2,
         }
         server = {
-            "emulator-dir": str(dirs.emulator),
-            "server-url": live.url,
+            "operator-emulator-dir": str(dirs.emulator),
+            "operator-server-url": live.url,
             "out-dir": str(out),
             "num-rounds": 2,
             "min-parties": 3,

@@ -93,7 +93,8 @@ def attacker_states(
     bottom: Bottom, ids: torch.Tensor, offset: int, privacy: PrivacyConfig, batch: int = 32
 ) -> torch.Tensor:
     """Privatised layer-K states (N * T, d) of public rows `ids` (N, T), positions from `offset`."""
-    generator = torch.Generator().manual_seed(privacy.seed + 1)  # the attacker's own noise
+    seed = 0 if privacy.seed is None else privacy.seed + 1
+    generator = torch.Generator().manual_seed(seed)  # the attacker's own noise, not the data party's
     out = []
     for rows in ids.split(batch):
         mask = torch.ones_like(rows)

@@ -28,6 +28,7 @@ from splitprefix.audit.nearest import nearest_neighbour_attack
 from splitprefix.audit.observe import LocalTop, Observation, first_tokens, observe
 from splitprefix.data.batching import Batch, EncodedExample, encode_examples, resolve_pad_id
 from splitprefix.data.formats import Example, load_jsonl
+from splitprefix.data_party.accounting import held_out_releases, privacy_report, training_releases
 from splitprefix.data_party.offsite import split_held_out
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
 from splitprefix.data_party.split_train import run_split, split_loss_fn
@@ -191,8 +192,23 @@ def _audit_setting(target: _Target, k: int, sigma: float, config: AuditConfig) -
         **known,
         "head_server_labels": labels,
         "utility": utility,
+        "privacy": _spent(target, privacy, config),
         "wall_s": round(time.perf_counter() - began, 1),
     }
+
+
+def _spent(target: _Target, privacy: PrivacyConfig, config: AuditConfig) -> dict[str, Any] | None:
+    """(epsilon, delta) of the utility run's releases: its training steps and its held-out evaluation.
+
+    Each attack looks at one release of an example; a real attacker sees all of them."""
+    lengths = [len(e) for e in target.train]
+    releases = {
+        "train": training_releases(lengths, config.batch_size, config.utility_steps),
+        "held_out": held_out_releases(
+            target.tokenizer, target.held_out, EvalConfig(max_length=config.max_length), 1
+        ),
+    }
+    return privacy_report(privacy, releases)
 
 
 def _session(privacy: PrivacyConfig) -> HiddenPrivacy | None:

@@ -62,11 +62,20 @@ def privacy_audit_command(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    typer.echo("K  sigma  C  nearest  learned  labels(head=server)  loss  exact_match")
+    typer.echo("K  sigma  C  nearest  learned  labels(head=server)  loss  exact_match  epsilon")
     for row in report["settings"]:
         u = row["utility"]
         typer.echo(
             f"{row['split_at']}  {row['noise_multiplier']}  {row['clip_norm']}  "
             f"{row['nearest_neighbour']['recovery']:.3f}  {row['learned_inversion']['recovery']:.3f}  "
-            f"{row['head_server_labels']['recovery']:.3f}  {u['loss']:.3f}  {u.get('exact_match', 0):.3f}"
+            f"{row['head_server_labels']['recovery']:.3f}  {u['loss']:.3f}  {u.get('exact_match', 0):.3f}  "
+            f"{_epsilon(row)}"
         )
+
+
+def _epsilon(row: dict) -> str:
+    """The setting's epsilon at the report's delta; '-' with the option off, 'none' without noise."""
+    spent = row.get("privacy")
+    if spent is None:
+        return "-"
+    return "none" if spent["epsilon"] is None else f"{spent['epsilon']:.4g}"

@@ -11,9 +11,11 @@ import typer
 from splitprefix.cli.train import (
     DEVICE_OPTION,
     DTYPE_OPTION,
+    NOISE_SEED_HELP,
     TOKEN_ENV,
     client_settings,
     privacy_config,
+    privacy_line,
     runtime_settings,
 )
 from splitprefix.data.formats import Example
@@ -42,7 +44,7 @@ def eval_command(
     wire_dtype: str = typer.Option("fp32", help="With --server: fp32, bf16 or fp16 on the wire."),
     clip: float | None = typer.Option(None, "--clip", help="With --server: clip each sent state to norm C."),
     noise: float = typer.Option(0.0, "--noise", help="With --server: noise of std noise * C on sent states."),
-    noise_seed: int = typer.Option(0, "--noise-seed", help="With --server: seed of the noise."),
+    noise_seed: int | None = typer.Option(None, "--noise-seed", help=f"With --server: {NOISE_SEED_HELP}"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
 ) -> None:
@@ -66,6 +68,8 @@ def eval_command(
             typer.echo(
                 f"{key}: {report[key]:.4g}" if isinstance(report[key], float) else f"{key}: {report[key]}"
             )
+    if "privacy" in report:
+        typer.echo(privacy_line(report["privacy"]))
 
 
 def _evaluate_whole(
@@ -93,6 +97,7 @@ def _evaluate_split(
     privacy: PrivacyConfig | None,
     runtime: RuntimeSettings,
 ) -> dict[str, Any]:
+    from splitprefix.data_party.accounting import held_out_releases, privacy_report
     from splitprefix.data_party.split_train import open_split
     from splitprefix.evaluation.evaluate import evaluate
     from splitprefix.model.prefix import Prefix
@@ -104,6 +109,9 @@ def _evaluate_split(
             loaded = Prefix.load(prefix).fold()
             session.check_prefix(loaded, f"the prefix {prefix}")
             kv = loaded().detach()
-        return evaluate(session.scorer(), session.tokenizer, examples, kv, config)
+        report = evaluate(session.scorer(), session.tokenizer, examples, kv, config)
     finally:
         session.close()
+    releases = {"evaluated": held_out_releases(session.tokenizer, examples, config, 1)}
+    spent = privacy_report(privacy, releases)
+    return report | ({"privacy": spent} if spent else {})

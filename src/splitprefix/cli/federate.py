@@ -48,6 +48,16 @@ def federate_command(
     secagg_max_weight: float = typer.Option(
         FederationConfig.secagg_max_weight, help="SecAgg+: the largest examples-per-round of any party."
     ),
+    max_examples: int = typer.Option(
+        FederationConfig.max_examples,
+        help="Largest num-examples a party may report per round (0 = local steps x batch size).",
+    ),
+    clip: float | None = typer.Option(
+        None, "--clip", help="Each party clips its layer-K token states to this L2 norm C."
+    ),
+    noise: float = typer.Option(
+        0.0, "--noise", help="Each party adds Gaussian noise of std noise * C (fresh OS randomness)."
+    ),
     party_cpus: float = typer.Option(1.0, help="CPUs reserved per simulated party."),
     seed: int = typer.Option(0, help="Seed of the prefix, the data order and the cut."),
 ) -> None:
@@ -75,6 +85,12 @@ def federate_command(
     }
     if local_epochs is not None:
         flower["local-epochs"] = local_epochs
+    if max_examples:
+        flower["max-examples"] = max_examples
+    if clip is not None:
+        flower["clip-norm"] = clip
+    if noise:
+        flower["noise-multiplier"] = noise
     if eval_data is not None:
         flower["eval-data"] = str(eval_data)
     run = LocalFederation(

@@ -9,9 +9,11 @@ import typer
 from splitprefix.cli.train import (
     DEVICE_OPTION,
     DTYPE_OPTION,
+    NOISE_SEED_HELP,
     TOKEN_ENV,
     client_settings,
     privacy_config,
+    privacy_line,
     runtime_settings,
 )
 from splitprefix.data_party.remote import ClientSettings
@@ -32,7 +34,7 @@ _CLIP = typer.Option(
 _NOISE = typer.Option(
     0.0, "--noise", help="Add Gaussian noise of std noise * C to the sent states (needs --clip)."
 )
-_NOISE_SEED = typer.Option(0, "--noise-seed", help="Seed of the noise generator.")
+_NOISE_SEED = typer.Option(None, "--noise-seed", help=NOISE_SEED_HELP)
 
 
 def generate_command(
@@ -54,7 +56,7 @@ def generate_command(
     ca_path: Path | None = _CA,
     clip: float | None = _CLIP,
     noise: float = _NOISE,
-    noise_seed: int = _NOISE_SEED,
+    noise_seed: int | None = _NOISE_SEED,
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
 ) -> None:
@@ -64,6 +66,7 @@ def generate_command(
     (/v1/generate/sessions) receives layer-K hidden states only. A session the server lost is
     reopened transparently.
     """
+    from splitprefix.data_party.accounting import generation_releases, privacy_report
     from splitprefix.data_party.generate import SplitModel
 
     settings = client_settings(server, token, head, wire_dtype, False, timeout_s, max_retries, ca_path)
@@ -79,7 +82,11 @@ def generate_command(
     privacy, runtime = privacy_config(clip, noise, noise_seed), runtime_settings(device, dtype)
     with SplitModel.open(emulator, settings, prefix, privacy, runtime) as model:
         model.generate(prompt, config, on_text=lambda _, text: typer.echo(text, nl=False))
+        prompt_tokens = int(model.encode([prompt])[1].sum())
     typer.echo()
+    spent = privacy_report(privacy, {"prompt": generation_releases(prompt_tokens, max_new_tokens)})
+    if spent is not None:
+        typer.echo(privacy_line(spent), err=True)
 
 
 def gateway_command(
@@ -98,7 +105,7 @@ def gateway_command(
     ca_path: Path | None = _CA,
     clip: float | None = _CLIP,
     noise: float = _NOISE,
-    noise_seed: int = _NOISE_SEED,
+    noise_seed: int | None = _NOISE_SEED,
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
 ) -> None:

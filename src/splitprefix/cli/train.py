@@ -54,7 +54,13 @@ def client_settings(
     )
 
 
-def privacy_config(clip: float | None, noise: float, seed: int) -> PrivacyConfig | None:
+NOISE_SEED_HELP = (
+    "Replay the noise from this seed, for tests only: whoever knows it can remove the noise. "
+    "Default: fresh noise from the OS's cryptographic source."
+)
+
+
+def privacy_config(clip: float | None, noise: float, seed: int | None) -> PrivacyConfig | None:
     """The --clip/--noise options as a PrivacyConfig; None when both are off."""
     if clip is None and noise == 0:
         return None
@@ -115,7 +121,7 @@ def train_command(
     noise: float = typer.Option(
         0.0, "--noise", help="Add Gaussian noise of std noise * C to the sent states (needs --clip)."
     ),
-    noise_seed: int = typer.Option(0, "--noise-seed", help="Seed of the noise generator."),
+    noise_seed: int | None = typer.Option(None, "--noise-seed", help=NOISE_SEED_HELP),
     exact_match: bool = typer.Option(
         SplitTrainConfig.exact_match, help="Score exact match on the held-out prompts at the end."
     ),
@@ -150,3 +156,12 @@ def train_command(
     typer.echo(
         json.dumps({k: v for k, v in report.items() if k != "held_out"} | {"held_out": held_out}, indent=2)
     )
+    if "privacy" in report:
+        typer.echo(privacy_line(report["privacy"]), err=True)
+
+
+def privacy_line(spent: dict) -> str:
+    """The (epsilon, delta) of a run's sent states, in words."""
+    if spent["epsilon"] is None:
+        return "epsilon: none (clipping without noise gives no guarantee)"
+    return f"epsilon: {spent['epsilon']:.4g} at delta {spent['delta']:g}, for the layer-K states sent"

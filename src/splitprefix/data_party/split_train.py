@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from splitprefix.data.batching import IGNORE_INDEX, Batch, encode_examples, resolve_pad_id
 from splitprefix.data.formats import load_jsonl
+from splitprefix.data_party.accounting import run_privacy
 from splitprefix.data_party.offsite import split_held_out, steps_for
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings, SplitClient
@@ -409,9 +410,13 @@ def _train(
             session.scorer(), session.tokenizer, held_out, prefix().detach(), eval_config
         )
         report["held_out"]["wall_s"] = round(time.perf_counter() - began, 2)
+    spent = run_privacy(session.tokenizer, encoded, held_out, config, train_config, len(history.evals))
+    if spent is not None:
+        report["privacy"] = spent
+        logger.info("privacy of the states sent: epsilon %s at delta %s", spent["epsilon"], spent["delta"])
     prefix.save(out)
     record = _run_record(session, emulator_dir, settings, data, config, train_config)
-    write_json(out / RUN_FILE, record | {"runtime": asdict(runtime)})
+    write_json(out / RUN_FILE, record | {"runtime": asdict(runtime)} | ({"privacy": spent} if spent else {}))
     write_json(out / EVAL_FILE, report)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return report

@@ -160,6 +160,11 @@ def generate_answers(
     return answers
 
 
+def generation_budget(tokenizer: PreTrainedTokenizerBase, prompted: list[Example], config: EvalConfig) -> int:
+    """New tokens exact match generates: `config.max_new_tokens`, else the longest reference plus 4."""
+    return config.max_new_tokens or 4 + max(len(tokenizer.encode(e.completion)) for e in prompted)
+
+
 def evaluate(
     model: PreTrainedModel | Scorer,
     tokenizer: PreTrainedTokenizerBase,
@@ -175,8 +180,7 @@ def evaluate(
     prompted = [e for e in examples if e.prompt]
     if not (config.exact_match and prompted):
         return report
-    # bounded by the references (a few tokens over, for another tokenization of the same text)
-    budget = config.max_new_tokens or 4 + max(len(tokenizer.encode(e.completion)) for e in prompted)
+    budget = generation_budget(tokenizer, prompted, config)
     answers = generate_answers(model, tokenizer, [e.prompt for e in prompted], kv, budget, config)
     references = [e.completion for e in prompted]
     report["exact_match"] = exact_match(answers, references)

@@ -1,8 +1,11 @@
 """The data party as a Flower ClientApp: each round it refines the joint prefix through the split.
 
 Settings come from Flower's run config, overridden by the node's own config (kebab-case keys, see
-`PartyConfig.from_flower`). A party that raises mid-round replies with an error; the server's
-FedAvg logs it and aggregates the others.
+`PartyConfig.from_flower`), except the security-relevant ones (`PARTY_ONLY_KEYS`: where the party
+connects, its token, its head, its privacy option, its data and its emulator), which come only from
+the node config: the run config belongs to whoever starts the run, and a run config that sets one
+of them is refused. A party that raises mid-round replies with an error; the server's FedAvg logs
+it and aggregates the others.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from flwr.clientapp import ClientApp
 
 from splitprefix.data.batching import Batch, encode_examples, resolve_pad_id
 from splitprefix.data.formats import load_jsonl
+from splitprefix.data_party.accounting import privacy_report, training_releases
 from splitprefix.data_party.offsite import steps_for
+from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.split_train import open_split
 from splitprefix.data_party.train import LossFn, TrainConfig, train_prefix
@@ -42,6 +47,40 @@ SERVER_ROUND = "server-round"
 """ConfigRecord key of the round number the server sends with the joint prefix."""
 
 FlowerConfig = Mapping[str, bool | float | int | str]
+
+PARTY_ONLY_KEYS = frozenset(
+    {
+        "emulator-dir",
+        "server-url",
+        "token",
+        "tokens",
+        "head",
+        "client-layers",  # reserved for a split that keeps top layers at the party
+        "clip-norm",
+        "noise-multiplier",
+        "noise-seed",
+        "data-file",
+        "data-files",
+    }
+)
+"""Keys a party takes only from its own node config (or the code that builds its app), never from
+the run config: with them the run's operator could send the party's states and token to its own
+host, move its labels onto the wire, or turn off its noise."""
+SECAGG_STATE = "secaggplus_state"
+"""ConfigRecord in the party's Context where Flower's `secaggplus_mod` keeps its state."""
+
+
+def refuse_party_keys(run_config: FlowerConfig) -> None:
+    """Raise `ConfigError` when the run config sets a key of `PARTY_ONLY_KEYS` ("" is unset)."""
+    overridden = sorted(k for k, v in run_config.items() if k in PARTY_ONLY_KEYS and v != "")
+    if overridden:
+        raise ConfigError(
+            f"the run config sets {overridden}, which a party takes only from its own node config "
+            "(--node-config of its SuperNode): the run's operator may not choose where a party sends "
+            "its states and token, its head, its noise, its data or its emulator (the operator's own "
+            "evaluation connection is set with operator-emulator-dir, operator-server-url, "
+            "operator-token and operator-head)"
+        )
 
 
 def config_fields(cls: type, config: FlowerConfig, required: set[str], what: str) -> dict[str, Any]:
@@ -67,10 +106,16 @@ class PartyConfig:
     """Base URL of the model party's `splitprefix serve`."""
     data_file: str
     """This party's training JSONL file."""
-    head: HeadMode = "server"
-    """Where the final norm and LM head run ('client' keeps labels local)."""
+    head: HeadMode = "client"
+    """Where the final norm and LM head run ('client', the default, keeps the targets off the wire)."""
     token: str | None = None
     """Bearer token the model party issued to this party."""
+    clip_norm: float | None = None
+    """C: each token's layer-K state is clipped to this L2 norm before it leaves; None = off."""
+    noise_multiplier: float = 0.0
+    """sigma: Gaussian noise of std sigma * C on every sent coordinate (needs clip_norm)."""
+    noise_seed: int | None = None
+    """None = fresh noise from the OS's cryptographic source; an int replays it (tests only)."""
     local_steps: int = 10
     """Optimiser steps per round (ignored when local_epochs is set)."""
     local_epochs: float | None = None
@@ -90,15 +135,22 @@ class PartyConfig:
         if self.local_epochs is not None and self.local_epochs <= 0:
             raise ConfigError(f"local_epochs must be > 0; got {self.local_epochs}")
         self.train_config(1)  # validates steps, batch size and lr
+        self.privacy()  # validates clip and noise
 
     @classmethod
-    def from_flower(cls, run_config: FlowerConfig, node_config: FlowerConfig) -> PartyConfig:
-        """Fields from kebab-case keys (`emulator-dir`, `local-steps`, ...); the node's config wins.
+    def from_flower(
+        cls, run_config: FlowerConfig, node_config: FlowerConfig, defaults: FlowerConfig | None = None
+    ) -> PartyConfig:
+        """Fields from kebab-case keys (`emulator-dir`, `local-steps`, ...).
 
-        An empty string means unset. Without `data-file`, the party takes entry `partition-id` of the comma-separated `data-files`;
+        `defaults` (set by the code that builds this party's app) are overridden by the run
+        config, then by `node_config`; `refuse_party_keys` stops the run config from setting a
+        `PARTY_ONLY_KEYS` one, so those are the party's own. An empty string means unset. Without
+        `data-file`, the party takes entry `partition-id` of the comma-separated `data-files`;
         likewise `token` from `tokens`.
         """
-        merged = {**run_config, **node_config}
+        refuse_party_keys(run_config)
+        merged = {**(defaults or {}), **run_config, **node_config}
         for one, many in (("data-file", "data-files"), ("token", "tokens")):
             if one not in merged and many in merged:
                 entries = str(merged[many]).split(",")
@@ -111,6 +163,12 @@ class PartyConfig:
 
     def client_settings(self) -> ClientSettings:
         return ClientSettings(self.server_url, token=self.token, head=self.head)
+
+    def privacy(self) -> PrivacyConfig | None:
+        """The clipping and noise on this party's sent states; None when off."""
+        if self.clip_norm is None and self.noise_multiplier == 0:
+            return None
+        return PrivacyConfig(self.clip_norm, self.noise_multiplier, self.noise_seed)
 
     def train_config(self, server_round: int) -> TrainConfig:
         return TrainConfig(
@@ -145,7 +203,7 @@ def train_round(config: PartyConfig, kv: torch.Tensor, server_round: int) -> Par
     if kv.ndim != 5 or kv.shape[1] != 2:
         raise ShapeMismatchError(f"the joint prefix must be (L, 2, n_kv, P, head_dim); got {tuple(kv.shape)}")
     examples = load_jsonl(Path(config.data_file))
-    session = open_split(config.emulator_dir, config.client_settings())
+    session = open_split(config.emulator_dir, config.client_settings(), config.privacy())
     try:
         prefix = Prefix(session.prefix_config(kv.shape[3]), kv)  # raises on a wrong layout
         train = steps_for(config.train_config(server_round), config.local_epochs, len(examples))
@@ -157,7 +215,16 @@ def train_round(config: PartyConfig, kv: torch.Tensor, server_round: int) -> Par
         )
     finally:
         session.close()
+    _log_privacy(config, [len(e) for e in encoded], train, server_round)
     return PartyRound(prefix().detach(), seen[0], sum(history.losses) / len(history.losses))
+
+
+def _log_privacy(config: PartyConfig, lengths: list[int], train: TrainConfig, server_round: int) -> None:
+    """Log the (epsilon, delta) of this party's sent states over rounds 1..server_round alike."""
+    per_round = training_releases(lengths, train.batch_size, train.steps)
+    spent = privacy_report(config.privacy(), {"train": max(server_round, 1) * per_round})
+    if spent is not None:
+        logger.info("after round %d: epsilon %s at delta %g", server_round, spent["epsilon"], spent["delta"])
 
 
 def _counting(loss_fn: LossFn, seen: list[int]) -> LossFn:
@@ -181,12 +248,13 @@ def _log_round(server_round: int, result: PartyRound) -> None:
 
 
 def make_client_app(defaults: FlowerConfig | None = None) -> ClientApp:
-    """A ClientApp whose settings are `defaults`, overridden by the run config, then the node config."""
+    """A ClientApp whose settings are `defaults`, overridden by the run config (which may not set
+    `PARTY_ONLY_KEYS`), then the node config."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        config = PartyConfig.from_flower({**(defaults or {}), **context.run_config}, context.node_config)
+        config = PartyConfig.from_flower(context.run_config, context.node_config, defaults)
         arrays = msg.content.array_records
         if len(arrays) != 1 or KV_KEY not in next(iter(arrays.values())):
             raise ConfigError(f"the train message must carry one ArrayRecord with '{KV_KEY}'")
@@ -205,11 +273,32 @@ def make_client_app(defaults: FlowerConfig | None = None) -> ClientApp:
     return app
 
 
+def secagg_max_weight(context: Context) -> float | None:
+    """The `max_weight` the SecAgg+ setup stage gave this party's `secaggplus_mod`; None outside it."""
+    state = context.state.config_records.get(SECAGG_STATE)
+    value = state.get("max_weight") if state is not None else None
+    return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def check_weight(num_examples: int, max_weight: float | None) -> None:
+    """Raise `ConfigError` when a weight exceeds SecAgg+'s `max_weight`.
+
+    `secaggplus_mod` only warns and goes on: the weighted prefix then overflows the quantisation
+    range, and the joint prefix of every party is silently wrong.
+    """
+    if max_weight is not None and num_examples > max_weight:
+        raise ConfigError(
+            f"this party trained on {num_examples} examples this round, more than SecAgg+'s "
+            f"max-weight {max_weight:g}: masking it would corrupt the joint prefix. Raise "
+            "secagg-max-weight to at least local-steps x batch-size, or train on fewer examples"
+        )
+
+
 class _SecureParty(NumPyClient):
     """The same data party as a legacy client, which is what `secaggplus_mod` can wrap."""
 
-    def __init__(self, config: PartyConfig) -> None:
-        self.config = config
+    def __init__(self, config: PartyConfig, context: Context) -> None:
+        self.config, self.context = config, context
 
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, bool | bytes | float | int | str]
@@ -219,6 +308,7 @@ class _SecureParty(NumPyClient):
         server_round = round_number(config)
         result = train_round(self.config, torch.from_numpy(parameters[0].copy()), server_round)
         _log_round(server_round, result)
+        check_weight(result.num_examples, secagg_max_weight(self.context))  # before the mod masks it
         return [result.kv.numpy()], result.num_examples, {TRAIN_LOSS: result.train_loss}
 
 
@@ -229,8 +319,8 @@ def make_secure_client_app(defaults: FlowerConfig | None = None) -> ClientApp:
     """
 
     def client_fn(context: Context) -> Client:
-        config = PartyConfig.from_flower({**(defaults or {}), **context.run_config}, context.node_config)
-        return _SecureParty(config).to_client()
+        config = PartyConfig.from_flower(context.run_config, context.node_config, defaults)
+        return _SecureParty(config, context).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
 

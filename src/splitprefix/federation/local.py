@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from splitprefix.data.formats import Example, load_jsonl, write_jsonl
 from splitprefix.data.partition import dirichlet_partition
 from splitprefix.errors import ConfigError
 from splitprefix.federation.client_app import (
+    PARTY_ONLY_KEYS,
     FlowerConfig,
     PartyConfig,
     make_client_app,
@@ -113,16 +115,27 @@ def run_local_federation(run: LocalFederation) -> dict[str, Any]:
 def _federate(
     run: LocalFederation, files: list[Path], url: str, tokens: list[str], operator_token: str | None
 ) -> dict[str, Any]:
-    common: FlowerConfig = {"emulator-dir": run.emulator_dir, "server-url": url, **run.flower}
-    party: FlowerConfig = {**common, "data-files": ",".join(map(str, files))}
+    # every party's own settings go into its app's defaults, which stand for its node config here
+    party: FlowerConfig = {"emulator-dir": run.emulator_dir, "server-url": url, **run.flower}
+    party = {**party, "data-files": ",".join(map(str, files))}
     if any(tokens):
         party = {**party, "tokens": ",".join(tokens)}
-    server: FlowerConfig = {"min-parties": len(files), **common, "out-dir": run.out_dir}
+    shared = {k: v for k, v in run.flower.items() if k not in PARTY_ONLY_KEYS}
+    server: dict[str, bool | float | int | str] = {
+        "min-parties": len(files),
+        **shared,
+        "operator-emulator-dir": run.emulator_dir,
+        "operator-server-url": url,
+        "operator-head": run.flower.get("head", FederationConfig.head),
+        "out-dir": run.out_dir,
+    }
+    if "local-epochs" in run.flower and "max-examples" not in run.flower:
+        server["max-examples"] = _most_examples(run, files)
     if operator_token:
-        server = {**server, "token": operator_token}
+        server["operator-token"] = operator_token
     federation = FederationConfig.from_flower(server)  # fail here, before any party starts
     for k in range(len(files)):
-        PartyConfig.from_flower(party, {"partition-id": k})
+        PartyConfig.from_flower({}, {"partition-id": k}, party)
     make_client = make_secure_client_app if federation.secure else make_client_app
     start = time.perf_counter()
     run_simulation(
@@ -135,6 +148,15 @@ def _federate(
         },
     )
     return _results(run, federation, files, url, time.perf_counter() - start)
+
+
+def _most_examples(run: LocalFederation, files: list[Path]) -> int:
+    """The most examples a party draws in a round of `local-epochs` passes (`steps_for`'s steps)."""
+    epochs, batch = (
+        float(run.flower["local-epochs"]),
+        int(run.flower.get("batch-size", PartyConfig.batch_size)),
+    )
+    return max(math.ceil(epochs * len(load_jsonl(f)) / batch) * batch for f in files)
 
 
 def _results(

@@ -3,6 +3,11 @@
 After every round the joint prefix is saved (`out_dir/prefix`, with `state.json` naming the round),
 evaluated on the operator's held-out data when given, and its metrics appended to
 `out_dir/rounds.jsonl`. Rerunning with the same `out_dir` resumes after the last saved round.
+
+The run config is shared with the parties, which refuse the keys that are theirs alone
+(`PARTY_ONLY_KEYS`); the operator's own connection therefore has keys of its own, prefixed
+`operator-` (`operator-server-url`, ...). Each party's reported `num-examples` is checked against
+a bound (`max_examples`), and a report out of range is refused and logged with the round.
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ from splitprefix.data_party.split_train import SplitSession, SplitTrainConfig, i
 from splitprefix.data_party.train import TrainConfig
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
-from splitprefix.federation.client_app import KV_KEY, NUM_EXAMPLES, FlowerConfig, config_fields
+from splitprefix.federation.client_app import (
+    KV_KEY,
+    NUM_EXAMPLES,
+    FlowerConfig,
+    PartyConfig,
+    config_fields,
+    refuse_party_keys,
+)
 from splitprefix.federation.secure import run_secure_rounds
 from splitprefix.federation.traffic import CountingGrid
 from splitprefix.model.prefix import Prefix
@@ -34,6 +46,9 @@ from splitprefix.wire.schemas import HeadMode
 
 logger = logging.getLogger(__name__)
 
+OPERATOR_PREFIX = "operator-"
+OPERATOR_KEYS = ("emulator-dir", "server-url", "token", "head")
+"""The operator's own connection, under `operator-` in the run config (`operator-server-url`)."""
 PREFIX_DIR = "prefix"
 STATE_FILE = "state.json"
 ROUNDS_FILE = "rounds.jsonl"
@@ -65,7 +80,7 @@ class FederationConfig:
     """Also generate and score exact match in each evaluation (slower)."""
     max_length: int = 128
     """Tokens kept per evaluation example."""
-    head: HeadMode = "server"
+    head: HeadMode = "client"
     """Where the operator's evaluation runs the final norm and LM head."""
     token: str | None = None
     """Bearer token of the operator at the model party's server."""
@@ -81,6 +96,14 @@ class FederationConfig:
     """SecAgg+: prefix values are clipped to [-range, range] before quantisation."""
     secagg_threshold: float = 0.67
     """SecAgg+: share of the key shares needed to unmask; more is more private, less drop-tolerant."""
+    local_steps: int = PartyConfig.local_steps
+    """The parties' optimiser steps per round (from the run config): bounds their num-examples."""
+    batch_size: int = PartyConfig.batch_size
+    """The parties' examples per step (from the run config): bounds their num-examples."""
+    local_epochs: float | None = None
+    """The parties' passes over their data per round, when the run config sets it."""
+    max_examples: int = 0
+    """Largest num-examples a party may report per round; 0 = local_steps x batch_size."""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1 or self.min_parties < 1 or self.min_replies < 1:
@@ -97,11 +120,32 @@ class FederationConfig:
             )
         if not 0 < self.secagg_threshold <= 1:
             raise ConfigError(f"secagg_threshold must be in (0, 1]; got {self.secagg_threshold}")
+        if self.max_examples < 0 or (self.local_epochs is not None and self.max_examples == 0):
+            raise ConfigError(
+                f"max_examples must be >= 1, or 0 for local_steps x batch_size without local_epochs; got "
+                f"{self.max_examples} with local_epochs {self.local_epochs} (a party's count then "
+                "depends on its data size, which the server does not know)"
+            )
+
+    @property
+    def examples_bound(self) -> int:
+        """The largest num-examples a party may report in a round."""
+        return self.max_examples or self.local_steps * self.batch_size
 
     @classmethod
     def from_flower(cls, run_config: FlowerConfig) -> FederationConfig:
-        """Fields from kebab-case run-config keys (`emulator-dir`, `num-rounds`, ...); "" means unset."""
-        values = config_fields(cls, run_config, {"emulator_dir", "server_url", "out_dir"}, "the run config")
+        """Fields from kebab-case run-config keys (`operator-server-url`, `num-rounds`, ...); "" means unset.
+
+        The operator's emulator, server URL, token and head are `operator-*` keys, because the
+        parties refuse a run config that sets their own (`PARTY_ONLY_KEYS`).
+        """
+        refuse_party_keys(run_config)
+        renamed = {
+            (k.removeprefix(OPERATOR_PREFIX) if k.removeprefix(OPERATOR_PREFIX) in OPERATOR_KEYS else k): v
+            for k, v in run_config.items()
+        }
+        required = {"emulator_dir", "server_url", "out_dir"}
+        values = config_fields(cls, renamed, required, "the run config (operator-emulator-dir, ...)")
         return cls(**values)
 
 
@@ -117,6 +161,7 @@ class PrefixFedAvg(FedAvg):
             weighted_by_key=NUM_EXAMPLES,
         )
         self.min_replies = config.min_replies
+        self.examples_bound = config.examples_bound
         self.rounds_before = rounds_before
         self.last_round: dict[str, Any] = {}
 
@@ -131,11 +176,19 @@ class PrefixFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies, round_number = list(replies), self.rounds_before + server_round
-        ok = [m for m in replies if not m.has_error()]
         errors = [f"party {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
-        for error in errors:
+        refusals = {id(m): self.refusal(m) for m in replies if not m.has_error()}
+        ok = [m for m in replies if not m.has_error() and refusals[id(m)] is None]
+        refused = [reason for reason in refusals.values() if reason is not None]
+        for error in errors + refused:
             logger.warning("round %d: %s", round_number, error)
-        self.last_round = {"parties": len(ok), "failed": len(errors), "errors": errors}
+        self.last_round = {
+            "parties": len(ok),
+            "failed": len(errors),
+            "refused": len(refused),
+            "errors": errors + refused,
+        }
+        replies = [m for m in replies if m.has_error() or refusals[id(m)] is None]
         if len(ok) < self.min_replies:
             logger.warning(
                 "round %d: %d replies, fewer than min_replies=%d; the joint prefix stays as it was",
@@ -148,6 +201,17 @@ class PrefixFedAvg(FedAvg):
         if metrics is not None:
             self.last_round |= {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         return arrays, metrics
+
+    def refusal(self, reply: Message) -> str | None:
+        """Why a party's reply is refused: a num-examples that is no int in [1, examples_bound]."""
+        counts = [r.get(NUM_EXAMPLES) for r in reply.content.metric_records.values() if NUM_EXAMPLES in r]
+        count = counts[0] if len(counts) == 1 else None
+        if isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= self.examples_bound:
+            return None
+        return (
+            f"party {reply.metadata.src_node_id}: reported {NUM_EXAMPLES} {count!r}, expected an int "
+            f"in [1, {self.examples_bound}] (max-examples); its prefix was refused"
+        )
 
 
 class _RoundKeeper:
