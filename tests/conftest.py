@@ -16,6 +16,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from families import EAGER_ONLY, FAMILY_VARIANTS, family_config
+
 pytest_plugins = ["app_fixtures", "split_fixtures"]  # fixtures shared by several test modules
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
@@ -23,7 +25,12 @@ VOCAB = 96
 
 
 def tiny_config(arch: str, num_layers: int = 4, vocab_size: int = VOCAB) -> PretrainedConfig:
-    """A 4-layer, 64-wide config; rotary families use grouped-query attention (4 heads, 2 kv heads)."""
+    """A 4-layer, 64-wide config; rotary families use grouped-query attention (4 heads, 2 kv heads).
+
+    `arch` is one of ARCHS (plain configs) or a variant id of families.FAMILY_VARIANTS.
+    """
+    if arch in FAMILY_VARIANTS:
+        return family_config(arch, num_layers, vocab_size)
     rotary = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -57,11 +64,12 @@ def tiny_config(arch: str, num_layers: int = 4, vocab_size: int = VOCAB) -> Pret
 
 
 def build_tiny_model(
-    arch: str, attn: str = "sdpa", seed: int = 0, num_layers: int = 4, vocab_size: int = VOCAB
+    arch: str, attn: str | None = None, seed: int = 0, num_layers: int = 4, vocab_size: int = VOCAB
 ) -> PreTrainedModel:
-    """A seeded tiny random model in eval mode, fp32."""
+    """A seeded tiny random model in eval mode, fp32; `attn` defaults to sdpa where the family has it."""
     torch.manual_seed(seed)
     config = tiny_config(arch, num_layers, vocab_size)
+    attn = attn or ("eager" if arch in EAGER_ONLY else "sdpa")
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     return model.eval()
 

@@ -11,6 +11,7 @@ from conftest import TOKENIZER_VOCAB, build_tiny_model, build_tiny_tokenizer
 from splitprefix.cli.main import app
 from splitprefix.errors import ShapeMismatchError
 from splitprefix.model.prefix import Prefix, PrefixConfig
+from splitprefix.model.registry import ARCHITECTURES
 
 runner = CliRunner()
 
@@ -26,6 +27,18 @@ def test_info_prints_json(tmp_path):
     result = runner.invoke(app, ["info", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["architecture"] == "gpt2"
+
+
+def test_info_without_a_model_lists_every_supported_family():
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["supported_architectures"] == sorted(ARCHITECTURES)
+
+
+def test_info_help_says_how_to_list_the_families():
+    result = runner.invoke(app, ["info", "--help"])
+    assert result.exit_code == 0
+    assert "supported families" in result.output
 
 
 def test_info_on_a_missing_directory_fails_cleanly(tmp_path):

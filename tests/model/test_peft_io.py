@@ -83,3 +83,10 @@ def test_import_rejects_other_adapter_types(tmp_path):
 def test_import_of_a_missing_directory_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
         import_peft(tmp_path / "nowhere")
+
+
+def test_a_latent_attention_prefix_is_refused_with_the_widths(tmp_path):
+    prefix = _prefix(build_tiny_model("deepseek_v3"))
+    with pytest.raises(ConfigError, match="keys 20 and values 8 wide"):
+        export_peft(prefix, tmp_path)
+    assert not (tmp_path / ADAPTER_CONFIG).exists()

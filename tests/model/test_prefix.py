@@ -121,3 +121,56 @@ def test_prefix_is_trainable_end_to_end():
     # Assert: gradients reach the reparameterisation, never the frozen model
     assert prefix.embedding.grad is not None and prefix.mlp[0].weight.grad is not None
     assert all(p.grad is None for p in model.parameters())
+
+
+# The latent-attention layout: keys and values of different widths in one padded tensor.
+
+
+def test_latent_attention_prefix_records_each_layers_widths_and_pads_with_zeros():
+    # Prepare: DeepSeek-V3 caches a 20-wide latent as keys and an 8-wide rotary key as values
+    config = PrefixConfig.for_model(tiny_config("deepseek_v3"), 3)
+
+    # Execute
+    kv = Prefix(config)()
+
+    # Assert
+    assert kv.shape == (4, 2, 1, 3, 20)
+    assert config.layers_kv == ((1, 20, 8),) * 4
+    assert (kv[:, 1, :, :, 8:] == 0).all() and (kv[:, 1, :, :, :8] != 0).all()
+
+
+@pytest.mark.parametrize("projection_dim", [None, 8])
+def test_padding_stays_zero_through_training_and_files(tmp_path, projection_dim):
+    # Prepare
+    model = build_tiny_model("deepseek_v3")
+    prefix = Prefix(PrefixConfig.for_model(model.config, 3, projection_dim=projection_dim))
+    optimizer = torch.optim.AdamW(prefix.parameters(), lr=0.1, weight_decay=0.1)
+    ids = torch.randint(3, 96, (2, 5))
+
+    # Execute: a few steps, then a save/load round trip
+    for _ in range(3):
+        optimizer.zero_grad()
+        forward_with_prefix(model, ids, torch.ones_like(ids), prefix()).logsumexp(-1).mean().backward()
+        optimizer.step()
+    back = Prefix.load(prefix.save(tmp_path))
+
+    # Assert
+    assert (prefix()[:, 1, :, :, 8:] == 0).all()
+    assert back.config == prefix.config
+    torch.testing.assert_close(back(), prefix(), atol=0, rtol=0)
+
+
+def test_a_prefix_with_another_layout_does_not_fit():
+    config = tiny_config("deepseek_v3")
+    uniform = dataclasses.replace(PrefixConfig.for_model(config, 3), layers_kv=None)
+    with pytest.raises(ShapeMismatchError, match="its layers hold"):
+        uniform.check_fits(config)
+
+
+def test_layers_kv_wider_than_the_tensor_is_rejected():
+    with pytest.raises(ConfigError, match="layers_kv must give 2"):
+        PrefixConfig(2, 1, 8, 3, layers_kv=((1, 8, 8), (1, 9, 8)))
+
+
+def test_a_layout_without_padding_is_the_plain_config():
+    assert PrefixConfig(2, 1, 8, 3, layers_kv=[[1, 8, 8], [1, 8, 8]]) == PrefixConfig(2, 1, 8, 3)

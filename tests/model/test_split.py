@@ -128,8 +128,18 @@ def test_split_at_out_of_range_is_rejected(split_at):
 def test_unsupported_architecture_lists_supported_ones():
     config = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2)
     model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(UnsupportedArchitectureError, match=r"'opt'.*gpt2, llama, mistral, qwen2"):
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match=r"'opt'.*deepseek_v3, falcon, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama",
+    ):
         split_model(model, 1)
+
+
+def test_an_option_the_registry_entry_does_not_implement_is_rejected():
+    config = tiny_config("gemma3_text")
+    config.use_bidirectional_attention = True
+    with pytest.raises(UnsupportedArchitectureError, match="use_bidirectional_attention"):
+        split_model(AutoModelForCausalLM.from_config(config), 1)
 
 
 def test_mask_that_omits_the_prefix_is_rejected():

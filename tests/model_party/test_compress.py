@@ -19,6 +19,7 @@ from splitprefix.model.emulator import (
     verify_bottom,
 )
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
+from splitprefix.model.registry import architecture_of
 from splitprefix.model.split import Bottom, Head
 from splitprefix.model_party.compress import DistillConfig, _Distiller, build_emulator, distill, emulate
 
@@ -143,3 +144,26 @@ def test_distillation_resumes_from_its_checkpoint_after_a_crash(tmp_path, monkey
     assert (tmp_path / "ckpt" / "step-0000006").is_dir()
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("variant", "fields"), [("qwen3_moe", {}), ("deepseek_v3", {"first_k_dense_replace": 3})]
+)
+def test_an_moe_emulator_keeps_each_kept_layers_dense_or_sparse_kind(variant, fields):
+    # Prepare: kept layers [0, 1, 3]; qwen3_moe's sparse grid and DeepSeek's dense block both move
+    model = build_tiny_model(variant)
+    for name, value in fields.items():
+        setattr(model.config, name, value)
+    model = AutoModelForCausalLM.from_config(model.config).eval()
+
+    # Execute
+    emulator, kept = build_emulator(model, 2, 1)
+
+    # Assert: each emulator layer is a bit-identical copy of its original, MLP kind included
+    layers = architecture_of(model.config).layers_of
+    originals = layers(model)
+    for new, old in enumerate(kept):
+        ours = layers(emulator)[new].state_dict()
+        assert ours.keys() == originals[old].state_dict().keys()
+        for name, tensor in originals[old].state_dict().items():
+            assert torch.equal(ours[name], tensor), (new, name)

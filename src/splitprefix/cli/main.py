@@ -28,14 +28,21 @@ def _group() -> None:
 
 @app.command()
 def info(
-    model: str = typer.Argument(..., help="Model directory, or 'builtin' for the shipped model."),
+    model: str | None = typer.Argument(
+        None,
+        help="Model directory, or 'builtin' for the shipped model; omit it to list the supported families.",
+    ),
 ) -> None:
-    """Print the architecture, layer count and prefix layout of MODEL as JSON."""
+    """Print the architecture, layer count and prefix layout of MODEL as JSON, or the supported families."""
     import json
 
     from splitprefix.model.loading import describe_model
+    from splitprefix.model.registry import supported_architectures
 
-    typer.echo(json.dumps(describe_model(model), indent=2))
+    report = (
+        describe_model(model) if model is not None else {"supported_architectures": supported_architectures()}
+    )
+    typer.echo(json.dumps(report, indent=2))
 
 
 app.command(name="make-data")(make_data_command)

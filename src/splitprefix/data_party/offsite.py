@@ -133,12 +133,14 @@ def integrate(prefix_dir: Path, emulator_dir: Path, out: Path, dropped: DroppedL
     manifest = EmulatorManifest.load(emulator_dir)
     prefix = Prefix.load(prefix_dir).fold()
     full_kv = integrate_kv(prefix().detach(), manifest, dropped)
+    layers_kv = prefix.config.layers_kv
     full = Prefix(
         PrefixConfig(
             manifest.num_layers,
             prefix.config.num_kv_heads,
             prefix.config.head_dim,
             prefix.config.num_virtual_tokens,
+            layers_kv=None if layers_kv is None else tuple(layers_kv[i] for i in manifest.layer_map),
         ),
         full_kv,
     )

@@ -177,7 +177,14 @@ class SplitSession:
     def prefix_config(self, num_virtual_tokens: int) -> PrefixConfig:
         """A prefix over all L layers of the server's model."""
         layout = self.info.prefix
-        return PrefixConfig(self.info.num_layers, layout.num_kv_heads, layout.head_dim, num_virtual_tokens)
+        layers_kv = None if layout.layers_kv is None else tuple((h, k, v) for h, k, v in layout.layers_kv)
+        return PrefixConfig(
+            self.info.num_layers,
+            layout.num_kv_heads,
+            layout.head_dim,
+            num_virtual_tokens,
+            layers_kv=layers_kv,
+        )
 
     def check_prefix(self, prefix: Prefix, where: str = "the prefix") -> None:
         """Raise ShapeMismatchError unless `prefix` covers every layer of the server's model."""

@@ -75,6 +75,7 @@ def describe_model(name_or_dir: str | Path) -> dict[str, Any]:
     """Architecture and sizes of a model, read from its config only."""
     config = AutoConfig.from_pretrained(resolve_model_dir(name_or_dir))
     dims = model_dims(config)
+    real_entries = sum(layer.num_kv_heads * (layer.key_dim + layer.value_dim) for layer in dims.layer_kv)
     return {
         "architecture": architecture_of(config).name,
         "num_layers": dims.num_layers,
@@ -82,5 +83,7 @@ def describe_model(name_or_dir: str | Path) -> dict[str, Any]:
         "num_kv_heads": dims.num_kv_heads,
         "head_dim": dims.head_dim,
         "vocab_size": dims.vocab_size,
-        "prefix_params_per_virtual_token": dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim,
+        "prefix_params_per_virtual_token": real_entries,
+        "prefix_padding_per_virtual_token": dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim
+        - real_entries,
     }

@@ -21,8 +21,26 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_KEY = "prompt_embeddings"
 
 
+def peft_unsupported(config: PrefixConfig) -> str | None:
+    """Why PEFT's prefix tuning cannot hold a prefix of this layout, or None when it can.
+
+    PEFT sizes keys and values alike (token_dim / heads), so a layer whose cached keys and values
+    differ in width, as under DeepSeek-V3's latent attention, has no PEFT form.
+    """
+    for i, layer in enumerate(config.layer_kv()):
+        if layer.key_dim != layer.value_dim:
+            return (
+                f"PEFT gives keys and values one width, but layer {i} caches keys {layer.key_dim} "
+                f"and values {layer.value_dim} wide"
+            )
+    return None
+
+
 def export_peft(prefix: Prefix, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write `prefix` as a PEFT prefix-tuning adapter that `PeftModel.from_pretrained` loads."""
+    reason = peft_unsupported(prefix.config)
+    if reason is not None:
+        raise ConfigError(f"this prefix cannot be exported as a PEFT adapter: {reason}")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     plain = prefix.fold()

@@ -4,6 +4,14 @@ The prefix is one tensor `kv` of shape (L, 2, n_kv_heads, P, head_dim): index 0 
 axis holds keys, index 1 values. Grouped-query attention is handled by sizing it with the
 key/value heads, not the attention heads. The data party owns it; the bottom layers read
 `kv[:K]` and the top layers `kv[K:]`.
+
+Layers whose cache is narrower than the tensor use its leading heads and columns: keys and values
+may differ in width (DeepSeek-V3's latent attention caches a kv_lora_rank-wide latent as keys and a
+qk_rope_head_dim-wide rotary key as values), and so may layers. `PrefixConfig.layers_kv` records
+each layer's (heads, key width, value width); the rest of the tensor is padding that is kept at
+zero and never reaches a model. One tensor keeps slicing by layer, averaging, the wire and the
+files the same for every family, at the cost of the padding (PEFT provisions the widest layer and
+slices the same way).
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +28,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
 from splitprefix.errors import ConfigError, ShapeMismatchError
-from splitprefix.model.registry import model_dims
+from splitprefix.model.registry import LayerKV, model_dims
 
 CONFIG_FILE = "prefix_config.json"
 WEIGHTS_FILE = "prefix.safetensors"
@@ -33,15 +41,18 @@ class PrefixConfig:
     num_layers: int
     """Decoder layers L that get a prefix."""
     num_kv_heads: int
-    """Key/value heads per layer."""
+    """Key/value heads of the prefix tensor: the most any layer caches."""
     head_dim: int
-    """Width of one head."""
+    """Head width of the prefix tensor: the widest key or value any layer caches."""
     num_virtual_tokens: int
     """Virtual tokens P per layer."""
     projection_dim: int | None = None
     """Hidden width of the MLP reparameterisation; None trains the keys/values directly."""
     init_std: float = 1.0
     """Standard deviation of the random initialisation (unit scale trained faster than 0.02 here)."""
+    layers_kv: tuple[tuple[int, int, int], ...] | None = None
+    """Per layer (kv heads, key width, value width) where some layer caches less than
+    (num_kv_heads, head_dim, head_dim); None when every layer fills the tensor."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_virtual_tokens"):
@@ -49,12 +60,55 @@ class PrefixConfig:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.projection_dim is not None and self.projection_dim < 1:
             raise ConfigError(f"projection_dim must be >= 1 or None; got {self.projection_dim}")
+        if self.layers_kv is not None:
+            # JSON gives lists; tuples keep the config comparable, and a layout without padding is None
+            layers = tuple(tuple(layer) for layer in self.layers_kv)
+            full = (self.num_kv_heads, self.head_dim, self.head_dim)
+            object.__setattr__(self, "layers_kv", layers)
+            self._check_layers_kv()
+            if all(layer == full for layer in layers):
+                object.__setattr__(self, "layers_kv", None)
+
+    def _check_layers_kv(self) -> None:
+        layers = self.layers_kv or ()
+        bounds = (self.num_kv_heads, self.head_dim, self.head_dim)
+        if len(layers) != self.num_layers or any(
+            len(layer) != 3 or not all(1 <= n <= most for n, most in zip(layer, bounds, strict=True))
+            for layer in layers
+        ):
+            raise ConfigError(
+                f"layers_kv must give {self.num_layers} (kv heads, key width, value width) triples within "
+                f"(1..{self.num_kv_heads}, 1..{self.head_dim}, 1..{self.head_dim}); got {layers}"
+            )
 
     @classmethod
     def for_model(cls, config: PretrainedConfig, num_virtual_tokens: int, **kwargs: object) -> PrefixConfig:
         """A prefix config that fits every layer of a model with `config`."""
         dims = model_dims(config)
-        return cls(dims.num_layers, dims.num_kv_heads, dims.head_dim, num_virtual_tokens, **kwargs)  # type: ignore[arg-type]
+        layers = None if dims.uniform else tuple(astuple(layer) for layer in dims.layer_kv)
+        return cls(
+            dims.num_layers,
+            dims.num_kv_heads,
+            dims.head_dim,
+            num_virtual_tokens,
+            layers_kv=layers,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def layer_kv(self) -> list[LayerKV]:
+        """What each layer's cache holds of the prefix tensor."""
+        if self.layers_kv is None:
+            return [LayerKV(self.num_kv_heads, self.head_dim, self.head_dim)] * self.num_layers
+        return [LayerKV(*layer) for layer in self.layers_kv]
+
+    def padding_mask(self) -> torch.Tensor | None:
+        """1 where the prefix tensor holds a real key or value, 0 on padding: (L, 2, n_kv, 1, head_dim).
+
+        None when nothing is padded.
+        """
+        if self.layers_kv is None:
+            return None
+        return layout_mask(self.layer_kv(), self.num_kv_heads, self.head_dim)
 
     @property
     def kv_shape(self) -> tuple[int, int, int, int, int]:
@@ -75,6 +129,19 @@ class PrefixConfig:
                 "prefix does not fit this model: expected (layers, kv_heads, head_dim) = "
                 f"{expected}, got {actual}"
             )
+        if self.layer_kv() != list(dims.layer_kv):
+            raise ShapeMismatchError(
+                f"prefix does not fit this model: its layers hold {self.layer_kv()}, the model's {list(dims.layer_kv)}"
+            )
+
+
+def layout_mask(layers: list[LayerKV], num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """1 on each layer's real key and value entries, 0 on padding: (L, 2, n_kv, 1, head_dim)."""
+    mask = torch.zeros(len(layers), 2, num_kv_heads, 1, head_dim)
+    for i, layer in enumerate(layers):
+        mask[i, 0, : layer.num_kv_heads, :, : layer.key_dim] = 1
+        mask[i, 1, : layer.num_kv_heads, :, : layer.value_dim] = 1
+    return mask
 
 
 def rows_to_kv(rows: torch.Tensor, config: PrefixConfig) -> torch.Tensor:
@@ -95,13 +162,19 @@ def kv_to_rows(kv: torch.Tensor) -> torch.Tensor:
 class Prefix(nn.Module):
     """A trainable deep prefix. Calling it returns kv, (L, 2, n_kv_heads, P, head_dim)."""
 
+    padding: torch.Tensor | None
+    """The layout's padding mask (L, 2, n_kv, 1, head_dim), or None when nothing is padded."""
+
     def __init__(self, config: PrefixConfig, kv: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config
+        mask = config.padding_mask()
+        self.register_buffer("padding", mask, persistent=False)
         if config.projection_dim is None:
             init = torch.randn(config.kv_shape) * config.init_std if kv is None else kv.detach().clone()
             check_kv_shape(init, config.kv_shape, "kv")
-            self.kv = nn.Parameter(init)
+            # padding stays zero: it never reaches a cache, so it never gets a gradient
+            self.kv = nn.Parameter(init if mask is None else init * mask)
         else:
             if kv is not None:
                 raise ConfigError(
@@ -117,7 +190,8 @@ class Prefix(nn.Module):
     def forward(self) -> torch.Tensor:
         if self.config.projection_dim is None:
             return self.kv
-        return rows_to_kv(self.mlp(self.embedding), self.config)  # (L, 2, n_kv, P, head_dim)
+        kv = rows_to_kv(self.mlp(self.embedding), self.config)  # (L, 2, n_kv, P, head_dim)
+        return kv if self.padding is None else kv * self.padding
 
     def fold(self) -> Prefix:
         """A plain prefix holding this one's current keys/values, with the MLP folded away."""
@@ -192,7 +266,9 @@ def prefix_cache(
         )
     check_kv_shape(kv, (n, 2, dims.num_kv_heads, kv.shape[3], dims.head_dim))
     for i in range(n):
-        keys = kv[i, 0].unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, n_kv, P, head_dim)
-        values = kv[i, 1].unsqueeze(0).expand(batch_size, -1, -1, -1)
+        layer = dims.layer_kv[first_layer + i]
+        heads = kv[i, :, : layer.num_kv_heads]  # (2, n_kv of this layer, P, head_dim)
+        keys = heads[0, ..., : layer.key_dim].unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, h, P, dk)
+        values = heads[1, ..., : layer.value_dim].unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, h, P, dv)
         cache.update(keys, values, first_layer + i)
     return cache

@@ -23,7 +23,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from splitprefix.errors import ConfigError, ShapeMismatchError
 from splitprefix.model.prefix import prefix_cache
-from splitprefix.model.registry import architecture_of
+from splitprefix.model.registry import SLIDING, Masks, PositionEmbeddings, architecture_of, scale_embeddings
 
 HeadPlacement = Literal["server", "client"]
 
@@ -68,15 +68,29 @@ class Embeddings(nn.Module):
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         arch = architecture_of(model.config)
+        self.config = model.config
         self.tokens = arch.part(model, arch.embed_tokens)
         self.positions = arch.optional_part(model, arch.embed_positions)
         self.dropout = arch.optional_part(model, arch.embed_dropout)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.tokens(input_ids)  # (B, T, d)
+        hidden = scale_embeddings(self.config, self.tokens(input_ids))  # (B, T, d)
         if self.positions is not None:
             hidden = hidden + self.positions(positions)
         return hidden if self.dropout is None else self.dropout(hidden)
+
+
+class LayerInputs(NamedTuple):
+    """What every layer of a stack gets besides its hidden states and cache."""
+
+    masks: Masks
+    """The attention mask of each layer type."""
+    positions: torch.Tensor
+    """Position ids (B, T)."""
+    extra: dict[str, Any]
+    """Family-specific keywords (Falcon: `alibi`)."""
+    rotary: dict[str, PositionEmbeddings] | None
+    """Rotary (cos, sin) of each layer type; None for families without rotary embeddings."""
 
 
 class LayerStack(nn.Module):
@@ -84,21 +98,19 @@ class LayerStack(nn.Module):
 
     def __init__(self, model: PreTrainedModel, start: int, stop: int) -> None:
         super().__init__()
-        arch = architecture_of(model.config)
+        self.arch = architecture_of(model.config)
         self.config = model.config
         self.start, self.stop = start, stop
-        self.layers = nn.ModuleList(arch.layers_of(model)[start:stop])
-        self.rotary = arch.optional_part(model, arch.rotary)
-        self.sliding = arch.sliding_layers(model.config)[start:stop]
+        self.layers = nn.ModuleList(self.arch.layers_of(model)[start:stop])
+        self.rotary = self.arch.optional_part(model, self.arch.rotary)
+        self.layer_types = self.arch.layer_types(model.config)[start:stop]
 
     def forward(self, x: Activations, cache: Cache | None = None) -> torch.Tensor:
         """Run the layers on `x`, reading and extending `cache` for these layers. Returns (B, T, d)."""
-        masks, extra = self._prepare(x, cache)
+        inputs = self._prepare(x, cache)
         hidden = x.hidden
-        for layer, sliding in zip(self.layers, self.sliding, strict=True):
-            hidden = layer(
-                hidden, attention_mask=masks[sliding], position_ids=x.positions, cache=cache, **extra
-            )
+        for i in range(len(self.layers)):
+            hidden = self._call(i, hidden, inputs, cache)
         return hidden
 
     def forward_checkpointed(self, x: Activations, kv: torch.Tensor | None) -> torch.Tensor:
@@ -111,38 +123,45 @@ class LayerStack(nn.Module):
         """
         batch = x.hidden.shape[0]
         sizing = None if kv is None else prefix_cache(kv.detach(), self.config, batch, self.start)
-        masks, extra = self._prepare(x, sizing)
+        inputs = self._prepare(x, sizing)
         hidden = x.hidden
-        for i, sliding in enumerate(self.sliding):
-            run = partial(self._layer_with_prefix, i, masks[sliding], x.positions, extra)
+        for i in range(len(self.layers)):
+            run = partial(self._layer_with_prefix, i, inputs)
             args = (hidden,) if kv is None else (hidden, kv[i])
             hidden = checkpoint(run, *args, use_reentrant=False)
         return hidden
 
     def _layer_with_prefix(
-        self,
-        i: int,
-        mask: torch.Tensor | None,
-        positions: torch.Tensor,
-        extra: dict[str, Any],
-        hidden: torch.Tensor,
-        *layer_kv: torch.Tensor,
+        self, i: int, inputs: LayerInputs, hidden: torch.Tensor, *layer_kv: torch.Tensor
     ) -> torch.Tensor:
         """Layer `start + i` on `hidden`, with a fresh cache of its prefix `layer_kv` (none: no prefix)."""
         at = self.start + i
         cache = prefix_cache(layer_kv[0][None], self.config, hidden.shape[0], at) if layer_kv else None
-        return self.layers[i](hidden, attention_mask=mask, position_ids=positions, cache=cache, **extra)
+        return self._call(i, hidden, inputs, cache)
 
-    def _prepare(
-        self, x: Activations, cache: Cache | None
-    ) -> tuple[dict[bool, torch.Tensor | None], dict[str, Any]]:
-        """The attention mask of each kind of layer, and the rotary embeddings, for `x`."""
+    def _call(self, i: int, hidden: torch.Tensor, inputs: LayerInputs, cache: Cache | None) -> torch.Tensor:
+        """Layer `start + i` on `hidden` (B, T, d), called as its family calls it. Returns (B, T, d)."""
+        kind = self.layer_types[i]
+        position = {} if inputs.rotary is None else {"position_embeddings": inputs.rotary[kind]}
+        out = self.layers[i](
+            hidden,
+            attention_mask=inputs.masks[kind],
+            position_ids=inputs.positions,
+            **{self.arch.cache_keyword: cache},
+            **position,
+            **inputs.extra,
+        )
+        return self.arch.layer_output(out)
+
+    def _prepare(self, x: Activations, cache: Cache | None) -> LayerInputs:
+        """The attention mask of each kind of layer, the rotary embeddings and any extra layer inputs."""
         self._check_mask(x, cache)
-        masks = {sliding: self._mask(x, cache, sliding) for sliding in set(self.sliding)}
-        extra: dict[str, Any] = {}
+        masks = {kind: self._mask(x, cache, kind) for kind in set(self.layer_types)}
+        masks, extra = self.arch.layer_inputs(self.config, x.hidden, x.attention_mask, masks)
+        rotary = None
         if self.rotary is not None:
-            extra["position_embeddings"] = self.rotary(x.hidden, position_ids=x.positions)
-        return masks, extra
+            rotary = self.arch.rotary_embeddings(self.rotary, x.hidden, x.positions, self.layer_types)
+        return LayerInputs(masks, x.positions, extra, rotary)
 
     def _check_mask(self, x: Activations, cache: Cache | None) -> None:
         batch, new = x.hidden.shape[:2]
@@ -157,9 +176,9 @@ class LayerStack(nn.Module):
         if tuple(x.positions.shape) != (batch, new):
             raise ShapeMismatchError(f"positions must be {(batch, new)}; got {tuple(x.positions.shape)}")
 
-    def _mask(self, x: Activations, cache: Cache | None, sliding: bool) -> torch.Tensor | None:
-        make = create_sliding_window_causal_mask if sliding else create_causal_mask
-        first = self.start + self.sliding.index(sliding)  # size the mask against a layer of this kind
+    def _mask(self, x: Activations, cache: Cache | None, kind: str) -> torch.Tensor | None:
+        make = create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask
+        first = self.start + self.layer_types.index(kind)  # size the mask against a layer of this kind
         return make(
             config=self.config,
             inputs_embeds=x.hidden,
@@ -167,6 +186,7 @@ class LayerStack(nn.Module):
             cache=cache,
             position_ids=x.positions,
             layer_idx=first,
+            allow_is_causal_skip=not self.arch.materialise_masks,
         )
 
 
@@ -175,12 +195,17 @@ class Head(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
-        arch = architecture_of(model.config)
-        self.norm = arch.part(model, arch.final_norm)
+        self.arch = architecture_of(model.config)
+        self.config = model.config
+        self.norm = self.arch.part(model, self.arch.final_norm)
         self.lm_head = model.get_output_embeddings()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+        return self.logits(self.norm(hidden))
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) of normed hidden states, with the family's soft-cap or scaling applied."""
+        return self.arch.logit_transform(self.config, self.lm_head(normed))
 
 
 class Bottom(nn.Module):

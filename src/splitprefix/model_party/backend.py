@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import astuple
 from typing import Any
 
 import torch
@@ -88,6 +89,7 @@ class TopBackend:
                 num_kv_heads=d.num_kv_heads,
                 head_dim=d.head_dim,
                 shape=f"({len(layers)}, 2, {d.num_kv_heads}, P, {d.head_dim})",
+                layers_kv=None if d.uniform else [list(astuple(layer)) for layer in d.layer_kv],
             ),
             fingerprints=schemas.Fingerprints(
                 base_config_sha256=self.top.base_config_sha256,

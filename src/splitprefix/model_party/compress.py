@@ -7,7 +7,6 @@ Offsite-Tuning's non-linear knowledge distillation. The bottom, norm and head ne
 
 from __future__ import annotations
 
-import copy
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ from splitprefix.model.emulator import (
     tokenizer_fingerprint,
     uniform_keep,
 )
-from splitprefix.model.registry import architecture_of
+from splitprefix.model.registry import architecture_of, config_keeping_layers
 from splitprefix.model.split import Activations, Bottom, Head, LayerStack
 
 CHECKPOINT_DIR = "checkpoint"
@@ -39,10 +38,7 @@ def build_emulator(model: PreTrainedModel, split_at: int, keep: int) -> tuple[Pr
     """A copy of `model` with layers [0, K) and N uniformly chosen upper layers. Returns (emulator, kept)."""
     num_layers = model.config.num_hidden_layers
     kept = list(range(split_at)) + uniform_keep(num_layers, split_at, keep)
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(kept)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [model.config.layer_types[i] for i in kept]
+    config = config_keeping_layers(model.config, kept)
     emulator = AutoModelForCausalLM.from_config(config, attn_implementation=model.config._attn_implementation)
     emulator.load_state_dict(_renumber_layers(model, kept), strict=True)
     emulator.requires_grad_(False)
@@ -134,8 +130,8 @@ class _Distiller:
         if kind in ("hidden", "both"):
             total = total + F.mse_loss(student, teacher)
         if kind in ("logits", "both"):
-            t_logp = F.log_softmax(self.teacher_head.lm_head(teacher), -1)
-            s_logp = F.log_softmax(self.student_head.lm_head(student), -1)
+            t_logp = F.log_softmax(self.teacher_head.logits(teacher), -1)
+            s_logp = F.log_softmax(self.student_head.logits(student), -1)
             total = total + F.kl_div(
                 s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean"
             )

@@ -63,6 +63,10 @@ class CheckpointReader:
             name: stack.enter_context(safe_open(directory / name, "pt")) for name in set(weight_map.values())
         }
 
+    def holds(self, names: list[str]) -> bool:
+        """Whether the checkpoint has a tensor under one of `names`."""
+        return any(c in self._weight_map for name in names for c in (name, name.split(".", 1)[-1]))
+
     def read(self, names: list[str]) -> torch.Tensor:
         """The first of `names` (aliases of one tied parameter) that the checkpoint holds."""
         for name in names:
@@ -86,15 +90,22 @@ def load_top(
     aliases = _parameter_aliases(model)
     with ExitStack() as files:
         reader = CheckpointReader(path, files)
-        bottom = Bottom(model, split_at)
-        _materialise(bottom, aliases, reader, torch.float32, "cpu")
+        if all(reader.holds(names) for names in aliases.values()):
+            bottom = Bottom(model, split_at)
+            _materialise(bottom, aliases, reader, torch.float32, "cpu")
+        else:
+            model = _load_converted(path)
+            bottom = Bottom(model, split_at)
         bottom_sha256 = bottom_fingerprint(model, split_at)
         _drop(bottom)  # the data party's weights: hashed, never kept
         stack = LayerStack(model, split_at, config.num_hidden_layers)
         head = Head(model)
         for part in (stack, head):
-            _materialise(part, aliases, reader, dtype, device)
-            _init_buffers(model, part, device)
+            if next(part.parameters()).is_meta:
+                _materialise(part, aliases, reader, dtype, device)
+                _init_buffers(model, part, device)
+            else:
+                _move(part, dtype, device)
     tokenizer = load_tokenizer(path)
     return LoadedTop(
         model=model,
@@ -105,6 +116,32 @@ def load_top(
         tokenizer_sha256=tokenizer_fingerprint(tokenizer),
         bottom_sha256=bottom_sha256,
     )
+
+
+def _load_converted(path: Path) -> PreTrainedModel:
+    """The whole model through HF's loader, for checkpoints that store some parameters in another
+    layout than the model holds them (transformers 5 fuses MoE experts on load). Only that loader
+    converts them, so these families hold the whole model, in fp32 for the fingerprint, until its
+    bottom is dropped."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _move(part: nn.Module, dtype: torch.dtype, device: str) -> None:
+    """Cast `part`'s parameters to `dtype` on `device`; computed buffers (rotary frequencies) keep
+    their dtype, as on the path that reads the top's tensors alone."""
+    for module in part.modules():
+        for local, param in list(module.named_parameters(recurse=False)):
+            setattr(
+                module,
+                local,
+                nn.Parameter(param.detach().to(device=device, dtype=dtype), requires_grad=False),
+            )
+        for local, buffer in list(module.named_buffers(recurse=False)):
+            module.register_buffer(
+                local, buffer.to(device), persistent=local not in module._non_persistent_buffers_set
+            )
 
 
 def _parameter_aliases(model: nn.Module) -> dict[int, list[str]]:

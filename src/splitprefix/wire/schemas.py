@@ -124,6 +124,11 @@ class PrefixLayout(BaseModel):
     num_kv_heads: int
     head_dim: int
     shape: str = Field(description="(L - K, 2, num_kv_heads, P, head_dim)")
+    layers_kv: list[list[int]] | None = Field(
+        None,
+        description="Per layer of the whole model, (kv heads, key width, value width) where some layer caches "
+        "less than (num_kv_heads, head_dim, head_dim); the rest of the tensor is zero padding. None when none does.",
+    )
 
 
 class Limits(BaseModel):
