@@ -47,15 +47,15 @@ class Progress(Generic[T]):
             yield from self._bar
             return
         began = last = time.monotonic()
-        done = self.initial
+        done = shown = self.initial
         for item in self.items:
             yield item
             done += 1
             now = time.monotonic()
             if now - last >= self.every_s:
                 self._line(done, now - began)
-                last = now
-        if done > self.initial:
+                last, shown = now, done
+        if done > shown:  # the end, unless its line was just written
             self._line(done, time.monotonic() - began)
 
     def _line(self, done: int, elapsed: float) -> None:
