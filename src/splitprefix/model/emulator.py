@@ -11,14 +11,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from splitprefix.errors import ConfigError, ShapeMismatchError, SplitPrefixError
+from splitprefix.model.loading import resolve_model_dir
+from splitprefix.model.partial_load import CheckpointReader, meta_model, tensor_aliases
 from splitprefix.model.split import Bottom, check_split_at
 
 MANIFEST_FILE = "emulator_manifest.json"
@@ -120,19 +125,30 @@ class EmulatorManifest:
         return manifest
 
 
-def _sha256_tensors(tensors: dict[str, torch.Tensor]) -> str:
+def _sha256_tensors(names: Iterable[str], tensor: Callable[[str], torch.Tensor]) -> str:
+    """Hash of the named tensors in name order, each fetched by `tensor(name)` only when hashed, so
+    that no more than one of them need be in memory."""
     digest = hashlib.sha256()
-    for name in sorted(tensors):
+    for name in sorted(names):
         # fp32 so that loading the same weights in another dtype does not change the fingerprint
-        tensor = tensors[name].detach().float().contiguous().cpu()
-        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        data = tensor(name).detach().float().contiguous().cpu()
+        digest.update(f"{name}:{tuple(data.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 
 
 def bottom_fingerprint(model: PreTrainedModel, split_at: int) -> str:
     """Hash of the embeddings and layers [0, K): equal for a full model and its emulators."""
-    return _sha256_tensors(dict(Bottom(model, split_at).state_dict()))
+    tensors = Bottom(model, split_at).state_dict()
+    return _sha256_tensors(tensors, tensors.__getitem__)
+
+
+def stored_bottom_fingerprint(reader: CheckpointReader, skeleton: PreTrainedModel, split_at: int) -> str:
+    """`bottom_fingerprint` of the model whose checkpoint `reader` reads, hashed tensor by tensor
+    from the file (one fp32 tensor in memory at a time). `skeleton` gives the names and may be on
+    the meta device."""
+    views, aliases = Bottom(skeleton, split_at).state_dict(keep_vars=True), tensor_aliases(skeleton)
+    return _sha256_tensors(views, lambda name: reader.read(aliases[id(views[name])]))
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -167,13 +183,48 @@ def verify_bottom(
     manifest: EmulatorManifest, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 ) -> None:
     """Raise FingerprintMismatchError unless `model`'s bottom K layers and `tokenizer` match the manifest."""
+    _check_fingerprints(
+        manifest, tokenizer_fingerprint(tokenizer), bottom_fingerprint(model, manifest.split_at)
+    )
+
+
+_verified: set[tuple[Any, ...]] = set()
+_verified_lock = threading.Lock()
+
+
+def verify_emulator(
+    directory: str | Path, manifest: EmulatorManifest, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Raise FingerprintMismatchError unless the bottom stored in `directory` and `tokenizer` match
+    `manifest`.
+
+    The bottom is hashed from the checkpoint tensor by tensor, once per process for each state of
+    the directory's files (name, size and mtime_ns of each): federation opens a session every round,
+    and rehashing a bottom of several GB when no file changed would find nothing new.
+    """
+    path = resolve_model_dir(directory).resolve()
+    key = (str(path), manifest.split_at, manifest.bottom_sha256, manifest.tokenizer_sha256, _file_state(path))
+    with _verified_lock:
+        if key in _verified:
+            return
+    skeleton = meta_model(AutoConfig.from_pretrained(path))
+    with ExitStack() as files:
+        bottom = stored_bottom_fingerprint(CheckpointReader(path, files), skeleton, manifest.split_at)
+    _check_fingerprints(manifest, tokenizer_fingerprint(tokenizer), bottom)
+    with _verified_lock:
+        _verified.add(key)
+
+
+def _file_state(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime_ns) of every file in `directory`: any rewrite of one changes it."""
+    stats = [(f.name, f.stat()) for f in sorted(directory.iterdir()) if f.is_file()]
+    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
+
+
+def _check_fingerprints(manifest: EmulatorManifest, tokenizer_sha256: str, bottom_sha256: str) -> None:
     checks = (
-        ("tokenizer", manifest.tokenizer_sha256, tokenizer_fingerprint(tokenizer)),
-        (
-            f"bottom {manifest.split_at} layers",
-            manifest.bottom_sha256,
-            bottom_fingerprint(model, manifest.split_at),
-        ),
+        ("tokenizer", manifest.tokenizer_sha256, tokenizer_sha256),
+        (f"bottom {manifest.split_at} layers", manifest.bottom_sha256, bottom_sha256),
     )
     for what, expected, actual in checks:
         if expected != actual:

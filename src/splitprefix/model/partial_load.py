@@ -1,0 +1,162 @@
+"""Loading only some parts of a model, tensor by tensor, straight from its safetensors checkpoint.
+
+The model is built on the meta device, which costs no memory. Only the parameters of the parts a
+role runs (the bottom, a stack of layers, the head) are then read from the file(s) and put in place,
+in the dtype and on the device asked for; every other parameter stays on the meta device. Both
+parties use it: the server for layers [K, L) and the head, the data party for its bottom (and head),
+and `emulate` to copy the kept tensors of a checkpoint into an emulator without the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from splitprefix.errors import ConfigError
+from splitprefix.model.loading import resolve_model_dir
+from splitprefix.model.registry import architecture_of
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointReader:
+    """Reads single tensors by name from a model directory's safetensors file or shards."""
+
+    def __init__(self, directory: Path, stack: ExitStack) -> None:
+        if (directory / INDEX_FILE).is_file():
+            weight_map: dict[str, str] = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+        elif (directory / SINGLE_FILE).is_file():
+            with safe_open(directory / SINGLE_FILE, "pt") as handle:
+                weight_map = dict.fromkeys(handle.keys(), SINGLE_FILE)
+        else:
+            raise ConfigError(
+                f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}; splitprefix reads only safetensors "
+                "checkpoints (re-save the model with save_pretrained)"
+            )
+        self._weight_map = weight_map
+        self._handles = {
+            name: stack.enter_context(safe_open(directory / name, "pt")) for name in set(weight_map.values())
+        }
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The stored tensor `name`, in its stored dtype, on the CPU: the only read of the file."""
+        return self._handles[self._weight_map[name]].get_tensor(name)
+
+    def read(self, names: Sequence[str]) -> torch.Tensor:
+        """The first of `names` (aliases of one tied parameter) that the checkpoint holds."""
+        for name in names:
+            for candidate in (name, name.split(".", 1)[-1]):  # old checkpoints omit the backbone prefix
+                if candidate in self._weight_map:
+                    return self.tensor(candidate)
+        raise ConfigError(f"the checkpoint holds no tensor named {' or '.join(names)}; is it complete?")
+
+
+def meta_model(config: PretrainedConfig, attn_implementation: str | None = None) -> PreTrainedModel:
+    """The model of `config` on the meta device, in eval mode: its shapes and modules, no memory."""
+    architecture_of(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def tensor_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every stored name of every parameter and persistent buffer, keyed by identity (a tied head is
+    also the embedding)."""
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(tensor), []).append(name)
+    return aliases
+
+
+def materialise(
+    model: PreTrainedModel,
+    reader: CheckpointReader,
+    parts: Sequence[nn.Module],
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+    source: Callable[[str], str] = str,
+) -> None:
+    """Replace the meta parameters of `parts` (views of `model`) by frozen ones read from `reader`.
+
+    `dtype` None keeps each tensor's stored dtype. `source` maps a name of `model` to the name the
+    checkpoint stores it under (the emulator renumbers layers). A parameter tied across parts is read
+    once and stays tied. Computed buffers (rotary frequencies) are initialised on `device`.
+    """
+    aliases, done = tensor_aliases(model), {}
+    for part in parts:
+        for module in part.modules():
+            for local, param in list(module.named_parameters(recurse=False)):
+                if not param.is_meta:
+                    continue
+                if id(param) not in done:
+                    names = aliases[id(param)]
+                    tensor = _checked(reader.read([source(n) for n in names]), param, names[0])
+                    tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                    done[id(param)] = (
+                        param,
+                        nn.Parameter(tensor, requires_grad=False),
+                    )  # keeps `param` alive
+                setattr(module, local, done[id(param)][1])
+        init_buffers(model, part, device)
+
+
+def _checked(tensor: torch.Tensor, param: nn.Parameter, name: str) -> torch.Tensor:
+    if tensor.shape != param.shape:
+        raise ConfigError(
+            f"checkpoint tensor {name} has shape {tuple(tensor.shape)}; the config needs {tuple(param.shape)}"
+        )
+    return tensor
+
+
+def init_buffers(model: PreTrainedModel, part: nn.Module, device: str | torch.device) -> None:
+    """Compute non-persistent buffers (rotary frequencies), which no checkpoint stores."""
+    for module in part.modules():
+        own = list(module.buffers(recurse=False))
+        if any(buffer.is_meta for buffer in own):
+            if any(True for _ in module.parameters(recurse=False)):
+                raise RuntimeError(f"bug: {type(module).__name__} mixes weights and computed buffers")
+            module.to_empty(device=device, recurse=False)
+            # the same initialisation `from_pretrained` applies to buffers missing from the file
+            model._init_weights(module)
+    leftovers = [name for name, t in _tensors(part) if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"bug: {leftovers} still on the meta device after loading")
+
+
+def drop(part: nn.Module) -> None:
+    """Put `part`'s parameters back on the meta device, freeing their memory."""
+    for module in part.modules():
+        for local, param in list(module.named_parameters(recurse=False)):
+            setattr(module, local, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+
+
+def _tensors(part: nn.Module) -> list[tuple[str, Any]]:
+    return [*part.named_parameters(), *part.named_buffers()]
+
+
+def load_parts(
+    model_dir: str | Path,
+    parts: Callable[[PreTrainedModel], Sequence[nn.Module]],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, list[nn.Module]]:
+    """The model in `model_dir` on the meta device with only `parts(model)` read from its checkpoint.
+
+    Returns (model, parts). The parts are frozen views of the model; everything else stays on the
+    meta device and is never read from the file.
+    """
+    path = resolve_model_dir(model_dir)
+    model = meta_model(AutoConfig.from_pretrained(path))
+    chosen = list(parts(model))
+    with ExitStack() as files:
+        materialise(model, CheckpointReader(path, files), chosen, dtype, device)
+    return model, chosen
