@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -143,20 +143,24 @@ def _tensors(part: nn.Module) -> list[tuple[str, Any]]:
     return [*part.named_parameters(), *part.named_buffers()]
 
 
+Parts = TypeVar("Parts", bound=tuple[nn.Module | None, ...])
+
+
 def load_parts(
     model_dir: str | Path,
-    parts: Callable[[PreTrainedModel], Sequence[nn.Module]],
+    parts: Callable[[PreTrainedModel], Parts],
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-) -> tuple[PreTrainedModel, list[nn.Module]]:
+) -> tuple[PreTrainedModel, Parts]:
     """The model in `model_dir` on the meta device with only `parts(model)` read from its checkpoint.
 
-    Returns (model, parts). The parts are frozen views of the model; everything else stays on the
-    meta device and is never read from the file.
+    `parts` returns views of the model (a tuple; None entries are skipped). Returns (model, parts):
+    the parts are frozen, in `dtype` on `device`; everything else stays on the meta device and is
+    never read from the file.
     """
     path = resolve_model_dir(model_dir)
     model = meta_model(AutoConfig.from_pretrained(path))
-    chosen = list(parts(model))
+    chosen = parts(model)
     with ExitStack() as files:
-        materialise(model, CheckpointReader(path, files), chosen, dtype, device)
+        materialise(model, CheckpointReader(path, files), [p for p in chosen if p is not None], dtype, device)
     return model, chosen
