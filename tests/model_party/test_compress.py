@@ -20,7 +20,14 @@ from splitprefix.model.emulator import (
 )
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.split import Bottom, Head
-from splitprefix.model_party.compress import DistillConfig, _Distiller, build_emulator, distill, emulate
+from splitprefix.model_party.compress import (
+    DistillConfig,
+    _Distiller,
+    build_emulator,
+    distill,
+    emulate,
+    make_manifest,
+)
 
 
 def _save_full(tmp_path, arch="llama", num_layers=6, seed=0):
@@ -143,3 +150,40 @@ def test_distillation_resumes_from_its_checkpoint_after_a_crash(tmp_path, monkey
     assert (tmp_path / "ckpt" / "step-0000006").is_dir()
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def _saved_tensors(directory):
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    return {name: tensor for f in files for name, tensor in load_file(f).items()}
+
+
+@pytest.mark.parametrize(
+    ("arch", "storage"), [("llama", "fp32"), ("llama", "bf16"), ("gpt2", "fp32"), ("llama", "sharded")]
+)
+def test_streamed_emulator_equals_the_one_built_from_the_loaded_model(tmp_path, arch, storage):
+    # Prepare: the whole model saved as given, and the emulator built the old way, from it loaded whole
+    full = build_tiny_model(arch, num_layers=8, vocab_size=TOKENIZER_VOCAB)
+    full_dir, dtype = tmp_path / "full", torch.bfloat16 if storage == "bf16" else torch.float32
+    shards = {"max_shard_size": "60KB"} if storage == "sharded" else {}
+    full.to(dtype).save_pretrained(full_dir, **shards)
+    assert (full_dir / "model.safetensors.index.json").is_file() == (storage == "sharded")
+    build_tiny_tokenizer().save_pretrained(full_dir)
+    loaded, tokenizer = load_causal_lm(full_dir), load_tokenizer(full_dir)
+    reference, kept = build_emulator(loaded, 2, 3)
+    reference.to(dtype).save_pretrained(tmp_path / "old")  # in the stored dtype, as emulate always did
+    old_manifest = make_manifest(str(full_dir), loaded, tokenizer, 2, kept)
+
+    # Execute
+    manifest = emulate(str(full_dir), split_at=2, keep=3, out=tmp_path / "new")
+
+    # Assert: bit-identical tensors, config and manifest
+    old, new = _saved_tensors(tmp_path / "old"), _saved_tensors(tmp_path / "new")
+    assert sorted(old) == sorted(new)
+    for name, tensor in old.items():
+        assert tensor.dtype == new[name].dtype and torch.equal(tensor, new[name]), name
+    assert json.loads((tmp_path / "new" / "config.json").read_text()) == json.loads(
+        (tmp_path / "old" / "config.json").read_text()
+    )
+    assert manifest == old_manifest == EmulatorManifest.load(tmp_path / "new")

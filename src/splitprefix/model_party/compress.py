@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +19,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from splitprefix.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from splitprefix.errors import ConfigError
@@ -26,41 +34,72 @@ from splitprefix.model.emulator import (
     bottom_fingerprint,
     config_fingerprint,
     stand_ins,
+    stored_bottom_fingerprint,
     tokenizer_fingerprint,
     uniform_keep,
 )
+from splitprefix.model.loading import load_causal_lm, load_tokenizer, resolve_model_dir
+from splitprefix.model.partial_load import CheckpointReader, materialise, meta_model
 from splitprefix.model.registry import architecture_of
 from splitprefix.model.split import Activations, Bottom, Head, LayerStack
 
 CHECKPOINT_DIR = "checkpoint"
 
 
+def emulator_config(config: PretrainedConfig, kept: list[int]) -> PretrainedConfig:
+    """The config of an emulator that keeps original layers `kept` of a model with `config`."""
+    emulated = copy.deepcopy(config)
+    emulated.num_hidden_layers = len(kept)
+    if getattr(emulated, "layer_types", None):
+        emulated.layer_types = [config.layer_types[i] for i in kept]
+    return emulated
+
+
+def kept_layers(config: PretrainedConfig, split_at: int, keep: int) -> list[int]:
+    """Original indices of the emulator's layers: [0, K), then N upper layers by uniform layer drop."""
+    return list(range(split_at)) + uniform_keep(config.num_hidden_layers, split_at, keep)
+
+
 def build_emulator(model: PreTrainedModel, split_at: int, keep: int) -> tuple[PreTrainedModel, list[int]]:
-    """A copy of `model` with layers [0, K) and N uniformly chosen upper layers. Returns (emulator, kept)."""
-    num_layers = model.config.num_hidden_layers
-    kept = list(range(split_at)) + uniform_keep(num_layers, split_at, keep)
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(kept)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [model.config.layer_types[i] for i in kept]
-    emulator = AutoModelForCausalLM.from_config(config, attn_implementation=model.config._attn_implementation)
-    emulator.load_state_dict(_renumber_layers(model, kept), strict=True)
+    """A copy of the loaded `model` with layers [0, K) and N uniformly chosen upper layers.
+
+    Returns (emulator, kept). `emulate` streams the same emulator from the checkpoint instead.
+    """
+    kept = kept_layers(model.config, split_at, keep)
+    emulator = AutoModelForCausalLM.from_config(
+        emulator_config(model.config, kept), attn_implementation=model.config._attn_implementation
+    )
+    source = _original_name(model.config, kept)
+    originals = model.state_dict()
+    emulator.load_state_dict({name: originals[source(name)] for name in emulator.state_dict()}, strict=True)
     emulator.requires_grad_(False)
     return emulator.to(model.dtype).eval(), kept
 
 
-def _renumber_layers(model: PreTrainedModel, kept: list[int]) -> dict[str, torch.Tensor]:
-    arch = architecture_of(model.config)
+def stream_emulator(
+    reader: CheckpointReader, config: PretrainedConfig, split_at: int, keep: int, dtype: torch.dtype | None
+) -> tuple[PreTrainedModel, list[int]]:
+    """The emulator of the model `config` describes, each tensor read from its checkpoint through
+    `reader` (in `dtype`; None keeps the stored one); the full model is never built. Returns
+    (emulator, kept)."""
+    kept = kept_layers(config, split_at, keep)
+    emulator = meta_model(emulator_config(config, kept))
+    materialise(emulator, reader, [emulator], dtype, "cpu", source=_original_name(config, kept))
+    return emulator, kept
+
+
+def _original_name(config: PretrainedConfig, kept: list[int]) -> Callable[[str], str]:
+    """Maps an emulator tensor's name to the name of the original tensor it copies."""
+    arch = architecture_of(config)
     layers = f"{arch.backbone}.{arch.layers}."
-    renamed = {}
-    for name, tensor in model.state_dict().items():
+
+    def source(name: str) -> str:
         if not name.startswith(layers):
-            renamed[name] = tensor
-            continue
+            return name
         index, rest = name[len(layers) :].split(".", 1)
-        if int(index) in kept:
-            renamed[f"{layers}{kept.index(int(index))}.{rest}"] = tensor
-    return renamed
+        return f"{layers}{kept[int(index)]}.{rest}"
+
+    return source
 
 
 def make_manifest(
@@ -69,7 +108,10 @@ def make_manifest(
     tokenizer: PreTrainedTokenizerBase,
     split_at: int,
     kept: list[int],
+    bottom_sha256: str | None = None,
 ) -> EmulatorManifest:
+    """The manifest of an emulator of `model` (which may be a meta skeleton when `bottom_sha256`,
+    hashed from its checkpoint, is given)."""
     num_layers = model.config.num_hidden_layers
     return EmulatorManifest(
         base_model=base_model,
@@ -79,7 +121,7 @@ def make_manifest(
         kept_layers=kept,
         layer_map=stand_ins(num_layers, split_at, kept[split_at:]),
         tokenizer_sha256=tokenizer_fingerprint(tokenizer),
-        bottom_sha256=bottom_fingerprint(model, split_at),
+        bottom_sha256=bottom_sha256 or bottom_fingerprint(model, split_at),
     )
 
 
@@ -221,18 +263,29 @@ def emulate(
     distill_data: Path | None = None,
     distill_config: DistillConfig = DistillConfig(),
 ) -> EmulatorManifest:
-    """Build an emulator of `model_dir` in `out`: a model directory plus `emulator_manifest.json`."""
-    from splitprefix.model.loading import load_causal_lm, load_tokenizer, resolve_model_dir
+    """Build an emulator of `model_dir` in `out`: a model directory plus `emulator_manifest.json`.
 
-    full, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
-    storage_dtype = _storage_dtype(resolve_model_dir(model_dir))
-    emulator, kept = build_emulator(full, split_at, keep)
-    manifest = make_manifest(str(model_dir), full, tokenizer, split_at, kept)
+    The emulator's tensors are streamed from the checkpoint, and the bottom is hashed from it tensor
+    by tensor, so layer drop holds no more than the emulator. Distillation trains in fp32 against
+    the whole model, which it loads.
+    """
+    path = resolve_model_dir(model_dir)
+    config, tokenizer = AutoConfig.from_pretrained(path), load_tokenizer(path)
+    storage_dtype = _storage_dtype(path)
+    full = meta_model(config)
+    with ExitStack() as files:
+        reader = CheckpointReader(path, files)
+        train_dtype = None if distill_data is None else torch.float32
+        emulator, kept = stream_emulator(reader, config, split_at, keep, train_dtype)
+        bottom_sha256 = stored_bottom_fingerprint(reader, full, split_at)
+    manifest = make_manifest(str(model_dir), full, tokenizer, split_at, kept, bottom_sha256)
     if distill_data is not None:
+        teacher = load_causal_lm(path)
         blocks = corpus_blocks(tokenizer, distill_data)
         manifest.distillation = distill(
-            full, emulator, split_at, blocks, distill_config, out / CHECKPOINT_DIR
+            teacher, emulator, split_at, blocks, distill_config, out / CHECKPOINT_DIR
         )
+        del teacher
     out.mkdir(parents=True, exist_ok=True)
     emulator.to(storage_dtype).save_pretrained(out)  # type: ignore[arg-type]
     tokenizer.save_pretrained(out)
