@@ -133,7 +133,7 @@ def _sha256_tensors(names: Iterable[str], tensor: Callable[[str], torch.Tensor])
         # fp32 so that loading the same weights in another dtype does not change the fingerprint
         data = tensor(name).detach().float().contiguous().cpu()
         digest.update(f"{name}:{tuple(data.shape)};".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        digest.update(data.view(torch.uint8).numpy().data if data.numel() else b"")  # a view: no copy
     return digest.hexdigest()
 
 

@@ -77,15 +77,14 @@ def build_emulator(model: PreTrainedModel, split_at: int, keep: int) -> tuple[Pr
 
 
 def stream_emulator(
-    reader: CheckpointReader, config: PretrainedConfig, split_at: int, keep: int, dtype: torch.dtype | None
-) -> tuple[PreTrainedModel, list[int]]:
-    """The emulator of the model `config` describes, each tensor read from its checkpoint through
-    `reader` (in `dtype`; None keeps the stored one); the full model is never built. Returns
-    (emulator, kept)."""
-    kept = kept_layers(config, split_at, keep)
+    reader: CheckpointReader, config: PretrainedConfig, kept: list[int], dtype: torch.dtype | None
+) -> PreTrainedModel:
+    """The emulator keeping original layers `kept` of the model `config` describes, each tensor read
+    from its checkpoint through `reader` (in `dtype`; None keeps the stored one). The full model is
+    never built."""
     emulator = meta_model(emulator_config(config, kept))
     materialise(emulator, reader, [emulator], dtype, "cpu", source=_original_name(config, kept))
-    return emulator, kept
+    return emulator
 
 
 def _original_name(config: PretrainedConfig, kept: list[int]) -> Callable[[str], str]:
@@ -272,12 +271,12 @@ def emulate(
     path = resolve_model_dir(model_dir)
     config, tokenizer = AutoConfig.from_pretrained(path), load_tokenizer(path)
     storage_dtype = _storage_dtype(path)
-    full = meta_model(config)
+    kept, full = kept_layers(config, split_at, keep), meta_model(config)
     with ExitStack() as files:
         reader = CheckpointReader(path, files)
+        bottom_sha256 = stored_bottom_fingerprint(reader, full, split_at)  # before the emulator is held
         train_dtype = None if distill_data is None else torch.float32
-        emulator, kept = stream_emulator(reader, config, split_at, keep, train_dtype)
-        bottom_sha256 = stored_bottom_fingerprint(reader, full, split_at)
+        emulator = stream_emulator(reader, config, kept, train_dtype)
     manifest = make_manifest(str(model_dir), full, tokenizer, split_at, kept, bottom_sha256)
     if distill_data is not None:
         teacher = load_causal_lm(path)
