@@ -84,12 +84,17 @@ def materialise(
     dtype: torch.dtype | None,
     device: str | torch.device,
     source: Callable[[str], str] = str,
+    copy: bool = False,
 ) -> None:
     """Replace the meta parameters of `parts` (views of `model`) by frozen ones read from `reader`.
 
     `dtype` None keeps each tensor's stored dtype. `source` maps a name of `model` to the name the
     checkpoint stores it under (the emulator renumbers layers). A parameter tied across parts is read
     once and stays tied. Computed buffers (rotary frequencies) are initialised on `device`.
+
+    A tensor read in its stored dtype on the CPU is a view of the file's memory map, shared with
+    every other read of it through `reader`: pass `copy=True` for parameters that will be trained
+    in place.
     """
     aliases, done = tensor_aliases(model), {}
     for part in parts:
@@ -100,7 +105,7 @@ def materialise(
                 if id(param) not in done:
                     names = aliases[id(param)]
                     tensor = _checked(reader.read([source(n) for n in names]), param, names[0])
-                    tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                    tensor = tensor.to(device=device, dtype=dtype or tensor.dtype, copy=copy)
                     done[id(param)] = (
                         param,
                         nn.Parameter(tensor, requires_grad=False),

@@ -38,10 +38,11 @@ from splitprefix.model.emulator import (
     tokenizer_fingerprint,
     uniform_keep,
 )
-from splitprefix.model.loading import load_causal_lm, load_tokenizer, resolve_model_dir
+from splitprefix.model.loading import load_tokenizer, resolve_model_dir
 from splitprefix.model.partial_load import CheckpointReader, materialise, meta_model
 from splitprefix.model.registry import architecture_of
-from splitprefix.model.split import Activations, Bottom, Head, LayerStack
+from splitprefix.model.split import Bottom, Head, LayerStack
+from splitprefix.model_party.teacher import StreamedTeacher, Teacher, lm_perplexity
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -77,13 +78,18 @@ def build_emulator(model: PreTrainedModel, split_at: int, keep: int) -> tuple[Pr
 
 
 def stream_emulator(
-    reader: CheckpointReader, config: PretrainedConfig, kept: list[int], dtype: torch.dtype | None
+    reader: CheckpointReader, config: PretrainedConfig, kept: list[int], trainable: bool = False
 ) -> PreTrainedModel:
     """The emulator keeping original layers `kept` of the model `config` describes, each tensor read
-    from its checkpoint through `reader` (in `dtype`; None keeps the stored one). The full model is
-    never built."""
+    from its checkpoint through `reader`; the full model is never built.
+
+    The tensors keep their stored dtype, or are fp32 copies of their own with `trainable` (for
+    distillation, which must not write into the memory-mapped file the teacher reads).
+    """
     emulator = meta_model(emulator_config(config, kept))
-    materialise(emulator, reader, [emulator], dtype, "cpu", source=_original_name(config, kept))
+    dtype = torch.float32 if trainable else None
+    source = _original_name(config, kept)
+    materialise(emulator, reader, [emulator], dtype, "cpu", source=source, copy=trainable)
     return emulator
 
 
@@ -142,72 +148,94 @@ class DistillConfig:
     """Steps between resumable checkpoints; 0 disables them."""
     seed: int = 0
     """Seed of the block order."""
+    teacher_memory_mb: float = 256.0
+    """Teacher targets held at once (fp32 hidden states of a chunk of steps); each layer of a
+    streamed teacher is read once per chunk."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.eval_blocks < 1:
+        if min(self.steps, self.batch_size, self.eval_blocks) < 1 or self.teacher_memory_mb <= 0:
             raise ConfigError(
-                f"steps, batch_size and eval_blocks must be >= 1; got {self.steps}, {self.batch_size}, {self.eval_blocks}"
+                "steps, batch_size and eval_blocks must be >= 1 and teacher_memory_mb > 0; got "
+                f"{self.steps}, {self.batch_size}, {self.eval_blocks}, {self.teacher_memory_mb}"
             )
         if self.loss not in ("hidden", "logits", "both"):
             raise ConfigError(f"loss must be 'hidden', 'logits' or 'both'; got {self.loss!r}")
 
 
 class _Distiller:
-    """Teacher and student views that share the frozen bottom activations."""
+    """The student: the emulator's upper layers on its frozen bottom's activations."""
 
-    def __init__(self, full: PreTrainedModel, emulator: PreTrainedModel, split_at: int) -> None:
-        self.bottom = Bottom(full, split_at)
-        self.teacher, self.teacher_head = (
-            LayerStack(full, split_at, full.config.num_hidden_layers),
-            Head(full),
-        )
+    def __init__(self, emulator: PreTrainedModel, split_at: int) -> None:
+        self.bottom = Bottom(emulator, split_at)
         self.student = LayerStack(emulator, split_at, emulator.config.num_hidden_layers)
-        self.student_head = Head(emulator)
+        self.head = Head(emulator)
 
-    def loss(self, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    def loss(self, blocks: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+        """Distillation loss of the student on `blocks` (B, T) against the teacher's normed final
+        hidden states (B, T, d)."""
         mask = torch.ones_like(blocks)
         positions = torch.arange(blocks.shape[1]).expand_as(blocks)
         with torch.no_grad():
             x = self.bottom(blocks, mask, positions)
-            teacher = self.teacher_head.norm(self.teacher(x))  # (B, T, d)
-        student = self.student_head.norm(self.student(Activations(x.hidden, mask, positions)))
+        student = self.head.norm(self.student(x))  # (B, T, d)
         total = torch.zeros(())
         if kind in ("hidden", "both"):
             total = total + F.mse_loss(student, teacher)
         if kind in ("logits", "both"):
-            t_logp = F.log_softmax(self.teacher_head.lm_head(teacher), -1)
-            s_logp = F.log_softmax(self.student_head.lm_head(student), -1)
+            # the emulator's head is the full model's, bit for bit
+            t_logp = F.log_softmax(self.head.lm_head(teacher), -1)
+            s_logp = F.log_softmax(self.head.lm_head(student), -1)
             total = total + F.kl_div(
                 s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean"
             )
         return total
 
 
-@torch.no_grad()
-def lm_perplexity(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 16) -> float:
-    """Perplexity of `model` on packed token blocks (N, T)."""
-    total = 0.0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start : start + batch_size]
-        total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
-    return float(torch.exp(torch.tensor(total / len(blocks))))
+class _Batches:
+    """Each step's blocks and teacher targets. The targets are computed a chunk of steps at a time,
+    so that a streamed teacher reads each of its layers once per chunk, not once per step."""
+
+    def __init__(
+        self, teacher: Teacher, train: torch.Tensor, config: DistillConfig, hidden_size: int
+    ) -> None:
+        self.teacher, self.train, self.config = teacher, train, config
+        per_step = config.batch_size * train.shape[1] * hidden_size * 4  # fp32 targets of one step
+        self.chunk = max(1, int(config.teacher_memory_mb * 2**20 // per_step))
+        self.ready: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def blocks(self, step: int) -> torch.Tensor:
+        # Blocks are a pure function of (seed, step), so a resumed run sees the same batches.
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        return self.train[torch.randint(len(self.train), (self.config.batch_size,), generator=generator)]
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(blocks (B, T), teacher targets (B, T, d)) of `step`."""
+        if step not in self.ready:
+            steps = range(step, min(step + self.chunk, self.config.steps))
+            blocks = [self.blocks(s) for s in steps]
+            targets = self.teacher.targets(torch.cat(blocks), self.config.batch_size)
+            self.ready = dict(
+                zip(steps, zip(blocks, targets.split(self.config.batch_size), strict=True), strict=True)
+            )
+        return self.ready.pop(step)
 
 
 def distill(
-    full: PreTrainedModel,
+    teacher: Teacher,
     emulator: PreTrainedModel,
     split_at: int,
     blocks: torch.Tensor,
     config: DistillConfig,
     checkpoint_root: Path | None = None,
 ) -> dict[str, Any]:
-    """Train the emulator's kept upper layers in place; returns settings and the perplexity gap before/after."""
+    """Train the emulator's kept upper layers in place to match `teacher`, the full model; returns
+    settings and the perplexity gap before/after."""
     if len(blocks) <= config.eval_blocks:
         raise ConfigError(
             f"the corpus has {len(blocks)} blocks; need more than eval_blocks={config.eval_blocks}"
         )
     train, held_out = blocks[: -config.eval_blocks], blocks[-config.eval_blocks :]
-    full_ppl, before = lm_perplexity(full, held_out), lm_perplexity(emulator, held_out)
+    full_ppl, before = teacher.perplexity(held_out), lm_perplexity(emulator, held_out)
     upper = torch.nn.ModuleList(architecture_of(emulator.config).layers_of(emulator)[split_at:])
     upper.requires_grad_(True)
     optimizer = torch.optim.AdamW(upper.parameters(), lr=config.lr, weight_decay=0.0)
@@ -216,14 +244,14 @@ def distill(
     if checkpoint_root is not None:
         check_resumable(checkpoint_root, {**asdict(config), "split_at": split_at})
         step, _ = load_checkpoint(checkpoint_root, upper, optimizer, scheduler)
-    distiller = _Distiller(full, emulator, split_at)
+    distiller, batches = (
+        _Distiller(emulator, split_at),
+        _Batches(teacher, train, config, emulator.config.hidden_size),
+    )
     start = time.perf_counter()
     bar = tqdm(range(step, config.steps), desc="distill", initial=step, total=config.steps, disable=None)
     for step in bar:
-        # Blocks are a pure function of (seed, step), so a resumed run sees the same batches.
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        batch = train[torch.randint(len(train), (config.batch_size,), generator=generator)]
-        loss = distiller.loss(batch, config.loss)
+        loss = distiller.loss(*batches(step), config.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(upper.parameters(), 1.0)
@@ -265,8 +293,8 @@ def emulate(
     """Build an emulator of `model_dir` in `out`: a model directory plus `emulator_manifest.json`.
 
     The emulator's tensors are streamed from the checkpoint, and the bottom is hashed from it tensor
-    by tensor, so layer drop holds no more than the emulator. Distillation trains in fp32 against
-    the whole model, which it loads.
+    by tensor, so layer drop holds no more than the emulator. Distillation trains the emulator in
+    fp32 against the full model read one layer at a time (`StreamedTeacher`).
     """
     path = resolve_model_dir(model_dir)
     config, tokenizer = AutoConfig.from_pretrained(path), load_tokenizer(path)
@@ -275,16 +303,14 @@ def emulate(
     with ExitStack() as files:
         reader = CheckpointReader(path, files)
         bottom_sha256 = stored_bottom_fingerprint(reader, full, split_at)  # before the emulator is held
-        train_dtype = None if distill_data is None else torch.float32
-        emulator = stream_emulator(reader, config, kept, train_dtype)
-    manifest = make_manifest(str(model_dir), full, tokenizer, split_at, kept, bottom_sha256)
-    if distill_data is not None:
-        teacher = load_causal_lm(path)
-        blocks = corpus_blocks(tokenizer, distill_data)
-        manifest.distillation = distill(
-            teacher, emulator, split_at, blocks, distill_config, out / CHECKPOINT_DIR
-        )
-        del teacher
+        emulator = stream_emulator(reader, config, kept, trainable=distill_data is not None)
+        manifest = make_manifest(str(model_dir), full, tokenizer, split_at, kept, bottom_sha256)
+        if distill_data is not None:
+            teacher = StreamedTeacher(reader, config, Bottom(emulator, split_at), Head(emulator), split_at)
+            blocks = corpus_blocks(tokenizer, distill_data)
+            manifest.distillation = distill(
+                teacher, emulator, split_at, blocks, distill_config, out / CHECKPOINT_DIR
+            )
     out.mkdir(parents=True, exist_ok=True)
     emulator.to(storage_dtype).save_pretrained(out)  # type: ignore[arg-type]
     tokenizer.save_pretrained(out)
