@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 
 import pytest
 import torch
@@ -85,6 +84,13 @@ def test_bottom_from_another_model_is_detected(tmp_path):
     manifest = EmulatorManifest.load(tmp_path / "emu")
     with pytest.raises(FingerprintMismatchError, match="bottom 2 layers differ"):
         verify_bottom(manifest, other, build_tiny_tokenizer())
+
+
+def test_an_emulator_over_its_own_model_is_refused(tmp_path):
+    full_dir = _save_full(tmp_path)
+    with pytest.raises(ConfigError, match="model's own directory"):
+        emulate(str(full_dir), split_at=2, keep=1, out=full_dir)
+    assert load_causal_lm(full_dir).config.num_hidden_layers == 6  # untouched
 
 
 def test_fingerprint_ignores_the_load_dtype():
@@ -208,15 +214,12 @@ def test_the_streamed_teacher_computes_what_the_loaded_one_does_one_layer_at_a_t
 
     # Execute: the teacher reads the full model's upper layers; bottom and head are the emulator's
     emulator, _ = build_emulator(full, 2, 1)
-    with ExitStack() as files:
-        teacher = StreamedTeacher(
-            CheckpointReader(full_dir, files), full.config, Bottom(emulator, 2), Head(emulator), 2
-        )
-        real_stack = LayerStack.forward
-        monkeypatch.setattr(
-            LayerStack, "forward", lambda self, *a: held.append(_held(teacher)) or real_stack(self, *a)
-        )
-        streamed = teacher.targets(blocks, 4)
+    teacher = StreamedTeacher(CheckpointReader(full_dir), full.config, Bottom(emulator, 2), Head(emulator), 2)
+    real_stack = LayerStack.forward
+    monkeypatch.setattr(
+        LayerStack, "forward", lambda self, *a: held.append(_held(teacher)) or real_stack(self, *a)
+    )
+    streamed = teacher.targets(blocks, 4)
 
     # Assert: bit-identical, each upper layer read once, never two of them held at a time
     assert torch.equal(streamed, LoadedTeacher(full, 2).targets(blocks, 4))

@@ -13,7 +13,6 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -208,8 +207,7 @@ def verify_emulator(
         if key in _verified:
             return
     skeleton = meta_model(AutoConfig.from_pretrained(path))
-    with ExitStack() as files:
-        bottom = stored_bottom_fingerprint(CheckpointReader(path, files), skeleton, manifest.split_at)
+    bottom = stored_bottom_fingerprint(CheckpointReader(path), skeleton, manifest.split_at)
     _check_fingerprints(manifest, tokenizer_fingerprint(tokenizer), bottom)
     with _verified_lock:
         _verified.add(key)

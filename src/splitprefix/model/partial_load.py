@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +30,7 @@ INDEX_FILE = "model.safetensors.index.json"
 class CheckpointReader:
     """Reads single tensors by name from a model directory's safetensors file or shards."""
 
-    def __init__(self, directory: Path, stack: ExitStack) -> None:
+    def __init__(self, directory: Path) -> None:
         if (directory / INDEX_FILE).is_file():
             weight_map: dict[str, str] = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
         elif (directory / SINGLE_FILE).is_file():
@@ -42,14 +41,17 @@ class CheckpointReader:
                 f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}; splitprefix reads only safetensors "
                 "checkpoints (re-save the model with save_pretrained)"
             )
-        self._weight_map = weight_map
-        self._handles = {
-            name: stack.enter_context(safe_open(directory / name, "pt")) for name in set(weight_map.values())
-        }
+        self._directory, self._weight_map = directory, weight_map
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The stored tensor `name`, in its stored dtype, on the CPU: the only read of the file."""
-        return self._handles[self._weight_map[name]].get_tensor(name)
+        """The stored tensor `name`, in its stored dtype, on the CPU: the only read of the file.
+
+        It is a view of a memory map of its own: the file's pages it touched are freed as soon as
+        the tensor is (once converted to another dtype or device, say), not when the whole part
+        is loaded, and writing into it changes no other tensor read.
+        """
+        with safe_open(self._directory / self._weight_map[name], "pt") as handle:
+            return handle.get_tensor(name)
 
     def read(self, names: Sequence[str]) -> torch.Tensor:
         """The first of `names` (aliases of one tied parameter) that the checkpoint holds."""
@@ -166,6 +168,5 @@ def load_parts(
     path = resolve_model_dir(model_dir)
     model = meta_model(AutoConfig.from_pretrained(path))
     chosen = parts(model)
-    with ExitStack() as files:
-        materialise(model, CheckpointReader(path, files), [p for p in chosen if p is not None], dtype, device)
+    materialise(model, CheckpointReader(path), [p for p in chosen if p is not None], dtype, device)
     return model, chosen

@@ -11,7 +11,6 @@ import copy
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -297,20 +296,21 @@ def emulate(
     fp32 against the full model read one layer at a time (`StreamedTeacher`).
     """
     path = resolve_model_dir(model_dir)
+    if Path(out).resolve() == path.resolve():  # the emulator's tensors view the model's file until saved
+        raise ConfigError(f"--out {out} is the model's own directory; write the emulator elsewhere")
     config, tokenizer = AutoConfig.from_pretrained(path), load_tokenizer(path)
     storage_dtype = _storage_dtype(path)
     kept, full = kept_layers(config, split_at, keep), meta_model(config)
-    with ExitStack() as files:
-        reader = CheckpointReader(path, files)
-        bottom_sha256 = stored_bottom_fingerprint(reader, full, split_at)  # before the emulator is held
-        emulator = stream_emulator(reader, config, kept, trainable=distill_data is not None)
-        manifest = make_manifest(str(model_dir), full, tokenizer, split_at, kept, bottom_sha256)
-        if distill_data is not None:
-            teacher = StreamedTeacher(reader, config, Bottom(emulator, split_at), Head(emulator), split_at)
-            blocks = corpus_blocks(tokenizer, distill_data)
-            manifest.distillation = distill(
-                teacher, emulator, split_at, blocks, distill_config, out / CHECKPOINT_DIR
-            )
+    reader = CheckpointReader(path)
+    bottom_sha256 = stored_bottom_fingerprint(reader, full, split_at)  # before the emulator is held
+    emulator = stream_emulator(reader, config, kept, trainable=distill_data is not None)
+    manifest = make_manifest(str(model_dir), full, tokenizer, split_at, kept, bottom_sha256)
+    if distill_data is not None:
+        teacher = StreamedTeacher(reader, config, Bottom(emulator, split_at), Head(emulator), split_at)
+        blocks = corpus_blocks(tokenizer, distill_data)
+        manifest.distillation = distill(
+            teacher, emulator, split_at, blocks, distill_config, out / CHECKPOINT_DIR
+        )
     out.mkdir(parents=True, exist_ok=True)
     emulator.to(storage_dtype).save_pretrained(out)  # type: ignore[arg-type]
     tokenizer.save_pretrained(out)

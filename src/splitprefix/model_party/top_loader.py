@@ -7,7 +7,6 @@ only hashed, tensor by tensor from the file, for its fingerprint: the server nev
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +43,11 @@ def load_top(
     config = AutoConfig.from_pretrained(path)
     model = meta_model(config)
     check_split_at(split_at, config.num_hidden_layers)
-    with ExitStack() as files:
-        reader = CheckpointReader(path, files)
-        bottom_sha256 = stored_bottom_fingerprint(reader, model, split_at)  # never materialised
-        stack = LayerStack(model, split_at, config.num_hidden_layers)
-        head = Head(model)
-        materialise(model, reader, [stack, head], dtype, device)
+    reader = CheckpointReader(path)
+    bottom_sha256 = stored_bottom_fingerprint(reader, model, split_at)  # never materialised
+    stack = LayerStack(model, split_at, config.num_hidden_layers)
+    head = Head(model)
+    materialise(model, reader, [stack, head], dtype, device)
     tokenizer = load_tokenizer(path)
     return LoadedTop(
         model=model,
