@@ -37,7 +37,7 @@ from splitprefix.model.emulator import (
     tokenizer_fingerprint,
     uniform_keep,
 )
-from splitprefix.model.loading import load_tokenizer, resolve_model_dir
+from splitprefix.model.loading import checkpoint_dtype, load_tokenizer, resolve_model_dir
 from splitprefix.model.partial_load import CheckpointReader, materialise, meta_model
 from splitprefix.model.registry import architecture_of
 from splitprefix.model.split import Bottom, Head, LayerStack
@@ -299,7 +299,7 @@ def emulate(
     if Path(out).resolve() == path.resolve():  # the emulator's tensors view the model's file until saved
         raise ConfigError(f"--out {out} is the model's own directory; write the emulator elsewhere")
     config, tokenizer = AutoConfig.from_pretrained(path), load_tokenizer(path)
-    storage_dtype = _storage_dtype(path)
+    storage_dtype = checkpoint_dtype(path)  # so the kept tensors stay bit-identical
     kept, full = kept_layers(config, split_at, keep), meta_model(config)
     reader = CheckpointReader(path)
     bottom_sha256 = stored_bottom_fingerprint(reader, full, split_at)  # before the emulator is held
@@ -317,12 +317,3 @@ def emulate(
     manifest.save(out)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return manifest
-
-
-def _storage_dtype(model_dir: Path) -> torch.dtype:
-    """The dtype the model's weights are stored in, so the emulator's kept layers stay bit-identical."""
-    import json
-
-    raw = json.loads((model_dir / "config.json").read_text())
-    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    return getattr(torch, name)
