@@ -21,7 +21,7 @@ from splitprefix.data_party.split_train import open_split
 from splitprefix.data_party.train import train_prefix
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
 from splitprefix.model import emulator as emulator_module
-from splitprefix.model.emulator import FingerprintMismatchError
+from splitprefix.model.emulator import VERIFIED_FILE, FingerprintMismatchError
 from splitprefix.model.loading import load_causal_lm
 from splitprefix.model.partial_load import SINGLE_FILE, CheckpointReader
 from splitprefix.model.prefix import Prefix
@@ -102,24 +102,56 @@ def test_the_bottom_is_hashed_once_per_file_state(dirs, server, tmp_path, monkey
     monkeypatch.setattr(emulator_module, "stored_bottom_fingerprint", lambda *a: hashed.append(1) or real(*a))
     settings = ClientSettings(server.url, head="client")
 
-    # Execute: three sessions (three federation rounds), then the weights file is rewritten
+    # Execute: three sessions (three federation rounds), then one in a "new process" (a deployed
+    # ClientApp runs each round in one), then the weights file is rewritten
     for _ in range(3):
         open_split(emulator, settings).close()
-    before = len(hashed)
+    in_process = len(hashed)
+    monkeypatch.setattr(emulator_module, "_verified", set())
+    open_split(emulator, settings).close()
+    across_processes = len(hashed)
     stat = (emulator / SINGLE_FILE).stat()
     os.utime(emulator / SINGLE_FILE, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     open_split(emulator, settings).close()
 
     # Assert
-    assert before == 1 and len(hashed) == 2
+    assert (in_process, across_processes, len(hashed)) == (1, 1, 2)
+    assert (emulator / VERIFIED_FILE).is_file()
 
 
-def test_a_tampered_bottom_is_refused_before_connecting(dirs, tmp_path):
+def test_a_tampered_bottom_is_refused_before_connecting_even_after_a_passed_check(dirs, server, tmp_path):
+    # Prepare: an emulator that passed its check once, whose bottom then changes
     emulator = tmp_path / "emulator"
     shutil.copytree(dirs.emulator, emulator)
+    open_split(emulator, ClientSettings(server.url, head="client")).close()
     _rewrite(emulator, lambda name, t: t + 1e-3 if name == "model.layers.0.mlp.up_proj.weight" else t)
+
+    # Execute / Assert
     with pytest.raises(FingerprintMismatchError, match="bottom 2 layers differ"):
         open_split(emulator, ClientSettings("http://127.0.0.1:9", head="client"))  # nothing listens there
+
+
+def test_an_emulator_that_cannot_be_written_is_still_checked_and_left_as_it_is(
+    dirs, server, tmp_path, monkeypatch
+):
+    # Prepare: a copy without the record, in a folder that refuses writes (chmod does not stop root)
+    emulator = tmp_path / "emulator"
+    shutil.copytree(dirs.emulator, emulator, ignore=shutil.ignore_patterns(VERIFIED_FILE))
+    before = sorted(p.name for p in emulator.iterdir())
+
+    def refuse(*args):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(emulator_module.Path, "write_text", refuse)
+    hashed = []
+    real = emulator_module.stored_bottom_fingerprint
+    monkeypatch.setattr(emulator_module, "stored_bottom_fingerprint", lambda *a: hashed.append(1) or real(*a))
+
+    # Execute
+    open_split(emulator, ClientSettings(server.url, head="client")).close()
+
+    # Assert
+    assert hashed == [1] and sorted(p.name for p in emulator.iterdir()) == before
 
 
 def test_the_parts_load_in_the_dtype_asked_for(dirs, server):

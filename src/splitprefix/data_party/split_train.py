@@ -238,7 +238,7 @@ def open_split(
     """
     manifest = EmulatorManifest.load(emulator_dir)
     tokenizer = load_tokenizer(emulator_dir)
-    verify_emulator(emulator_dir, manifest, tokenizer)  # hashed once per process and file state
+    verify_emulator(emulator_dir, manifest)  # hashed once per state of its files
     parts = load_client_parts(
         emulator_dir, manifest.split_at, settings.head, dtype=runtime.torch_dtype, device=runtime.device
     )

@@ -8,9 +8,11 @@ model party check that a data party's bottom part is the one its model was cut f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ import torch
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from splitprefix.errors import ConfigError, ShapeMismatchError, SplitPrefixError
-from splitprefix.model.loading import resolve_model_dir
+from splitprefix.model.loading import load_tokenizer, resolve_model_dir
 from splitprefix.model.partial_load import CheckpointReader, meta_model, tensor_aliases
 from splitprefix.model.split import Bottom, check_split_at
 
@@ -187,36 +189,67 @@ def verify_bottom(
     )
 
 
-_verified: set[tuple[Any, ...]] = set()
+VERIFIED_FILE = "emulator_verified.json"
+"""Written into an emulator's directory once its stored bottom has been checked: what was checked
+against which file state."""
+
+_verified: set[str] = set()
 _verified_lock = threading.Lock()
 
 
-def verify_emulator(
-    directory: str | Path, manifest: EmulatorManifest, tokenizer: PreTrainedTokenizerBase
-) -> None:
-    """Raise FingerprintMismatchError unless the bottom stored in `directory` and `tokenizer` match
-    `manifest`.
+def verify_emulator(directory: str | Path, manifest: EmulatorManifest) -> None:
+    """Raise FingerprintMismatchError unless the bottom and the tokenizer stored in `directory`
+    match `manifest`.
 
-    The bottom is hashed from the checkpoint tensor by tensor, once per process for each state of
-    the directory's files (name, size and mtime_ns of each): federation opens a session every round,
-    and rehashing a bottom of several GB when no file changed would find nothing new.
+    The bottom is hashed from the checkpoint tensor by tensor, and only once for each state of the
+    directory's files (name, size, mtime_ns and inode of each): federation opens a session every
+    round, in a new process when deployed, and rehashing a bottom of several GB when no file changed
+    would find nothing new. A passed check is remembered in this process and in `VERIFIED_FILE`
+    (skipped where the directory is read-only). The record guards against using the wrong files by
+    mistake; whoever can forge it can as well rewrite the manifest.
     """
     path = resolve_model_dir(directory).resolve()
-    key = (str(path), manifest.split_at, manifest.bottom_sha256, manifest.tokenizer_sha256, _file_state(path))
+    record = {
+        "split_at": manifest.split_at,
+        "bottom_sha256": manifest.bottom_sha256,
+        "tokenizer_sha256": manifest.tokenizer_sha256,
+        "files": _file_state(path),
+    }
+    key = json.dumps({"path": str(path), **record}, sort_keys=True)
     with _verified_lock:
         if key in _verified:
             return
-    skeleton = meta_model(AutoConfig.from_pretrained(path))
-    bottom = stored_bottom_fingerprint(CheckpointReader(path), skeleton, manifest.split_at)
-    _check_fingerprints(manifest, tokenizer_fingerprint(tokenizer), bottom)
+    if _read_record(path) != record:
+        skeleton = meta_model(AutoConfig.from_pretrained(path))
+        bottom = stored_bottom_fingerprint(CheckpointReader(path), skeleton, manifest.split_at)
+        _check_fingerprints(manifest, tokenizer_fingerprint(load_tokenizer(path)), bottom)
+        _write_record(path, record)
     with _verified_lock:
         _verified.add(key)
 
 
-def _file_state(directory: Path) -> tuple[tuple[str, int, int], ...]:
-    """(name, size, mtime_ns) of every file in `directory`: any rewrite of one changes it."""
-    stats = [(f.name, f.stat()) for f in sorted(directory.iterdir()) if f.is_file()]
-    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
+def _file_state(directory: Path) -> list[list[str | int]]:
+    """[name, size, mtime_ns, inode] of every file in `directory` but the record: any rewrite or
+    replacement of one changes it."""
+    files = [f for f in sorted(directory.iterdir()) if f.is_file() and VERIFIED_FILE not in f.name]
+    return [[f.name, st.st_size, st.st_mtime_ns, st.st_ino] for f in files for st in [f.stat()]]
+
+
+def _read_record(directory: Path) -> Any:
+    try:
+        return json.loads((directory / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_record(directory: Path, record: dict[str, Any]) -> None:
+    temporary = directory / f".{VERIFIED_FILE}.{os.getpid()}.{threading.get_ident()}"
+    try:
+        temporary.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(temporary, directory / VERIFIED_FILE)  # atomic: parties may share an emulator
+    except OSError:  # a read-only emulator: remember the check in this process only
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
 
 
 def _check_fingerprints(manifest: EmulatorManifest, tokenizer_sha256: str, bottom_sha256: str) -> None:
