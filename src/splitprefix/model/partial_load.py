@@ -94,11 +94,12 @@ def materialise(
     checkpoint stores it under (the emulator renumbers layers). A parameter tied across parts is read
     once and stays tied. Computed buffers (rotary frequencies) are initialised on `device`.
 
-    A tensor read in its stored dtype on the CPU is a view of the file's memory map, shared with
-    every other read of it through `reader`: pass `copy=True` for parameters that will be trained
-    in place.
+    A tensor kept in its stored dtype on the CPU is a view of a memory map of the file, whose pages
+    are read when first touched: pass `copy=True` for parameters that will be trained in place, so
+    that they own their memory.
     """
-    aliases, done = tensor_aliases(model), {}
+    aliases = tensor_aliases(model)
+    done: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (meta, loaded); holds the meta alive
     for part in parts:
         for module in part.modules():
             for local, param in list(module.named_parameters(recurse=False)):
@@ -108,10 +109,7 @@ def materialise(
                     names = aliases[id(param)]
                     tensor = _checked(reader.read([source(n) for n in names]), param, names[0])
                     tensor = tensor.to(device=device, dtype=dtype or tensor.dtype, copy=copy)
-                    done[id(param)] = (
-                        param,
-                        nn.Parameter(tensor, requires_grad=False),
-                    )  # keeps `param` alive
+                    done[id(param)] = (param, nn.Parameter(tensor, requires_grad=False))
                 setattr(module, local, done[id(param)][1])
         init_buffers(model, part, device)
 
