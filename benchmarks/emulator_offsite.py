@@ -28,6 +28,7 @@ from splitprefix.model.prefix import PrefixConfig
 from splitprefix.model.prefixed import forward_with_prefix
 from splitprefix.model_party.compress import DistillConfig, build_emulator, distill, make_manifest
 from splitprefix.model_party.pretrain import pack_blocks
+from splitprefix.model_party.teacher import LoadedTeacher
 
 
 def step_cost(model, batch, prefix_len: int, reps: int) -> dict[str, float]:
@@ -129,7 +130,11 @@ def main() -> None:
         entry: dict[str, Any] = {}
         if distill_config is not None:
             entry["distillation"] = distill(
-                full, emulator, args.split_at, distill_corpus(tokenizer, args.distill_chars), distill_config
+                LoadedTeacher(full, args.split_at),
+                emulator,
+                args.split_at,
+                distill_corpus(tokenizer, args.distill_chars),
+                distill_config,
             )
         emu_prefix_config = PrefixConfig.for_model(emulator.config, args.prefix_len)
         start = time.perf_counter()

@@ -19,9 +19,19 @@ from splitprefix.model.emulator import (
     verify_bottom,
 )
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
+from splitprefix.model.partial_load import CheckpointReader
 from splitprefix.model.registry import architecture_of
-from splitprefix.model.split import Bottom, Head
-from splitprefix.model_party.compress import DistillConfig, _Distiller, build_emulator, distill, emulate
+from splitprefix.model.split import Bottom, Head, LayerStack
+from splitprefix.model_party.compress import (
+    DistillConfig,
+    _Distiller,
+    build_emulator,
+    corpus_blocks,
+    distill,
+    emulate,
+    make_manifest,
+)
+from splitprefix.model_party.teacher import LoadedTeacher, StreamedTeacher
 
 
 def _save_full(tmp_path, arch="llama", num_layers=6, seed=0):
@@ -76,6 +86,13 @@ def test_bottom_from_another_model_is_detected(tmp_path):
         verify_bottom(manifest, other, build_tiny_tokenizer())
 
 
+def test_an_emulator_over_its_own_model_is_refused(tmp_path):
+    full_dir = _save_full(tmp_path)
+    with pytest.raises(ConfigError, match="model's own directory"):
+        emulate(str(full_dir), split_at=2, keep=1, out=full_dir)
+    assert load_causal_lm(full_dir).config.num_hidden_layers == 6  # untouched
+
+
 def test_fingerprint_ignores_the_load_dtype():
     model = build_tiny_model("llama")
     assert bottom_fingerprint(model, 2) == bottom_fingerprint(model.to(torch.float64), 2)
@@ -105,7 +122,7 @@ def test_distillation_narrows_the_gap_and_never_touches_the_bottom(tmp_path):
     config = DistillConfig(steps=30, lr=3e-3, batch_size=8, eval_blocks=8, checkpoint_every=0)
 
     # Execute
-    report = distill(full, emulator, 2, blocks, config)
+    report = distill(LoadedTeacher(full, 2), emulator, 2, blocks, config)
 
     # Assert
     gap_before = abs(report["emulator_perplexity_before"] - report["full_perplexity"])
@@ -121,24 +138,24 @@ def test_distillation_resumes_from_its_checkpoint_after_a_crash(tmp_path, monkey
     blocks = torch.randint(3, 96, (24, 8), generator=torch.Generator().manual_seed(0))
     config = DistillConfig(steps=6, batch_size=4, eval_blocks=4, checkpoint_every=3, loss="both")
     straight, _ = build_emulator(full, 1, 1)
-    distill(full, straight, 1, blocks, config)
+    distill(LoadedTeacher(full, 1), straight, 1, blocks, config)
 
     # Execute: crash during step 5, after the checkpoint of step 3, then rerun the same job
     real_loss, calls = _Distiller.loss, []
 
-    def crashing_loss(self, batch, kind):
+    def crashing_loss(self, batch, target, kind):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real_loss(self, batch, kind)
+        return real_loss(self, batch, target, kind)
 
     crashed, _ = build_emulator(full, 1, 1)
     monkeypatch.setattr(_Distiller, "loss", crashing_loss)
     with pytest.raises(KeyboardInterrupt):
-        distill(full, crashed, 1, blocks, config, tmp_path / "ckpt")
+        distill(LoadedTeacher(full, 1), crashed, 1, blocks, config, tmp_path / "ckpt")
     monkeypatch.setattr(_Distiller, "loss", real_loss)
     resumed, _ = build_emulator(full, 1, 1)
-    distill(full, resumed, 1, blocks, config, tmp_path / "ckpt")
+    distill(LoadedTeacher(full, 1), resumed, 1, blocks, config, tmp_path / "ckpt")
 
     # Assert
     assert (tmp_path / "ckpt" / "step-0000006").is_dir()
@@ -167,3 +184,100 @@ def test_an_moe_emulator_keeps_each_kept_layers_dense_or_sparse_kind(variant, fi
         assert ours.keys() == originals[old].state_dict().keys()
         for name, tensor in originals[old].state_dict().items():
             assert torch.equal(ours[name], tensor), (new, name)
+
+
+def _saved_tensors(directory):
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    return {name: tensor for f in files for name, tensor in load_file(f).items()}
+
+
+@pytest.mark.parametrize(
+    ("arch", "storage"), [("llama", "fp32"), ("llama", "bf16"), ("gpt2", "fp32"), ("llama", "sharded")]
+)
+def test_streamed_emulator_equals_the_one_built_from_the_loaded_model(tmp_path, arch, storage):
+    # Prepare: the whole model saved as given, and the emulator built the old way, from it loaded whole
+    full = build_tiny_model(arch, num_layers=8, vocab_size=TOKENIZER_VOCAB)
+    full_dir, dtype = tmp_path / "full", torch.bfloat16 if storage == "bf16" else torch.float32
+    shards = {"max_shard_size": "60KB"} if storage == "sharded" else {}
+    full.to(dtype).save_pretrained(full_dir, **shards)
+    assert (full_dir / "model.safetensors.index.json").is_file() == (storage == "sharded")
+    build_tiny_tokenizer().save_pretrained(full_dir)
+    loaded, tokenizer = load_causal_lm(full_dir), load_tokenizer(full_dir)
+    reference, kept = build_emulator(loaded, 2, 3)
+    reference.to(dtype).save_pretrained(tmp_path / "old")  # in the stored dtype, as emulate always did
+    old_manifest = make_manifest(str(full_dir), loaded, tokenizer, 2, kept)
+
+    # Execute
+    manifest = emulate(str(full_dir), split_at=2, keep=3, out=tmp_path / "new")
+
+    # Assert: bit-identical tensors, config and manifest
+    old, new = _saved_tensors(tmp_path / "old"), _saved_tensors(tmp_path / "new")
+    assert sorted(old) == sorted(new)
+    for name, tensor in old.items():
+        assert tensor.dtype == new[name].dtype and torch.equal(tensor, new[name]), name
+    assert json.loads((tmp_path / "new" / "config.json").read_text()) == json.loads(
+        (tmp_path / "old" / "config.json").read_text()
+    )
+    assert manifest == old_manifest == EmulatorManifest.load(tmp_path / "new")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_streamed_teacher_computes_what_the_loaded_one_does_one_layer_at_a_time(
+    tmp_path, arch, monkeypatch
+):
+    # Prepare
+    full_dir = _save_full(tmp_path, arch)
+    full = load_causal_lm(full_dir)
+    blocks = torch.randint(3, 96, (6, 9), generator=torch.Generator().manual_seed(0))
+    read, held = [], []
+    real = CheckpointReader.tensor
+    monkeypatch.setattr(CheckpointReader, "tensor", lambda self, name: read.append(name) or real(self, name))
+
+    # Execute: the teacher reads the full model's upper layers; bottom and head are the emulator's
+    emulator, _ = build_emulator(full, 2, 1)
+    teacher = StreamedTeacher(CheckpointReader(full_dir), full.config, Bottom(emulator, 2), Head(emulator), 2)
+    real_stack = LayerStack.forward
+    monkeypatch.setattr(
+        LayerStack, "forward", lambda self, *a: held.append(_held(teacher)) or real_stack(self, *a)
+    )
+    streamed = teacher.targets(blocks, 4)
+
+    # Assert: bit-identical, each upper layer read once, never two of them held at a time
+    assert torch.equal(streamed, LoadedTeacher(full, 2).targets(blocks, 4))
+    layers = "{0.backbone}.{0.layers}.".format(architecture_of(full.config))
+    upper = {n.split(".")[2] for n in read if n.startswith(layers)}
+    assert upper == {"2", "3", "4", "5"} and len(read) == len(set(read))
+    assert max(held) == 1 and _held(teacher) == 0
+
+
+def _held(teacher):
+    """How many of the teacher's layers hold real weights."""
+    layers = architecture_of(teacher.skeleton.config).layers_of(teacher.skeleton)
+    return sum(not next(layer.parameters()).is_meta for layer in layers)
+
+
+def test_streamed_distillation_equals_distillation_against_the_loaded_model(tmp_path):
+    # Prepare: a corpus, and the emulator distilled the old way, against the whole model in memory
+    full_dir = _save_full(tmp_path, num_layers=6)
+    corpus = tmp_path / "corpus.jsonl"
+    text = " ".join(["The quick brown fox jumps over the lazy dog. A tokenizer turns text into ids."] * 4)
+    corpus.write_text("".join(json.dumps({"prompt": text, "completion": f" {i}"}) + "\n" for i in range(40)))
+    # a tiny budget: each chunk of teacher targets covers 2 steps, so the layers are read in 3 passes
+    config = DistillConfig(
+        steps=6, batch_size=2, eval_blocks=4, checkpoint_every=0, loss="both", teacher_memory_mb=0.13
+    )
+    full, tokenizer = load_causal_lm(full_dir), load_tokenizer(full_dir)
+    reference, _ = build_emulator(full, 2, 1)
+    old = distill(LoadedTeacher(full, 2), reference, 2, corpus_blocks(tokenizer, corpus), config)
+
+    # Execute
+    manifest = emulate(str(full_dir), 2, 1, tmp_path / "emu", distill_data=corpus, distill_config=config)
+
+    # Assert: the same trained layers and the same report, up to the summation order of perplexity
+    new = _saved_tensors(tmp_path / "emu")
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(new[name], tensor), name
+    for key in ("full_perplexity", "emulator_perplexity_before", "emulator_perplexity_after"):
+        assert manifest.distillation[key] == pytest.approx(old[key], rel=1e-5), key

@@ -22,6 +22,7 @@ from splitprefix.data.batching import IGNORE_INDEX, Batch, encode_examples, reso
 from splitprefix.data.formats import load_jsonl
 from splitprefix.data_party.accounting import run_privacy
 from splitprefix.data_party.offsite import split_held_out, steps_for
+from splitprefix.data_party.parts import load_client_parts
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings, SplitClient
 from splitprefix.data_party.remote_top import RemoteTop
@@ -31,8 +32,8 @@ from splitprefix.errors import ConfigError, ShapeMismatchError
 from splitprefix.evaluation.evaluate import EvalConfig, Scorer, evaluate
 from splitprefix.evaluation.metrics import token_loss_sum
 from splitprefix.files import write_json
-from splitprefix.model.emulator import EmulatorManifest, verify_bottom
-from splitprefix.model.loading import checkpoint_dtype, load_causal_lm, load_tokenizer, place
+from splitprefix.model.emulator import EmulatorManifest, verify_emulator
+from splitprefix.model.loading import load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig, prefix_cache
 from splitprefix.model.split import Activations, Bottom, Head, extend_mask, token_positions
 from splitprefix.runtime import RuntimeSettings
@@ -239,16 +240,15 @@ def open_split(
     """Load the emulator's bottom (and head, for head=client) on `runtime`'s device and dtype, and
     connect to a compatible server.
 
-    With `privacy` enabled, every forward clips and noises the layer-K states before they leave.
+    Only those tensors are read from the emulator's file; the kept upper layers are not. With
+    `privacy` enabled, every forward clips and noises the layer-K states before they leave.
     """
     manifest = EmulatorManifest.load(emulator_dir)
-    # the fingerprint hashes the weights as stored: check them before any cast
-    emulator, tokenizer = (
-        load_causal_lm(emulator_dir, checkpoint_dtype(emulator_dir)),
-        load_tokenizer(emulator_dir),
+    tokenizer = load_tokenizer(emulator_dir)
+    verify_emulator(emulator_dir, manifest)  # hashed once per state of its files
+    parts = load_client_parts(
+        emulator_dir, manifest.split_at, settings.head, dtype=runtime.torch_dtype, device=runtime.device
     )
-    verify_bottom(manifest, emulator, tokenizer)
-    place(emulator, runtime.device, runtime.torch_dtype)
     if settings.head == "server":
         logger.warning(HEAD_SERVER_WARNING)
     client = SplitClient(settings)
@@ -262,8 +262,8 @@ def open_split(
         tokenizer=tokenizer,
         client=client,
         info=info,
-        bottom=Bottom(emulator, manifest.split_at),
-        head=Head(emulator) if settings.head == "client" else None,
+        bottom=parts.bottom,
+        head=parts.head,
         remote_top=RemoteTop(client),
         privacy=HiddenPrivacy(privacy) if privacy is not None and privacy.enabled else None,
     )

@@ -8,17 +8,23 @@ model party check that a data party's bottom part is the one its model was cut f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from splitprefix.errors import ConfigError, ShapeMismatchError, SplitPrefixError
+from splitprefix.model.loading import load_tokenizer, resolve_model_dir
+from splitprefix.model.partial_load import CheckpointReader, meta_model, open_checkpoint, tensor_aliases
 from splitprefix.model.split import Bottom, check_split_at
 
 MANIFEST_FILE = "emulator_manifest.json"
@@ -120,19 +126,30 @@ class EmulatorManifest:
         return manifest
 
 
-def _sha256_tensors(tensors: dict[str, torch.Tensor]) -> str:
+def _sha256_tensors(names: Iterable[str], tensor: Callable[[str], torch.Tensor]) -> str:
+    """Hash of the named tensors in name order, each fetched by `tensor(name)` only when hashed, so
+    that no more than one of them need be in memory."""
     digest = hashlib.sha256()
-    for name in sorted(tensors):
+    for name in sorted(names):
         # fp32 so that loading the same weights in another dtype does not change the fingerprint
-        tensor = tensors[name].detach().float().contiguous().cpu()
-        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        data = tensor(name).detach().float().contiguous().cpu()
+        digest.update(f"{name}:{tuple(data.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy().data if data.numel() else b"")  # a view: no copy
     return digest.hexdigest()
 
 
 def bottom_fingerprint(model: PreTrainedModel, split_at: int) -> str:
     """Hash of the embeddings and layers [0, K): equal for a full model and its emulators."""
-    return _sha256_tensors(dict(Bottom(model, split_at).state_dict()))
+    tensors = Bottom(model, split_at).state_dict()
+    return _sha256_tensors(tensors, tensors.__getitem__)
+
+
+def stored_bottom_fingerprint(reader: CheckpointReader, skeleton: PreTrainedModel, split_at: int) -> str:
+    """`bottom_fingerprint` of the model whose checkpoint `reader` reads, hashed tensor by tensor
+    from the file (one fp32 tensor in memory at a time). `skeleton` gives the names and may be on
+    the meta device."""
+    views, aliases = Bottom(skeleton, split_at).state_dict(keep_vars=True), tensor_aliases(skeleton)
+    return _sha256_tensors(views, lambda name: reader.read(aliases[id(views[name])]))
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -167,13 +184,78 @@ def verify_bottom(
     manifest: EmulatorManifest, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 ) -> None:
     """Raise FingerprintMismatchError unless `model`'s bottom K layers and `tokenizer` match the manifest."""
+    _check_fingerprints(
+        manifest, tokenizer_fingerprint(tokenizer), bottom_fingerprint(model, manifest.split_at)
+    )
+
+
+VERIFIED_FILE = "emulator_verified.json"
+"""Written into an emulator's directory once its stored bottom has been checked: what was checked
+against which file state."""
+
+_verified: set[str] = set()
+_verified_lock = threading.Lock()
+
+
+def verify_emulator(directory: str | Path, manifest: EmulatorManifest) -> None:
+    """Raise FingerprintMismatchError unless the bottom and the tokenizer stored in `directory`
+    match `manifest`.
+
+    The bottom is hashed from the checkpoint tensor by tensor, and only once for each state of the
+    directory's files (name, size, mtime_ns and inode of each): federation opens a session every
+    round, in a new process when deployed, and rehashing a bottom of several GB when no file changed
+    would find nothing new. A passed check is remembered in this process and in `VERIFIED_FILE`
+    (skipped where the directory is read-only). The record guards against using the wrong files by
+    mistake; whoever can forge it can as well rewrite the manifest.
+    """
+    path = resolve_model_dir(directory).resolve()
+    record = {
+        "split_at": manifest.split_at,
+        "bottom_sha256": manifest.bottom_sha256,
+        "tokenizer_sha256": manifest.tokenizer_sha256,
+        "files": _file_state(path),
+    }
+    key = json.dumps({"path": str(path), **record}, sort_keys=True)
+    with _verified_lock:
+        if key in _verified:
+            return
+    if _read_record(path) != record:
+        skeleton = meta_model(AutoConfig.from_pretrained(path))
+        bottom = stored_bottom_fingerprint(open_checkpoint(path, skeleton), skeleton, manifest.split_at)
+        _check_fingerprints(manifest, tokenizer_fingerprint(load_tokenizer(path)), bottom)
+        _write_record(path, record)
+    with _verified_lock:
+        _verified.add(key)
+
+
+def _file_state(directory: Path) -> list[list[str | int]]:
+    """[name, size, mtime_ns, inode] of every file in `directory` but the record: any rewrite or
+    replacement of one changes it."""
+    files = [f for f in sorted(directory.iterdir()) if f.is_file() and VERIFIED_FILE not in f.name]
+    return [[f.name, st.st_size, st.st_mtime_ns, st.st_ino] for f in files for st in [f.stat()]]
+
+
+def _read_record(directory: Path) -> Any:
+    try:
+        return json.loads((directory / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_record(directory: Path, record: dict[str, Any]) -> None:
+    temporary = directory / f".{VERIFIED_FILE}.{os.getpid()}.{threading.get_ident()}"
+    try:
+        temporary.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(temporary, directory / VERIFIED_FILE)  # atomic: parties may share an emulator
+    except OSError:  # a read-only emulator: remember the check in this process only
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+
+
+def _check_fingerprints(manifest: EmulatorManifest, tokenizer_sha256: str, bottom_sha256: str) -> None:
     checks = (
-        ("tokenizer", manifest.tokenizer_sha256, tokenizer_fingerprint(tokenizer)),
-        (
-            f"bottom {manifest.split_at} layers",
-            manifest.bottom_sha256,
-            bottom_fingerprint(model, manifest.split_at),
-        ),
+        ("tokenizer", manifest.tokenizer_sha256, tokenizer_sha256),
+        (f"bottom {manifest.split_at} layers", manifest.bottom_sha256, bottom_sha256),
     )
     for what, expected, actual in checks:
         if expected != actual:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from splitprefix.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from splitprefix.errors import ConfigError
@@ -25,38 +32,68 @@ from splitprefix.model.emulator import (
     bottom_fingerprint,
     config_fingerprint,
     stand_ins,
+    stored_bottom_fingerprint,
     tokenizer_fingerprint,
     uniform_keep,
 )
+from splitprefix.model.loading import checkpoint_dtype, load_tokenizer, resolve_model_dir
+from splitprefix.model.partial_load import CheckpointReader, materialise, meta_model, open_checkpoint
 from splitprefix.model.registry import architecture_of, config_keeping_layers
-from splitprefix.model.split import Activations, Bottom, Head, LayerStack
+from splitprefix.model.split import Bottom, Head, LayerStack
+from splitprefix.model_party.teacher import StreamedTeacher, Teacher, lm_perplexity
 
 CHECKPOINT_DIR = "checkpoint"
 
 
+def kept_layers(config: PretrainedConfig, split_at: int, keep: int) -> list[int]:
+    """Original indices of the emulator's layers: [0, K), then N upper layers by uniform layer drop."""
+    return list(range(split_at)) + uniform_keep(config.num_hidden_layers, split_at, keep)
+
+
 def build_emulator(model: PreTrainedModel, split_at: int, keep: int) -> tuple[PreTrainedModel, list[int]]:
-    """A copy of `model` with layers [0, K) and N uniformly chosen upper layers. Returns (emulator, kept)."""
-    num_layers = model.config.num_hidden_layers
-    kept = list(range(split_at)) + uniform_keep(num_layers, split_at, keep)
-    config = config_keeping_layers(model.config, kept)
-    emulator = AutoModelForCausalLM.from_config(config, attn_implementation=model.config._attn_implementation)
-    emulator.load_state_dict(_renumber_layers(model, kept), strict=True)
+    """A copy of the loaded `model` with layers [0, K) and N uniformly chosen upper layers.
+
+    Returns (emulator, kept). `emulate` streams the same emulator from the checkpoint instead.
+    """
+    kept = kept_layers(model.config, split_at, keep)
+    emulator = AutoModelForCausalLM.from_config(
+        config_keeping_layers(model.config, kept), attn_implementation=model.config._attn_implementation
+    )
+    source = _original_name(model.config, kept)
+    originals = model.state_dict()
+    emulator.load_state_dict({name: originals[source(name)] for name in emulator.state_dict()}, strict=True)
     emulator.requires_grad_(False)
     return emulator.to(model.dtype).eval(), kept
 
 
-def _renumber_layers(model: PreTrainedModel, kept: list[int]) -> dict[str, torch.Tensor]:
-    arch = architecture_of(model.config)
+def stream_emulator(
+    reader: CheckpointReader, config: PretrainedConfig, kept: list[int], trainable: bool = False
+) -> PreTrainedModel:
+    """The emulator keeping original layers `kept` of the model `config` describes, each tensor read
+    from its checkpoint through `reader`; the full model is never built.
+
+    The tensors keep their stored dtype, or are fp32 copies of their own with `trainable` (for
+    distillation, which must not write into the memory-mapped file the teacher reads).
+    """
+    emulator = meta_model(config_keeping_layers(config, kept))
+    dtype = torch.float32 if trainable else None
+    source = _original_name(config, kept)
+    materialise(emulator, reader, [emulator], dtype, "cpu", source=source, copy=trainable)
+    return emulator
+
+
+def _original_name(config: PretrainedConfig, kept: list[int]) -> Callable[[str], str]:
+    """Maps an emulator tensor's name to the name of the original tensor it copies."""
+    arch = architecture_of(config)
     layers = f"{arch.backbone}.{arch.layers}."
-    renamed = {}
-    for name, tensor in model.state_dict().items():
+
+    def source(name: str) -> str:
         if not name.startswith(layers):
-            renamed[name] = tensor
-            continue
+            return name
         index, rest = name[len(layers) :].split(".", 1)
-        if int(index) in kept:
-            renamed[f"{layers}{kept.index(int(index))}.{rest}"] = tensor
-    return renamed
+        return f"{layers}{kept[int(index)]}.{rest}"
+
+    return source
 
 
 def make_manifest(
@@ -65,7 +102,10 @@ def make_manifest(
     tokenizer: PreTrainedTokenizerBase,
     split_at: int,
     kept: list[int],
+    bottom_sha256: str | None = None,
 ) -> EmulatorManifest:
+    """The manifest of an emulator of `model` (which may be a meta skeleton when `bottom_sha256`,
+    hashed from its checkpoint, is given)."""
     num_layers = model.config.num_hidden_layers
     return EmulatorManifest(
         base_model=base_model,
@@ -75,7 +115,7 @@ def make_manifest(
         kept_layers=kept,
         layer_map=stand_ins(num_layers, split_at, kept[split_at:]),
         tokenizer_sha256=tokenizer_fingerprint(tokenizer),
-        bottom_sha256=bottom_fingerprint(model, split_at),
+        bottom_sha256=bottom_sha256 or bottom_fingerprint(model, split_at),
     )
 
 
@@ -97,72 +137,94 @@ class DistillConfig:
     """Steps between resumable checkpoints; 0 disables them."""
     seed: int = 0
     """Seed of the block order."""
+    teacher_memory_mb: float = 256.0
+    """Teacher targets held at once (fp32 hidden states of a chunk of steps); each layer of a
+    streamed teacher is read once per chunk."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.eval_blocks < 1:
+        if min(self.steps, self.batch_size, self.eval_blocks) < 1 or self.teacher_memory_mb <= 0:
             raise ConfigError(
-                f"steps, batch_size and eval_blocks must be >= 1; got {self.steps}, {self.batch_size}, {self.eval_blocks}"
+                "steps, batch_size and eval_blocks must be >= 1 and teacher_memory_mb > 0; got "
+                f"{self.steps}, {self.batch_size}, {self.eval_blocks}, {self.teacher_memory_mb}"
             )
         if self.loss not in ("hidden", "logits", "both"):
             raise ConfigError(f"loss must be 'hidden', 'logits' or 'both'; got {self.loss!r}")
 
 
 class _Distiller:
-    """Teacher and student views that share the frozen bottom activations."""
+    """The student: the emulator's upper layers on its frozen bottom's activations."""
 
-    def __init__(self, full: PreTrainedModel, emulator: PreTrainedModel, split_at: int) -> None:
-        self.bottom = Bottom(full, split_at)
-        self.teacher, self.teacher_head = (
-            LayerStack(full, split_at, full.config.num_hidden_layers),
-            Head(full),
-        )
+    def __init__(self, emulator: PreTrainedModel, split_at: int) -> None:
+        self.bottom = Bottom(emulator, split_at)
         self.student = LayerStack(emulator, split_at, emulator.config.num_hidden_layers)
-        self.student_head = Head(emulator)
+        self.head = Head(emulator)
 
-    def loss(self, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    def loss(self, blocks: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+        """Distillation loss of the student on `blocks` (B, T) against the teacher's normed final
+        hidden states (B, T, d)."""
         mask = torch.ones_like(blocks)
         positions = torch.arange(blocks.shape[1]).expand_as(blocks)
         with torch.no_grad():
             x = self.bottom(blocks, mask, positions)
-            teacher = self.teacher_head.norm(self.teacher(x))  # (B, T, d)
-        student = self.student_head.norm(self.student(Activations(x.hidden, mask, positions)))
+        student = self.head.norm(self.student(x))  # (B, T, d)
         total = torch.zeros(())
         if kind in ("hidden", "both"):
             total = total + F.mse_loss(student, teacher)
         if kind in ("logits", "both"):
-            t_logp = F.log_softmax(self.teacher_head.logits(teacher), -1)
-            s_logp = F.log_softmax(self.student_head.logits(student), -1)
+            # the emulator's head is the full model's, bit for bit; `logits` applies the family's transform
+            t_logp = F.log_softmax(self.head.logits(teacher), -1)
+            s_logp = F.log_softmax(self.head.logits(student), -1)
             total = total + F.kl_div(
                 s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean"
             )
         return total
 
 
-@torch.no_grad()
-def lm_perplexity(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 16) -> float:
-    """Perplexity of `model` on packed token blocks (N, T)."""
-    total = 0.0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start : start + batch_size]
-        total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
-    return float(torch.exp(torch.tensor(total / len(blocks))))
+class _Batches:
+    """Each step's blocks and teacher targets. The targets are computed a chunk of steps at a time,
+    so that a streamed teacher reads each of its layers once per chunk, not once per step."""
+
+    def __init__(
+        self, teacher: Teacher, train: torch.Tensor, config: DistillConfig, hidden_size: int
+    ) -> None:
+        self.teacher, self.train, self.config = teacher, train, config
+        per_step = config.batch_size * train.shape[1] * hidden_size * 4  # fp32 targets of one step
+        self.chunk = max(1, int(config.teacher_memory_mb * 2**20 // per_step))
+        self.ready: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def blocks(self, step: int) -> torch.Tensor:
+        # Blocks are a pure function of (seed, step), so a resumed run sees the same batches.
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        return self.train[torch.randint(len(self.train), (self.config.batch_size,), generator=generator)]
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(blocks (B, T), teacher targets (B, T, d)) of `step`."""
+        if step not in self.ready:
+            steps = range(step, min(step + self.chunk, self.config.steps))
+            blocks = [self.blocks(s) for s in steps]
+            targets = self.teacher.targets(torch.cat(blocks), self.config.batch_size)
+            self.ready = dict(
+                zip(steps, zip(blocks, targets.split(self.config.batch_size), strict=True), strict=True)
+            )
+        return self.ready.pop(step)
 
 
 def distill(
-    full: PreTrainedModel,
+    teacher: Teacher,
     emulator: PreTrainedModel,
     split_at: int,
     blocks: torch.Tensor,
     config: DistillConfig,
     checkpoint_root: Path | None = None,
 ) -> dict[str, Any]:
-    """Train the emulator's kept upper layers in place; returns settings and the perplexity gap before/after."""
+    """Train the emulator's kept upper layers in place to match `teacher`, the full model; returns
+    settings and the perplexity gap before/after."""
     if len(blocks) <= config.eval_blocks:
         raise ConfigError(
             f"the corpus has {len(blocks)} blocks; need more than eval_blocks={config.eval_blocks}"
         )
     train, held_out = blocks[: -config.eval_blocks], blocks[-config.eval_blocks :]
-    full_ppl, before = lm_perplexity(full, held_out), lm_perplexity(emulator, held_out)
+    full_ppl, before = teacher.perplexity(held_out), lm_perplexity(emulator, held_out)
     upper = torch.nn.ModuleList(architecture_of(emulator.config).layers_of(emulator)[split_at:])
     upper.requires_grad_(True)
     optimizer = torch.optim.AdamW(upper.parameters(), lr=config.lr, weight_decay=0.0)
@@ -171,14 +233,14 @@ def distill(
     if checkpoint_root is not None:
         check_resumable(checkpoint_root, {**asdict(config), "split_at": split_at})
         step, _ = load_checkpoint(checkpoint_root, upper, optimizer, scheduler)
-    distiller = _Distiller(full, emulator, split_at)
+    distiller, batches = (
+        _Distiller(emulator, split_at),
+        _Batches(teacher, train, config, emulator.config.hidden_size),
+    )
     start = time.perf_counter()
     bar = tqdm(range(step, config.steps), desc="distill", initial=step, total=config.steps, disable=None)
     for step in bar:
-        # Blocks are a pure function of (seed, step), so a resumed run sees the same batches.
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        batch = train[torch.randint(len(train), (config.batch_size,), generator=generator)]
-        loss = distiller.loss(batch, config.loss)
+        loss = distiller.loss(*batches(step), config.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(upper.parameters(), 1.0)
@@ -217,17 +279,27 @@ def emulate(
     distill_data: Path | None = None,
     distill_config: DistillConfig = DistillConfig(),
 ) -> EmulatorManifest:
-    """Build an emulator of `model_dir` in `out`: a model directory plus `emulator_manifest.json`."""
-    from splitprefix.model.loading import load_causal_lm, load_tokenizer, resolve_model_dir
+    """Build an emulator of `model_dir` in `out`: a model directory plus `emulator_manifest.json`.
 
-    full, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
-    storage_dtype = _storage_dtype(resolve_model_dir(model_dir))
-    emulator, kept = build_emulator(full, split_at, keep)
-    manifest = make_manifest(str(model_dir), full, tokenizer, split_at, kept)
+    The emulator's tensors are streamed from the checkpoint, and the bottom is hashed from it tensor
+    by tensor, so layer drop holds no more than the emulator. Distillation trains the emulator in
+    fp32 against the full model read one layer at a time (`StreamedTeacher`).
+    """
+    path = resolve_model_dir(model_dir)
+    if Path(out).resolve() == path.resolve():  # the emulator's tensors view the model's file until saved
+        raise ConfigError(f"--out {out} is the model's own directory; write the emulator elsewhere")
+    config, tokenizer = AutoConfig.from_pretrained(path), load_tokenizer(path)
+    storage_dtype = checkpoint_dtype(path)  # so the kept tensors stay bit-identical
+    kept, full = kept_layers(config, split_at, keep), meta_model(config)
+    reader = open_checkpoint(path, full)
+    bottom_sha256 = stored_bottom_fingerprint(reader, full, split_at)  # before the emulator is held
+    emulator = stream_emulator(reader, config, kept, trainable=distill_data is not None)
+    manifest = make_manifest(str(model_dir), full, tokenizer, split_at, kept, bottom_sha256)
     if distill_data is not None:
+        teacher = StreamedTeacher(reader, config, Bottom(emulator, split_at), Head(emulator), split_at)
         blocks = corpus_blocks(tokenizer, distill_data)
         manifest.distillation = distill(
-            full, emulator, split_at, blocks, distill_config, out / CHECKPOINT_DIR
+            teacher, emulator, split_at, blocks, distill_config, out / CHECKPOINT_DIR
         )
     out.mkdir(parents=True, exist_ok=True)
     emulator.to(storage_dtype).save_pretrained(out)  # type: ignore[arg-type]
@@ -235,12 +307,3 @@ def emulate(
     manifest.save(out)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return manifest
-
-
-def _storage_dtype(model_dir: Path) -> torch.dtype:
-    """The dtype the model's weights are stored in, so the emulator's kept layers stay bit-identical."""
-    import json
-
-    raw = json.loads((model_dir / "config.json").read_text())
-    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    return getattr(torch, name)
