@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from splitprefix.data.batching import IGNORE_INDEX, Batch, encode_examples, resolve_pad_id
@@ -30,7 +31,6 @@ from splitprefix.data_party.sampling import GenerationConfig
 from splitprefix.data_party.train import LossFn, StepHooks, TrainConfig, train_prefix
 from splitprefix.errors import ConfigError, ShapeMismatchError
 from splitprefix.evaluation.evaluate import EvalConfig, Scorer, evaluate
-from splitprefix.evaluation.metrics import token_loss_sum
 from splitprefix.files import write_json
 from splitprefix.model.emulator import EmulatorManifest, verify_emulator
 from splitprefix.model.loading import load_tokenizer
@@ -136,16 +136,19 @@ def split_loss_fn(
         raise ConfigError("head=client needs the data party's Head (the emulator's final norm and LM head)")
 
     def loss_fn(batch: Batch, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
-        x = wire_activations(bottom, batch.input_ids, batch.attention_mask, kv, split_at, privacy)
-        top_kv = kv[split_at:]  # (L - K, 2, n_kv, P, hd)
-        if head is not None and remote_top.head == "client":
-            hidden = remote_top(x, top_kv)  # (B, T, d)
-            return token_loss_sum(head(hidden), batch.labels.to(hidden.device))
-        targets = next_token_targets(batch.labels)
-        count = int((targets != IGNORE_INDEX).sum())
+        targets = next_token_targets(batch.labels)  # (B, T)
+        supervised = targets != IGNORE_INDEX
+        count = int(supervised.sum())
         if not count:  # nothing to learn from: skip the round trip
             return kv.sum() * 0.0, 0
-        return remote_top.loss(x, top_kv, targets), count
+        x = wire_activations(bottom, batch.input_ids, batch.attention_mask, kv, split_at, privacy)
+        top_kv = kv[split_at:]  # (L - K, 2, n_kv, P, hd)
+        if head is None or remote_top.head == "server":
+            return remote_top.loss(x, top_kv, targets), count
+        hidden = remote_top(x, top_kv)  # (B, T, d)
+        # the norm and head act per token: only the supervised rows need logits, (N, V) not (B, T, V)
+        logits = head(hidden[supervised.to(hidden.device)])
+        return F.cross_entropy(logits.float(), targets[supervised].to(logits.device), reduction="sum"), count
 
     return loss_fn
 

@@ -51,20 +51,8 @@ def load_causal_lm(
     architecture_of(AutoConfig.from_pretrained(path))  # fail before loading weights
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     model.requires_grad_(False)
-    return place(model, device).eval()
-
-
-def place(model: PreTrainedModel, device: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """`model` moved to `device`, its weights cast to `dtype`, in place.
-
-    Buffers keep their dtype, as `from_pretrained(dtype=...)` leaves them: a rotary embedding's
-    frequencies cast to bf16 would shift every position.
-    """
     torch.nn.Module.to(model, device=device)  # transformers types its own `.to` oddly
-    if dtype is not None:
-        for param in model.parameters():
-            param.data = param.data.to(dtype)
-    return model
+    return model.eval()
 
 
 def load_tokenizer(name_or_dir: str | Path) -> PreTrainedTokenizerBase:
