@@ -131,11 +131,19 @@ def _sha256_tensors(names: Iterable[str], tensor: Callable[[str], torch.Tensor])
     that no more than one of them need be in memory."""
     digest = hashlib.sha256()
     for name in sorted(names):
-        # fp32 so that loading the same weights in another dtype does not change the fingerprint
-        data = tensor(name).detach().float().contiguous().cpu()
+        data = tensor(name).detach()
         digest.update(f"{name}:{tuple(data.shape)};".encode())
-        digest.update(data.view(torch.uint8).numpy().data if data.numel() else b"")  # a view: no copy
+        flat = data.reshape(-1)
+        for start in range(0, flat.numel(), HASH_CHUNK):
+            # fp32 so that loading the same weights in another dtype does not change the fingerprint;
+            # a chunk at a time, so that an embedding of 256k rows is never copied whole
+            chunk = flat[start : start + HASH_CHUNK].float().contiguous().cpu()
+            digest.update(chunk.view(torch.uint8).numpy().data)  # a view: no copy
     return digest.hexdigest()
+
+
+HASH_CHUNK = 1 << 22
+"""Elements converted to fp32 at a time while hashing (16 MiB)."""
 
 
 def bottom_fingerprint(model: PreTrainedModel, split_at: int) -> str:
