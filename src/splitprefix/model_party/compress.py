@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -41,6 +40,7 @@ from splitprefix.model.partial_load import CheckpointReader, materialise, meta_m
 from splitprefix.model.registry import architecture_of, config_keeping_layers
 from splitprefix.model.split import Bottom, Head, LayerStack
 from splitprefix.model_party.teacher import StreamedTeacher, Teacher, lm_perplexity
+from splitprefix.progress import Progress
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -238,7 +238,7 @@ def distill(
         _Batches(teacher, train, config, emulator.config.hidden_size),
     )
     start = time.perf_counter()
-    bar = tqdm(range(step, config.steps), desc="distill", initial=step, total=config.steps, disable=None)
+    bar = Progress(range(step, config.steps), "distill", total=config.steps, initial=step)
     for step in bar:
         loss = distiller.loss(*batches(step), config.loss)
         optimizer.zero_grad(set_to_none=True)
