@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from splitprefix.data.batching import IGNORE_INDEX, Batch, encode_examples, resolve_pad_id
@@ -31,6 +30,7 @@ from splitprefix.data_party.sampling import GenerationConfig
 from splitprefix.data_party.train import LossFn, StepHooks, TrainConfig, train_prefix
 from splitprefix.errors import ConfigError, ShapeMismatchError
 from splitprefix.evaluation.evaluate import EvalConfig, Scorer, evaluate
+from splitprefix.evaluation.metrics import next_token_targets, supervised_loss_sum
 from splitprefix.files import write_json
 from splitprefix.model.emulator import EmulatorManifest, verify_emulator
 from splitprefix.model.loading import load_tokenizer
@@ -112,13 +112,6 @@ def bottom_dtype(bottom: Bottom) -> torch.dtype:
     return next(bottom.parameters()).dtype
 
 
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """The token each position must predict (B, T): the next label, or -100 where none counts."""
-    following = torch.full_like(labels, IGNORE_INDEX)
-    following[:, :-1] = labels[:, 1:]
-    return following
-
-
 def split_loss_fn(
     bottom: Bottom,
     remote_top: TopPart,
@@ -137,18 +130,14 @@ def split_loss_fn(
 
     def loss_fn(batch: Batch, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
         targets = next_token_targets(batch.labels)  # (B, T)
-        supervised = targets != IGNORE_INDEX
-        count = int(supervised.sum())
+        count = int((targets != IGNORE_INDEX).sum())
         if not count:  # nothing to learn from: skip the round trip
             return kv.sum() * 0.0, 0
         x = wire_activations(bottom, batch.input_ids, batch.attention_mask, kv, split_at, privacy)
         top_kv = kv[split_at:]  # (L - K, 2, n_kv, P, hd)
         if head is None or remote_top.head == "server":
             return remote_top.loss(x, top_kv, targets), count
-        hidden = remote_top(x, top_kv)  # (B, T, d)
-        # the norm and head act per token: only the supervised rows need logits, (N, V) not (B, T, V)
-        logits = head(hidden[supervised.to(hidden.device)])
-        return F.cross_entropy(logits.float(), targets[supervised].to(logits.device), reduction="sum"), count
+        return supervised_loss_sum(head, remote_top(x, top_kv), batch.labels)  # hidden (B, T, d)
 
     return loss_fn
 

@@ -28,9 +28,10 @@ from splitprefix.data.batching import (
 )
 from splitprefix.data.formats import Example
 from splitprefix.errors import ConfigError
-from splitprefix.evaluation.metrics import token_loss_sum
+from splitprefix.evaluation.metrics import supervised_loss_sum
 from splitprefix.model.prefix import Prefix, PrefixConfig
-from splitprefix.model.prefixed import forward_with_prefix
+from splitprefix.model.prefixed import hidden_with_prefix
+from splitprefix.model.split import Head
 from splitprefix.progress import Progress
 
 LossFn = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, int]]
@@ -190,9 +191,11 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 def local_loss_fn(model: PreTrainedModel) -> LossFn:
     """Loss through a whole local model (the emulator, or the full model in the lab)."""
 
+    head = Head(model)
+
     def loss_fn(batch: Batch, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
-        logits = forward_with_prefix(model, batch.input_ids, batch.attention_mask, kv)
-        return token_loss_sum(logits, batch.labels)
+        hidden = hidden_with_prefix(model, batch.input_ids, batch.attention_mask, kv)  # (B, T, d), normed
+        return supervised_loss_sum(head.logits, hidden, batch.labels)
 
     return loss_fn
 

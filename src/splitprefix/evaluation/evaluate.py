@@ -23,8 +23,9 @@ from splitprefix.data.batching import (
 )
 from splitprefix.data.formats import Example
 from splitprefix.errors import ConfigError
-from splitprefix.evaluation.metrics import exact_match, normalize_answer, perplexity, token_loss_sum
-from splitprefix.model.prefixed import forward_with_prefix, generate_with_prefix
+from splitprefix.evaluation.metrics import exact_match, normalize_answer, perplexity, supervised_loss_sum
+from splitprefix.model.prefixed import generate_with_prefix, hidden_with_prefix
+from splitprefix.model.split import Head
 from splitprefix.progress import Progress
 
 BatchLoss = Callable[[Batch, torch.Tensor | None], tuple[torch.Tensor, int]]
@@ -45,10 +46,11 @@ class Scorer:
 def local_scorer(model: PreTrainedModel, pad_id: int) -> Scorer:
     """The whole model in this process, with the prefix as its cache."""
 
+    head = Head(model)
+
     def loss_sum(batch: Batch, kv: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        return token_loss_sum(
-            forward_with_prefix(model, batch.input_ids, batch.attention_mask, kv), batch.labels
-        )
+        hidden = hidden_with_prefix(model, batch.input_ids, batch.attention_mask, kv)  # (B, T, d), normed
+        return supervised_loss_sum(head.logits, hidden, batch.labels)
 
     def generate(ids: torch.Tensor, mask: torch.Tensor, kv: torch.Tensor | None, new: int) -> torch.Tensor:
         return generate_with_prefix(model, ids, mask, kv, new, pad_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,24 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     shifted_labels = labels[:, 1:].reshape(-1).to(logits.device)
     total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return total, int((shifted_labels != IGNORE_INDEX).sum())
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The token each position must predict (B, T): the next label, or -100 where none counts."""
+    following = torch.full_like(labels, IGNORE_INDEX)
+    following[:, :-1] = labels[:, 1:]
+    return following
+
+
+def supervised_loss_sum(
+    logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """`token_loss_sum` of `logits_of(hidden)`, with `logits_of` (a head, per token) applied to the
+    supervised positions of `hidden` (B, T, d) only: (N, V) logits rather than (B, T, V)."""
+    targets = next_token_targets(labels).to(hidden.device)
+    supervised = targets != IGNORE_INDEX
+    logits = logits_of(hidden[supervised]).float()  # (N, V)
+    return F.cross_entropy(logits, targets[supervised], reduction="sum"), int(supervised.sum())
 
 
 def perplexity(mean_loss: float) -> float:

@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from splitprefix.model.prefix import prefix_cache, split_kv
+from splitprefix.model.registry import architecture_of
 from splitprefix.model.split import SplitParts, extend_mask, token_positions
 
 
@@ -41,6 +42,24 @@ def forward_with_prefix(
         use_cache=cache is not None,
     )
     return out.logits
+
+
+def hidden_with_prefix(
+    model: PreTrainedModel, input_ids: torch.Tensor, token_mask: torch.Tensor, kv: torch.Tensor | None
+) -> torch.Tensor:
+    """The whole model's final hidden states (B, T, d), after its final norm, from its own decoder
+    (`forward_with_prefix` without the LM head): for a loss that needs logits at a few rows only."""
+    p = _prefix_len(kv)
+    input_ids, token_mask, kv = _placed(model, input_ids, token_mask, kv)
+    cache = None if kv is None else prefix_cache(kv, model.config, input_ids.shape[0])
+    out = architecture_of(model.config).backbone_of(model)(
+        input_ids=input_ids,
+        attention_mask=extend_mask(token_mask, p),
+        position_ids=token_positions(token_mask, p),
+        cache=cache,
+        use_cache=cache is not None,
+    )
+    return out.last_hidden_state
 
 
 def forward_split(
