@@ -40,10 +40,13 @@ class LiveServer:
         port: int | None = None,
         startup_timeout_s: float = 20.0,
         ws: str = "websockets-sansio",
+        **config: Any,
     ) -> None:
-        """`ws`: uvicorn's WebSocket protocol, as `splitprefix serve` uses it ("none" refuses upgrades)."""
+        """`ws`: uvicorn's WebSocket protocol, as `splitprefix serve` uses it ("none" refuses upgrades);
+        `config`: more `uvicorn.Config` options (e.g. `limit_concurrency`)."""
         self.app = app
         self.ws = ws
+        self.config = config
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.startup_timeout_s = startup_timeout_s
@@ -73,6 +76,7 @@ class LiveServer:
             lifespan="auto",
             access_log=False,
             ws=self.ws,
+            **self.config,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"uvicorn:{self.port}", daemon=True)

@@ -49,6 +49,7 @@ def test_serve_runs_uvicorn_with_the_settings(tmp_path, monkeypatch):
         "access_log": False,
         "ws": "websockets-sansio",
         "ws_max_size": served.state.backend.settings.max_request_bytes,
+        "limit_concurrency": served.state.backend.settings.max_connections,
     }
     assert served.state.auth.enabled and served.state.backend.settings.head_modes == ["server", "client"]
 
@@ -81,3 +82,49 @@ def test_serve_refuses_a_split_outside_the_model(tmp_path, split_at):
     result = runner.invoke(app, ["serve", str(model_dir), "--split-at", split_at])
     assert isinstance(result.exception, ConfigError)
     assert "1 <= K < L" in str(result.exception)
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_tokens(tmp_path, monkeypatch):
+    # Prepare: an operator binds every interface and forgets the tokens file
+    calls = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: calls.append(kwargs))
+
+    # Execute
+    result = runner.invoke(app, ["serve", "builtin", "--split-at", "2", "--host", "0.0.0.0"])
+
+    # Assert: nothing listens, and the error says what to do
+    assert isinstance(result.exception, ConfigError) and not calls
+    for advice in ("without credentials", "--tokens-file", "127.0.0.1", "--insecure"):
+        assert advice in str(result.exception)
+
+
+def test_serve_listens_beyond_loopback_with_tokens_or_when_told_insecure(tmp_path, monkeypatch):
+    # Prepare
+    model_dir = save_model_dir(tmp_path / "model", "gpt2")
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("alice alice-token-0123456789\n")
+    calls = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: calls.append(kwargs))
+    base = ["serve", str(model_dir), "--split-at", "2", "--host", "0.0.0.0"]
+
+    # Execute
+    with_tokens = runner.invoke(app, [*base, "--tokens-file", str(tokens)])
+    insecure = runner.invoke(app, [*base, "--insecure"])
+
+    # Assert
+    assert with_tokens.exit_code == 0 and insecure.exit_code == 0, (with_tokens.output, insecure.output)
+    assert [kwargs["host"] for kwargs in calls] == ["0.0.0.0", "0.0.0.0"]
+
+
+def test_serve_exposes_the_per_party_limits(tmp_path, monkeypatch):
+    model_dir = save_model_dir(tmp_path / "model", "gpt2")
+    calls = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: calls.append((app, kwargs)))
+    limits = ["--max-requests-per-client", "3", "--max-streams-per-session", "1"]
+    limits += ["--max-streams-per-client", "5", "--max-connections", "40"]
+    result = runner.invoke(app, ["serve", str(model_dir), "--split-at", "2", *limits])
+    assert result.exit_code == 0, result.output
+    served, kwargs = calls[0]
+    s = served.state.backend.settings
+    assert (s.max_requests_per_client, s.max_streams_per_session, s.max_streams_per_client) == (3, 1, 5)
+    assert s.max_connections == 40 and kwargs["limit_concurrency"] == 40

@@ -22,6 +22,9 @@ def serve_command(
     tokens_file: Path | None = typer.Option(
         None, help="Bearer tokens per data party: JSON {name: token} or 'name token' lines."
     ),
+    insecure: bool = typer.Option(
+        False, help="Allow a non-loopback --host without --tokens-file: anyone who reaches it may use it."
+    ),
     tls_cert: Path | None = typer.Option(None, help="PEM certificate for HTTPS."),
     tls_key: Path | None = typer.Option(None, help="PEM private key for HTTPS."),
     max_request_bytes: int = typer.Option(ServerSettings.max_request_bytes, help="Largest request body."),
@@ -41,6 +44,18 @@ def serve_command(
     ),
     max_session_bytes: int = typer.Option(
         ServerSettings.max_session_bytes, help="Memory cap of all sessions' KV caches."
+    ),
+    max_requests_per_client: int = typer.Option(
+        ServerSettings.max_requests_per_client, help="Requests in flight per data party (429 beyond)."
+    ),
+    max_streams_per_session: int = typer.Option(
+        ServerSettings.max_streams_per_session, help="Generation WebSockets per session (429 beyond)."
+    ),
+    max_streams_per_client: int = typer.Option(
+        ServerSettings.max_streams_per_client, help="Generation WebSockets per data party (429 beyond)."
+    ),
+    max_connections: int = typer.Option(
+        ServerSettings.max_connections, help="Connections served at once, all parties (503 beyond)."
     ),
     device: str = typer.Option(ServerSettings.device, help="Torch device: cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option(
@@ -66,6 +81,7 @@ def serve_command(
         host=host,
         port=port,
         tokens_file=tokens_file,
+        insecure=insecure,
         tls_cert=tls_cert,
         tls_key=tls_key,
         max_request_bytes=max_request_bytes,
@@ -78,6 +94,10 @@ def serve_command(
         max_sessions=max_sessions,
         max_sessions_per_client=max_sessions_per_client,
         max_session_bytes=max_session_bytes,
+        max_requests_per_client=max_requests_per_client,
+        max_streams_per_session=max_streams_per_session,
+        max_streams_per_client=max_streams_per_client,
+        max_connections=max_connections,
         device=device,
         dtype=dtype,  # type: ignore[arg-type]
     )
@@ -94,4 +114,6 @@ def serve_command(
         # not its deprecated legacy one that uvicorn picks by default
         ws="websockets-sansio",
         ws_max_size=settings.max_request_bytes,
+        # the global cap: uvicorn answers 503 beyond it, before any request is read
+        limit_concurrency=settings.max_connections,
     )

@@ -37,10 +37,12 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from splitprefix.exposure import check_exposure
 from splitprefix.model_party.auth import TokenAuth, Unauthorized
 from splitprefix.model_party.backend import TopBackend
 from splitprefix.model_party.exchange import Handler, InternalError, answer, refusal
 from splitprefix.model_party.generation import GenerationBackend
+from splitprefix.model_party.limits import PartyLimits
 from splitprefix.model_party.settings import ServerSettings
 from splitprefix.model_party.stream import add_stream_route
 from splitprefix.model_party.validation import RequestError
@@ -97,10 +99,10 @@ def _binary_route(summary: str, request_text: str, response_text: str) -> dict[s
 
 def create_app(source: ServerSettings | TopBackend, auth: TokenAuth | None = None) -> FastAPI:
     """The FastAPI app serving `source` (settings to load a model from, or a loaded backend)."""
-    backend = source if isinstance(source, TopBackend) else TopBackend(source)
-    settings = backend.settings
+    settings = source.settings if isinstance(source, TopBackend) else source
     auth = auth or TokenAuth.from_file(settings.tokens_file)
-    _log_startup_warnings(settings, auth)
+    _log_startup_warnings(settings, auth)  # refuses an open bind before the model loads
+    backend = source if isinstance(source, TopBackend) else TopBackend(source)
     app = FastAPI(
         title="splitprefix model party",
         version=str(schemas.PROTOCOL_VERSION),
@@ -108,6 +110,7 @@ def create_app(source: ServerSettings | TopBackend, auth: TokenAuth | None = Non
         "Binary bodies are safetensors blobs; see splitprefix.wire.schemas for the tensors.",
     )
     app.state.backend, app.state.auth = backend, auth
+    app.add_middleware(PartyLimits, settings=settings)
 
     @app.get(schemas.HEALTH_PATH, summary="Liveness: answers without a token.")
     def health() -> dict[str, Any]:
@@ -286,12 +289,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _log_startup_warnings(settings: ServerSettings, auth: TokenAuth) -> None:
     if "server" in settings.head_modes:
         logger.warning(schemas.HEAD_SERVER_WARNING)
-    if not settings.loopback and not auth.enabled:
-        logger.warning(
-            "listening on %s without a tokens file: anyone who can reach it can use the model; "
-            "pass --tokens-file",
-            settings.host,
-        )
+    check_exposure(
+        settings.host, auth.enabled, settings.insecure, "the model party's server", "--tokens-file"
+    )
     if not settings.loopback and settings.tls_cert is None:
         logger.warning(
             "listening on %s without TLS: activations travel in clear; pass --tls-cert/--tls-key",

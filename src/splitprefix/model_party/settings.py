@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from splitprefix.errors import ConfigError
+from splitprefix.exposure import is_loopback
 
 HeadSetting = Literal["server", "client", "both"]
 ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
@@ -24,11 +25,13 @@ class ServerSettings:
     head: HeadSetting = "both"
     """Head modes offered: 'client' keeps labels at the data party; 'server' exposes them (see warnings)."""
     host: str = "127.0.0.1"
-    """Interface to bind; anything but loopback should come with a tokens file and TLS."""
+    """Interface to bind; anything but loopback needs a tokens file (or `insecure`) and should have TLS."""
     port: int = 8000
     """TCP port to listen on (0 lets the OS choose)."""
     tokens_file: Path | None = None
     """Bearer tokens per data party (see `model_party.auth`); None turns authentication off."""
+    insecure: bool = False
+    """Allow a non-loopback host without a tokens file: anyone who reaches it may use the model."""
     tls_cert: Path | None = None
     """PEM certificate for HTTPS; give it together with `tls_key`."""
     tls_key: Path | None = None
@@ -53,6 +56,14 @@ class ServerSettings:
     """Generation sessions one data party may hold at once (429 beyond)."""
     max_session_bytes: int = 1024 * MiB
     """Memory reserved by all sessions' KV caches together (503 beyond)."""
+    max_requests_per_client: int = 4
+    """Requests one data party may have in flight at once, body upload included (429 beyond)."""
+    max_streams_per_session: int = 2
+    """Generation WebSockets open at once on one session (429 beyond); 2 lets a client reconnect."""
+    max_streams_per_client: int = 8
+    """Generation WebSockets one data party may hold open at once (429 beyond)."""
+    max_connections: int = 128
+    """Connections and requests the server serves at once, all parties together (503 beyond)."""
     device: str = "cpu"
     """Torch device that runs the top ('cpu', 'cuda', 'cuda:1', ...)."""
     dtype: ComputeDtype = "auto"
@@ -74,6 +85,10 @@ class ServerSettings:
             "max_graphs_per_client",
             "max_sessions",
             "max_sessions_per_client",
+            "max_requests_per_client",
+            "max_streams_per_session",
+            "max_streams_per_client",
+            "max_connections",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -106,4 +121,4 @@ class ServerSettings:
     @property
     def loopback(self) -> bool:
         """Whether the server only listens on this machine."""
-        return self.host in ("127.0.0.1", "localhost", "::1")
+        return is_loopback(self.host)
