@@ -38,6 +38,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from splitprefix.exposure import check_exposure
+from splitprefix.model_party.admission import Admission
 from splitprefix.model_party.auth import TokenAuth, Unauthorized
 from splitprefix.model_party.backend import TopBackend
 from splitprefix.model_party.exchange import Handler, InternalError, answer, refusal
@@ -110,6 +111,7 @@ def create_app(source: ServerSettings | TopBackend, auth: TokenAuth | None = Non
         "Binary bodies are safetensors blobs; see splitprefix.wire.schemas for the tensors.",
     )
     app.state.backend, app.state.auth = backend, auth
+    app.state.admission = Admission(backend.shape)
     app.add_middleware(PartyLimits, settings=settings)
 
     @app.get(schemas.HEALTH_PATH, summary="Liveness: answers without a token.")
@@ -202,6 +204,7 @@ async def _serve(
     """Read the body and answer it with `handler` (see `exchange.answer`), which stops if the
     client disconnects meanwhile."""
     body = await _read_body(request, limit)
+    request.app.state.admission.check(request.scope["route"].path, body)  # before decoding
     gone = threading.Event()
     watcher = asyncio.create_task(_watch_disconnect(request, gone))
     try:

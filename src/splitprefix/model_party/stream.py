@@ -63,6 +63,7 @@ def add_stream_route(app: FastAPI, generation: GenerationBackend) -> None:
                         raise RequestError(
                             400, "bad_message", "send each step as a binary message (a safetensors blob)"
                         )
+                    app.state.admission.check(schemas.SESSION_STEP_PATH, body)  # before decoding
                     out = await answer(path, body, settings.max_request_bytes, step, client, inline)
                 except Exception as error:  # every refusal is an answer; the socket serves on
                     status, code, detail = refusal(error)
