@@ -16,8 +16,10 @@ from splitprefix.cli.train import (
     privacy_line,
     runtime_settings,
 )
+from splitprefix.data_party.gateway_settings import API_KEY_ENV, GatewaySettings, read_api_key
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.sampling import GenerationConfig
+from splitprefix.exposure import check_exposure
 
 _EMULATOR = typer.Argument(..., help="Emulator directory from the model party (`splitprefix emulate`).")
 _SERVER = typer.Option(..., "--server", help="URL of `splitprefix serve`, e.g. http://127.0.0.1:8000.")
@@ -97,6 +99,24 @@ def gateway_command(
     port: int = typer.Option(8080, help="TCP port of the gateway."),
     model_name: str = typer.Option("splitprefix", help="Model id that /v1/models lists."),
     max_tokens: int = typer.Option(128, help="Tokens generated when a request gives no max_tokens."),
+    api_key: str | None = typer.Option(
+        None, envvar=API_KEY_ENV, help="Key clients must send as 'Authorization: Bearer <key>'."
+    ),
+    api_key_file: Path | None = typer.Option(None, help="File holding the API key (instead of --api-key)."),
+    insecure: bool = typer.Option(
+        False, help="Allow a non-loopback --host without an API key: anyone who reaches it may use it."
+    ),
+    max_tokens_limit: int = typer.Option(
+        GatewaySettings.max_tokens_limit, help="Largest max_tokens a request may ask for."
+    ),
+    max_prompt_tokens: int = typer.Option(
+        GatewaySettings.max_prompt_tokens, help="Longest prompt, in tokens."
+    ),
+    max_prompts: int = typer.Option(GatewaySettings.max_prompts, help="Prompts per completions request."),
+    max_concurrent: int = typer.Option(
+        GatewaySettings.max_concurrent, help="Requests in flight (429 beyond)."
+    ),
+    max_request_bytes: int = typer.Option(GatewaySettings.max_request_bytes, help="Largest request body."),
     token: str | None = _TOKEN,
     head: str = _HEAD,
     wire_dtype: str = _WIRE,
@@ -113,14 +133,26 @@ def gateway_command(
 
     Endpoints: /v1/models, /v1/completions and /v1/chat/completions, with stream=true as server-sent
     events. Chat uses the tokenizer's chat template, or 'role: content' lines and 'assistant:'
-    without one. Point any OpenAI client at http://HOST:PORT/v1.
+    without one. Point any OpenAI client at http://HOST:PORT/v1, with the API key if one is set.
+    A --host other than loopback needs an API key, or --insecure.
     """
     import uvicorn
 
     from splitprefix.data_party.gateway import create_gateway
     from splitprefix.data_party.generate import SplitModel
 
+    guard = GatewaySettings(
+        api_key=read_api_key(api_key, api_key_file),
+        max_tokens_limit=max_tokens_limit,
+        max_prompt_tokens=max_prompt_tokens,
+        max_prompts=max_prompts,
+        max_concurrent=max_concurrent,
+        max_request_bytes=max_request_bytes,
+    )
+    credentials = f"--api-key, --api-key-file or ${API_KEY_ENV}"
+    check_exposure(host, guard.api_key is not None, insecure, "the gateway", credentials)
     settings = client_settings(server, token, head, wire_dtype, False, timeout_s, max_retries, ca_path)
     privacy, runtime = privacy_config(clip, noise, noise_seed), runtime_settings(device, dtype)
     with SplitModel.open(emulator, settings, prefix, privacy, runtime) as model:
-        uvicorn.run(create_gateway(model, model_name, max_tokens), host=host, port=port, log_level="info")
+        app = create_gateway(model, model_name, max_tokens, guard)
+        uvicorn.run(app, host=host, port=port, log_level="info")

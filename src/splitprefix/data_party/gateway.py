@@ -26,10 +26,18 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from splitprefix.data_party.gateway_guard import (
+    GatewayGuard,
+    check_asked_tokens,
+    check_prompts,
+    error_handlers,
+    openai_error,
+)
+from splitprefix.data_party.gateway_settings import GatewaySettings
 from splitprefix.data_party.generate import Completion, SplitModel
 from splitprefix.data_party.remote import RemoteError
 from splitprefix.data_party.sampling import GenerationConfig
-from splitprefix.errors import SplitPrefixError
+from splitprefix.errors import ConfigError, SplitPrefixError
 
 PLAIN_CHAT_STOP = "\nuser:"
 
@@ -98,10 +106,22 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
 
 
 def create_gateway(
-    model: SplitModel, model_name: str = "splitprefix", default_max_tokens: int = 128
+    model: SplitModel,
+    model_name: str = "splitprefix",
+    default_max_tokens: int = 128,
+    settings: GatewaySettings | None = None,
 ) -> FastAPI:
-    """The OpenAI-compatible app over `model`, which it owns for the app's lifetime."""
-    app = FastAPI(title="splitprefix gateway", description=__doc__)
+    """The OpenAI-compatible app over `model`, which it owns for the app's lifetime.
+
+    `settings` holds the API key and the limits (see `gateway_guard`); by default no key.
+    """
+    settings = settings or GatewaySettings()
+    if default_max_tokens > settings.max_tokens_limit:
+        raise ConfigError(
+            f"the default max_tokens {default_max_tokens} is over max_tokens_limit {settings.max_tokens_limit}"
+        )
+    app = FastAPI(title="splitprefix gateway", description=__doc__, exception_handlers=error_handlers())
+    app.add_middleware(GatewayGuard, settings=settings)
     lock = threading.Lock()
 
     @app.get("/v1/models")
@@ -115,30 +135,38 @@ def create_gateway(
     @app.post("/v1/completions", response_model=None)
     def completions(request: CompletionRequest) -> JSONResponse | StreamingResponse:
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        _check_request(model, request, prompts, "prompt", settings)
         config = generation_config(request, default_max_tokens)
         return _answer(model, lock, prompts, config, request.stream, _TextShape(model_name, chat=False))
 
     @app.post("/v1/chat/completions", response_model=None)
     def chat(request: ChatRequest) -> JSONResponse | StreamingResponse:
         prompt, stop = chat_prompt(model, request.messages)
+        _check_request(model, request, [prompt], "messages", settings)
         config = generation_config(request, default_max_tokens, stop)
         return _answer(model, lock, [prompt], config, request.stream, _TextShape(model_name, chat=True))
 
     @app.exception_handler(SplitPrefixError)
     async def refused(_: Any, error: Exception) -> JSONResponse:
         if isinstance(error, RemoteError):  # the model party's server refused or is unreachable
-            return _openai_error(502, f"the model party's server failed: {error}", "upstream_error")
-        return _openai_error(400, str(error))
+            return openai_error(502, f"the model party's server failed: {error}", "upstream_error")
+        return openai_error(400, str(error))
 
     return app
 
 
+def _check_request(
+    model: SplitModel, request: _Sampling, prompts: list[str], param: str, settings: GatewaySettings
+) -> None:
+    """Refuse a request that asks more than the gateway's limits, before it waits for the model."""
+    check_asked_tokens(request.max_completion_tokens or request.max_tokens, settings)
+    check_prompts([0] * len(prompts), param, settings)  # the count, before tokenizing them all
+    if prompts:
+        check_prompts(model.encode(prompts)[1].sum(dim=1).tolist(), param, settings)
+
+
 def _model_card(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "splitprefix"}
-
-
-def _openai_error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
 class _TextShape:
