@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from splitprefix.data_party.split_train import open_split
 from splitprefix.errors import ConfigError
 from splitprefix.model.split import token_positions
 from splitprefix.model_party.app import create_app
+from splitprefix.wire.disclosure import HEAD_DISCLOSURE
 
 FAST = dict(backoff_s=0.001, backoff_max_s=0.01)
 
@@ -178,3 +180,11 @@ def test_the_client_takes_its_proxy_from_the_environment_unless_no_proxy_exempts
     assert env_proxy("http://10.0.0.5:8000") == "http://proxy.example:3128"
     monkeypatch.setenv("NO_PROXY", "10.0.0.5")
     assert env_proxy("http://10.0.0.5:8000") is None
+
+
+@pytest.mark.parametrize("head", ["server", "client"])
+def test_a_split_session_logs_what_its_head_mode_reveals(dirs, server, caplog, head):
+    with caplog.at_level(logging.WARNING):
+        session = open_split(dirs.emulator, ClientSettings(server.url, head=head))
+    session.close()
+    assert HEAD_DISCLOSURE[head] in caplog.text

@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from app_fixtures import ALICE, assert_a_valid_step_succeeds, step_for
 from live_server import LiveServer
@@ -15,6 +16,7 @@ from splitprefix.model_party.app import create_app
 from splitprefix.model_party.backend import TopBackend
 from splitprefix.model_party.settings import ServerSettings
 from splitprefix.wire import schemas
+from splitprefix.wire.disclosure import HEAD_CLIENT_DISCLOSURE, HEAD_SERVER_DISCLOSURE
 from splitprefix.wire.tensors import CONTENT_TYPE
 from top_helpers import SPLIT_AT, assert_error, binary_headers, blob
 
@@ -40,14 +42,36 @@ def test_info_describes_the_top_and_warns_about_head_server(client, backend):
     assert info.fingerprints.bottom_sha256 == backend.top.bottom_sha256
     assert info.limits.max_batch_size == 4 and info.limits.max_request_bytes == 100_000
     assert sorted(info.head_modes) == ["client", "server"]
-    assert info.warnings == [schemas.HEAD_SERVER_WARNING]
+    assert info.warnings == [HEAD_SERVER_DISCLOSURE, HEAD_CLIENT_DISCLOSURE]
     assert info.protocol_version == schemas.PROTOCOL_VERSION
 
 
-def test_the_head_server_warning_is_logged_at_startup(backend, caplog):
+def test_what_each_head_mode_reveals_is_logged_at_startup(backend, caplog):
     with caplog.at_level(logging.WARNING):
         create_app(backend)
-    assert schemas.HEAD_SERVER_WARNING in caplog.text
+    assert HEAD_SERVER_DISCLOSURE in caplog.text and HEAD_CLIENT_DISCLOSURE in caplog.text
+
+
+@pytest.mark.parametrize("head", ["server", "client", "both"])
+def test_info_states_exactly_what_each_offered_head_mode_reveals(model_dir, head):
+    # Prepare
+    backend = TopBackend(ServerSettings(model_dir, SPLIT_AT, head=head))
+    with TestClient(create_app(backend)) as client:
+        # Execute
+        info = client.get(schemas.INFO_PATH).json()
+
+    # Assert: head=server gives the targets away; head=client keeps them off the wire only
+    offered = ["server", "client"] if head == "both" else [head]
+    assert list(info["head_disclosure"]) == offered and info["warnings"] == list(
+        info["head_disclosure"].values()
+    )
+    if "server" in offered:
+        text = info["head_disclosure"]["server"]
+        assert "sends its target tokens to the model party in the clear" in text and "every label" in text
+    if "client" in offered:
+        text = info["head_disclosure"]["client"]
+        assert "never cross the wire" in text and "not hidden from the model party" in text
+        assert "invert the gradient dL/dh_L" in text and "final norm and LM head" in text
 
 
 def test_the_openapi_schema_documents_the_binary_endpoints(client):

@@ -15,6 +15,7 @@ from splitprefix.model_party.app import create_app
 from splitprefix.model_party.backend import TopBackend
 from splitprefix.model_party.settings import ServerSettings
 from splitprefix.wire import schemas
+from splitprefix.wire.disclosure import HEAD_CLIENT_DISCLOSURE
 from splitprefix.wire.tensors import CONTENT_TYPE, decode
 from top_helpers import SPLIT_AT, assert_error, binary_headers
 
@@ -311,7 +312,7 @@ def test_a_body_that_is_not_a_message_gets_4xx(
 
 
 def test_a_head_mode_the_server_does_not_offer_gets_422(model_dir, model):
-    # Prepare: a server that keeps labels at the data parties
+    # Prepare: a server that keeps labels off the wire
     backend = TopBackend(ServerSettings(model_dir, SPLIT_AT, head="client"))
     client = TestClient(create_app(backend))
     step = step_for(model, backend, head="server")
@@ -321,7 +322,7 @@ def test_a_head_mode_the_server_does_not_offer_gets_422(model_dir, model):
 
     # Assert
     assert_error(response, 422, "head_not_enabled", r"head=server is not enabled .* ask for head=client")
-    assert client.get(schemas.INFO_PATH).json()["warnings"] == []
+    assert client.get(schemas.INFO_PATH).json()["warnings"] == [HEAD_CLIENT_DISCLOSURE]
     ok = step_for(model, backend, head="client")
     assert post(client, schemas.FORWARD_PATH, ok.tensors, ok.meta, token=None).status_code == 200
 

@@ -38,7 +38,8 @@ def eval_command(
         None, "--server", help="Evaluate through the split: MODEL is then the emulator, the top runs here."
     ),
     head: str = typer.Option(
-        "server", help="With --server: 'server' (default, as in the method) or 'client' (labels stay here)."
+        "server",
+        help="With --server: 'server' (default, as in the method) or 'client' (the norm and head run here).",
     ),
     token: str | None = typer.Option(None, "--token", envvar=TOKEN_ENV, help="With --server: bearer token."),
     wire_dtype: str = typer.Option("fp32", help="With --server: fp32, bf16 or fp16 on the wire."),

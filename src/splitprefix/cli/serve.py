@@ -17,7 +17,9 @@ def serve_command(
     host: str = typer.Option(ServerSettings.host, help="Interface to bind (loopback by default)."),
     port: int = typer.Option(ServerSettings.port, help="TCP port."),
     head: str = typer.Option(
-        ServerSettings.head, help="Head modes offered: server, client (labels stay private), or both."
+        ServerSettings.head,
+        help="Head modes offered: server (targets sent in clear), client (targets off the wire, still "
+        "recoverable by this server from the gradients), or both.",
     ),
     tokens_file: Path | None = typer.Option(
         None, help="Bearer tokens per data party: JSON {name: token} or 'name token' lines."

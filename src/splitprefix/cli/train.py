@@ -85,7 +85,9 @@ def train_command(
         None, "--eval-data", help="Held-out JSONL (default: a slice of --data)."
     ),
     head: str = typer.Option(
-        ClientSettings.head, help="'client' keeps labels here; 'server' sends them away."
+        ClientSettings.head,
+        help="'server' sends the targets in clear; 'client' keeps them off the wire, but the model party "
+        "can still recover them from the gradients it is sent.",
     ),
     token: str | None = typer.Option(
         None, "--token", envvar=TOKEN_ENV, help="Bearer token from the model party."
@@ -128,7 +130,7 @@ def train_command(
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
 ) -> None:
-    """Data party: train a prefix for all L layers through the server; text and labels stay here."""
+    """Data party: train a prefix for all L layers through the server; text stays here (see --head for the labels)."""
     from splitprefix.data_party.split_train import train_split
 
     settings = client_settings(server, token, head, wire_dtype, recompute, timeout_s, max_retries, ca_path)

@@ -46,7 +46,7 @@ class ClientSettings:
     token: str | None = None
     """Bearer token the model party issued to this data party; None when the server has no tokens file."""
     head: HeadMode = "server"
-    """Where the final norm and LM head run: 'client' keeps labels local, 'server' exposes them."""
+    """Where the final norm and LM head run; what each reveals of the targets: `wire.disclosure`."""
     wire_dtype: WireDtype = "fp32"
     """Float dtype of tensors on the wire: fp32 is exact, bf16 and fp16 halve the traffic."""
     stream_steps: bool = True

@@ -37,7 +37,8 @@ from splitprefix.model.loading import load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig, prefix_cache
 from splitprefix.model.split import Activations, Bottom, Head, extend_mask, token_positions
 from splitprefix.runtime import RuntimeSettings
-from splitprefix.wire.schemas import HEAD_SERVER_WARNING, HeadMode, ModelInfo
+from splitprefix.wire.disclosure import HEAD_DISCLOSURE
+from splitprefix.wire.schemas import HeadMode, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -241,8 +242,7 @@ def open_split(
     parts = load_client_parts(
         emulator_dir, manifest.split_at, settings.head, dtype=runtime.torch_dtype, device=runtime.device
     )
-    if settings.head == "server":
-        logger.warning(HEAD_SERVER_WARNING)
+    logger.warning(HEAD_DISCLOSURE[settings.head])  # what this session's head mode reveals
     client = SplitClient(settings)
     try:
         info = client.check_compatible(manifest)

@@ -48,6 +48,7 @@ from splitprefix.model_party.settings import ServerSettings
 from splitprefix.model_party.stream import add_stream_route
 from splitprefix.model_party.validation import RequestError
 from splitprefix.wire import schemas
+from splitprefix.wire.disclosure import disclosures
 from splitprefix.wire.tensors import CONTENT_TYPE, WireFormatError
 
 logger = logging.getLogger(__name__)
@@ -290,8 +291,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _log_startup_warnings(settings: ServerSettings, auth: TokenAuth) -> None:
-    if "server" in settings.head_modes:
-        logger.warning(schemas.HEAD_SERVER_WARNING)
+    for text in disclosures(settings.head_modes).values():
+        logger.warning(text)
     check_exposure(
         settings.host, auth.enabled, settings.insecure, "the model party's server", "--tokens-file"
     )

@@ -40,6 +40,7 @@ from splitprefix.model_party.validation import (
 )
 from splitprefix.runtime import DTYPES
 from splitprefix.wire import schemas
+from splitprefix.wire.disclosure import disclosures
 from splitprefix.wire.tensors import WIRE_DTYPES
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ class TopBackend:
                 session_ttl_s=s.session_ttl_s,
             ),
             wire_dtypes=list(WIRE_DTYPES),
-            warnings=[schemas.HEAD_SERVER_WARNING] if "server" in s.head_modes else [],
+            warnings=list(disclosures(s.head_modes).values()),
+            head_disclosure=disclosures(s.head_modes),
         )
 
     def forward(

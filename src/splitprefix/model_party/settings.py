@@ -23,7 +23,7 @@ class ServerSettings:
     split_at: int
     """K: the data party runs layers [0, K); this server runs layers [K, L)."""
     head: HeadSetting = "both"
-    """Head modes offered: 'client' keeps labels at the data party; 'server' exposes them (see warnings)."""
+    """Head modes offered: what each reveals of the targets is in `wire.disclosure` (and /v1/info)."""
     host: str = "127.0.0.1"
     """Interface to bind; anything but loopback needs a tokens file (or `insecure`) and should have TLS."""
     port: int = 8000

@@ -68,6 +68,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from splitprefix.wire.disclosure import HEAD_SERVER_DISCLOSURE
+
 PROTOCOL_VERSION = 2
 """2: head=server trains through `LOSS_PATH` (the server computes the loss); 1 sent (N, V) logits."""
 HEALTH_PATH = "/v1/health"
@@ -103,10 +105,7 @@ SESSION_MISSING = "session_missing"
 
 HeadMode = Literal["server", "client"]
 
-HEAD_SERVER_WARNING = (
-    "head=server: the data party sends its target tokens to the model party, which computes the loss. "
-    "Use head=client to keep the labels off the wire."
-)
+HEAD_SERVER_WARNING = HEAD_SERVER_DISCLOSURE  # what head=server reveals (wire.disclosure)
 
 
 class Fingerprints(BaseModel):
@@ -158,6 +157,9 @@ class ModelInfo(BaseModel):
     limits: Limits
     wire_dtypes: list[str]
     warnings: list[str]
+    head_disclosure: dict[HeadMode, str] = Field(
+        default_factory=dict, description="What each offered head mode reveals to this model party."
+    )
     generation_stream: bool = Field(
         default=False, description="Generation steps may travel over a WebSocket at SESSION_STREAM_PATH."
     )
