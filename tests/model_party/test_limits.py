@@ -117,6 +117,13 @@ def test_a_session_takes_one_socket_and_a_party_two(tight):
     assert same_session.headers["retry-after"] == "1"
 
 
+def test_info_states_the_per_party_limits(tight):
+    with TestClient(_app(tight)) as client:
+        limits = client.get(schemas.INFO_PATH, headers=_bearer(ALICE)).json()["limits"]
+    assert (limits["max_requests_per_client"], limits["max_streams_per_client"]) == (2, 2)
+    assert limits["max_streams_per_session"] == 1
+
+
 def test_the_global_connection_limit_answers_503(tight):
     # Prepare: uvicorn's limit, which `splitprefix serve` sets to max_connections (tests/cli), here 2
     with LiveServer(_app(tight), limit_concurrency=2) as server:

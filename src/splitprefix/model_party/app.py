@@ -19,7 +19,10 @@ serving. Status codes and error codes:
     404 session_missing       a generation session that expired, was lost in a restart, or is another
                               party's: open a new one
     429 too_many_sessions     this party holds its share of generation sessions (with Retry-After)
+    429 too_many_requests     this party has its share of requests in flight (model_party.limits)
+    429 too_many_streams      this party or session holds its share of generation sockets
     503 server_full           the server's session count or KV-cache memory is exhausted (with Retry-After)
+    503 (uvicorn, plain text) the server serves `max_connections` at once (`splitprefix serve`)
     500 internal_error        a server bug
 """
 
@@ -67,7 +70,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Body over max_request_bytes (too_large), or batch/tokens over the limits (limit_exceeded).",
         415: "Body sent with a content type other than " + CONTENT_TYPE + " (unsupported_media).",
         422: "Metadata or tensors inconsistent with this model; `code` says which check failed.",
-        429: "This data party holds its share of generation sessions (too_many_sessions).",
+        429: "This data party holds its share of generation sessions (too_many_sessions) or of requests "
+        "in flight (too_many_requests); retry after Retry-After seconds.",
         503: "The server's generation sessions or their memory are exhausted (server_full).",
     }.items()
 }

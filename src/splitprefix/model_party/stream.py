@@ -8,6 +8,8 @@ closing and training stay on HTTP. The protocol, at `wire.schemas.SESSION_STREAM
   with HTTP 401 `unauthorized`, an unknown, expired or another party's session with HTTP 404
   `session_missing`, each with the JSON `ErrorBody` of the HTTP routes, before the socket opens
   (a server without the denial-response extension closes with 1008 instead: HTTP 403).
+  A party over its share of sockets (`max_streams_per_client`, `max_streams_per_session`) is
+  refused the same way with HTTP 429 `too_many_streams` and `Retry-After` (`model_party.limits`).
 - Each binary message is one step: the body of `POST SESSION_STEP_PATH`, run by the same
   `GenerationBackend.step`. The answer is one binary message, the HTTP answer's body.
 - A refused step is answered by a text message, `StreamError` JSON: the status, code and detail

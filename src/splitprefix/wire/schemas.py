@@ -140,6 +140,9 @@ class Limits(BaseModel):
     max_sessions_per_client: int = Field(0, description="Generation sessions one data party may hold.")
     max_session_bytes: int = Field(0, description="Memory the sessions' KV caches may reserve together.")
     session_ttl_s: float = Field(0.0, description="Idle seconds after which a session is dropped.")
+    max_requests_per_client: int = Field(0, description="Requests one data party may have in flight.")
+    max_streams_per_client: int = Field(0, description="Generation WebSockets one data party may hold.")
+    max_streams_per_session: int = Field(0, description="Generation WebSockets open on one session.")
 
 
 class ModelInfo(BaseModel):
