@@ -52,7 +52,7 @@ class _Sampling(BaseModel):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator takes
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
