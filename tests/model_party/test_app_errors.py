@@ -58,6 +58,8 @@ FORWARD_CASES = {
     "no-step-id": (_drop_meta("step_id"), 422, "invalid_meta", "'step_id' must be a non-empty string"),
     "unknown-head": (_meta(head="middle"), 422, "invalid_meta", "'head' must be 'server' or 'client'"),
     "wire-dtype": (_meta(wire_dtype="fp8"), 422, "invalid_meta", r"'wire_dtype' must be one of \['bf16'"),
+    # found by tests/model_party/test_fuzz.py: an unhashable value was a 500
+    "wire-dtype-list": (_meta(wire_dtype=[]), 422, "invalid_meta", r"'wire_dtype' must be one of"),
     "keep-graph": (_meta(keep_graph="yes"), 422, "invalid_meta", "'keep_graph' must be true or false"),
     "no-split-at": (
         _drop_meta("split_at"),

@@ -122,7 +122,7 @@ def check_meta(meta: dict[str, Any], top: TopShape, forward: bool) -> StepMeta:
             f"head={top.head_modes[0]} or ask the model party to start the server with --head both",
         )
     wire = meta.get("wire_dtype")
-    if wire not in WIRE_DTYPES:
+    if not isinstance(wire, str) or wire not in WIRE_DTYPES:  # (a list is unhashable: a TypeError)
         raise _meta_error("wire_dtype", f"one of {sorted(WIRE_DTYPES)}", wire)
     flags = {name: meta.get(name, True) for name in ("keep_graph", "grad")}
     for name, value in flags.items():

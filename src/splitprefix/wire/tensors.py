@@ -36,7 +36,7 @@ _DEFAULT_CODES = {400: "bad_message", 413: "too_large", 422: "bad_tensor"}
 
 
 def wire_dtype(name: str) -> torch.dtype:
-    if name not in WIRE_DTYPES:
+    if not isinstance(name, str) or name not in WIRE_DTYPES:
         raise WireFormatError(
             f"wire_dtype must be one of {sorted(WIRE_DTYPES)}; got {name!r}", 422, "invalid_meta"
         )
