@@ -42,7 +42,11 @@ def federate_command(
     batch_size: int = typer.Option(PartyConfig.batch_size, help="Examples per step."),
     lr: float = typer.Option(PartyConfig.lr, help="Peak learning rate of each round."),
     prefix_len: int = typer.Option(FederationConfig.prefix_len, help="Virtual tokens per layer."),
-    head: str = typer.Option(PartyConfig.head, help="'client' keeps labels at the parties."),
+    head: str = typer.Option(
+        PartyConfig.head,
+        help="'client' keeps the targets off the wire (the model party can still recover them from the "
+        "gradients it is sent); 'server' sends them.",
+    ),
     secure: bool = typer.Option(
         False, "--secure", help="Aggregate with SecAgg+ (the server sees only sums)."
     ),
