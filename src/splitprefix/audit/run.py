@@ -7,8 +7,9 @@ For each setting the audit
    noised split: the utility;
 2. takes the layer-K states of the first training examples exactly as they would be sent, with that
    trained prefix and fresh noise, and attacks them: nearest neighbour and learned inversion;
-3. runs head=server training steps on those examples and recovers the targets from the logit
-   gradients the data party sends back.
+3. runs head=server training steps on those examples and reads the targets off the requests;
+4. runs head=client training steps (and U-shaped split steps, the data party keeping the top M
+   layers) and inverts the gradients sent back into the targets (`audit.gradient_labels`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from splitprefix.audit.gradient_labels import gradient_label_recovery
 from splitprefix.audit.inversion import InversionConfig, invert, public_sequences, train_inverter
 from splitprefix.audit.labels import label_recovery
 from splitprefix.audit.nearest import nearest_neighbour_attack
@@ -70,11 +72,16 @@ class AuditConfig:
     """Seed of the prefix, the data order and the noise."""
     inversion: InversionConfig = field(default_factory=InversionConfig)
     """The learned-inversion attacker's training."""
+    client_layers: tuple[int, ...] = (0, 1, 2)
+    """Top layers M the data party keeps for the head=client label attack (0 = head=client, more = the
+    U-shaped split); an M that leaves the server no layer at some K is skipped there."""
     known_prefix: bool = False
     """Also run nearest neighbour with the data party's prefix for layers [0, K) known to the
     attacker, as the aggregator of a federation would know it."""
 
     def __post_init__(self) -> None:
+        if any(m < 0 for m in self.client_layers):
+            raise ConfigError(f"client_layers must each be >= 0; got {self.client_layers}")
         if any(s < 0 for s in self.noise) or not self.noise:
             raise ConfigError(f"noise needs at least one value, each >= 0; got {self.noise}")
         if min(self.attack_tokens, self.utility_steps, self.prefix_len, self.eval_examples) < 1:
@@ -119,8 +126,10 @@ def run_audit(
 
 ATTACKER = (
     "The model party owns the full model and sees every wire tensor: the layer-K states, the mask, "
-    "the positions, its own layers' prefix and, with head=server, the target tokens. It does not know the data party's prefix for layers [0, K), nor the noise "
-    "seed; it knows C and sigma."
+    "the positions, its own layers' prefix and, with head=server, the target tokens; with head=client, the "
+    "gradient of the states it returned, and it owns the final norm and head (and, under the U-shaped split, "
+    "the weights of the top M layers the data party keeps). It does not know the data party's prefix for "
+    "layers [0, K) or for the top M layers, nor the noise seed; it knows C and sigma."
 )
 
 
@@ -183,6 +192,12 @@ def _audit_setting(target: _Target, k: int, sigma: float, config: AuditConfig) -
         known["nearest_neighbour_known_prefix"] = _rate(attacked, attack)
     pad_id = resolve_pad_id(target.tokenizer)
     labels = label_recovery(target.model, bottom, target.train[:32], kv, k, pad_id, _session(privacy))
+    num_layers = target.model.config.num_hidden_layers
+    client_labels = [
+        gradient_label_recovery(target.model, bottom, target.train[:32], kv, k, pad_id, m, _session(privacy))
+        for m in config.client_layers
+        if k < num_layers - m
+    ]
     return {
         "split_at": k,
         "noise_multiplier": sigma,
@@ -191,6 +206,7 @@ def _audit_setting(target: _Target, k: int, sigma: float, config: AuditConfig) -
         "learned_inversion": learned,
         **known,
         "head_server_labels": labels,
+        "head_client_labels": client_labels,
         "utility": utility,
         "privacy": _spent(target, privacy, config),
         "wall_s": round(time.perf_counter() - began, 1),

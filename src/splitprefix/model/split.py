@@ -230,11 +230,21 @@ class Bottom(nn.Module):
 
 
 class Top(nn.Module):
-    """The model party's second network part: layers [K, L), plus norm and head when on the server."""
+    """The model party's second network part: layers [K, L - M), plus norm and head when on the server.
 
-    def __init__(self, model: PreTrainedModel, split_at: int, head: HeadPlacement = "server") -> None:
+    M = `client_layers` is the U-shaped split's top, which the data party keeps (head=client only).
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, split_at: int, head: HeadPlacement = "server", client_layers: int = 0
+    ) -> None:
         super().__init__()
-        self.stack = LayerStack(model, split_at, model.config.num_hidden_layers)
+        stop = model.config.num_hidden_layers - client_layers
+        if client_layers and head == "server":
+            raise ConfigError("a data party that keeps the top layers also keeps the head: use head=client")
+        if not split_at < stop:
+            raise ConfigError(f"the server must run a layer: need K={split_at} < L - M={stop}")
+        self.stack = LayerStack(model, split_at, stop)
         self.head = Head(model) if head == "server" else None
 
     def forward(self, x: Activations, cache: Cache | None = None) -> torch.Tensor:
