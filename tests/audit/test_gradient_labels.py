@@ -12,6 +12,7 @@ import torch
 from split_helpers import EXAMPLES
 from splitprefix.audit.gradient_labels import best_targets, gradient_label_recovery
 from splitprefix.data.batching import encode_examples, resolve_pad_id
+from splitprefix.data_party.gradient_noise import GradientNoise
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.split import Bottom
 
@@ -66,3 +67,18 @@ def test_u_split_hides_the_prompt_end_and_its_recovery_is_measured(tiny, client_
     assert report["prompt_end_found"] == 0.0 and report["supervision_found"] < 0.5
     assert set(report["by_prefix_guess"]) == {"none", "zeros"}
     assert 0.0 <= report["recovery"] <= 1.0 and report["n_targets"] > 20
+
+
+def test_gradient_noise_on_what_is_sent_back_lowers_recovery_and_hides_the_prompt_end(tiny):
+    # Prepare: noise of 32x the gradient's RMS norm (d = 64 here), seeded for a stable rate
+    model, tok, kv, encoded = tiny
+    noise = GradientNoise(32.0, seed=0)
+
+    # Execute
+    report = gradient_label_recovery(
+        model, Bottom(model, 1), encoded, kv, 1, resolve_pad_id(tok), 0, grad_noise=noise
+    )
+
+    # Assert: chance is 1 / 320; every real position gets noise, so zeros mark nothing
+    assert report["recovery"] < 0.1 and report["grad_noise"] == 32.0
+    assert report["prompt_end_found"] == 0.0

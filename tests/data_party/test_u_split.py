@@ -5,19 +5,30 @@ The server's layers [K, L - M) run in this process behind RemoteTop's interface 
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import pytest
 import torch
 
 from conftest import build_tiny_model, random_batch
 from families import FAMILY_VARIANTS
-from split_helpers import SHORT_RUN, TIGHT, encoded_examples, make_dirs, seeded_prefix
+from live_server import LiveServer
+from split_helpers import SHORT_RUN, TIGHT, SplitDirs, encoded_examples, make_dirs, seeded_prefix, write_jsonl
 from splitprefix.audit.observe import LocalTop
 from splitprefix.data.batching import Batch, resolve_pad_id
+from splitprefix.data_party.generate import SplitModel
+from splitprefix.data_party.remote import ClientSettings, IncompatibleServerError, RemoteError
+from splitprefix.data_party.split_train import SplitTrainConfig, open_split, train_split
 from splitprefix.data_party.train import local_loss_fn, train_prefix
-from splitprefix.data_party.u_split import ClientTop, check_client_layers, u_split_loss_fn
+from splitprefix.data_party.u_split import check_client_layers, u_split_loss_fn
 from splitprefix.errors import ConfigError
+from splitprefix.model.emulator import EmulatorManifest, top_fingerprint
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
-from splitprefix.model.split import Bottom
+from splitprefix.model.split import Bottom, ClientTop
+from splitprefix.model_party.app import create_app
+from splitprefix.model_party.compress import emulate
+from splitprefix.model_party.settings import ServerSettings
 
 K = 1
 GRAD = dict(atol=1e-7, rtol=1e-5)
@@ -77,3 +88,112 @@ def test_u_split_training_equals_whole_model_training(tmp_path):
 def test_client_layers_that_leave_the_server_no_layer_are_refused(client_layers):
     with pytest.raises(ConfigError, match="client_layers"):
         check_client_layers(K, client_layers, 4)
+
+
+# --- over HTTP: a real server on loopback that runs [K, L - M) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def u_dirs(tmp_path_factory):
+    """The tiny 4-layer model and an emulator cut at K = 1 that ships its last layer exactly."""
+    root = tmp_path_factory.mktemp("u-split")
+    full = make_dirs(root, split_at=1).full
+    emulator = root / "emu-u"
+    emulate(str(full), split_at=1, keep=2, out=emulator, client_layers=1)
+    return SplitDirs(full, emulator)
+
+
+@pytest.fixture(scope="module")
+def u_server(u_dirs):
+    settings = ServerSettings(model_dir=str(u_dirs.full), split_at=1, port=0, max_client_layers=1)
+    with LiveServer(create_app(settings)) as live:
+        yield live
+
+
+def test_the_emulator_ships_the_top_layers_bit_for_bit_with_their_fingerprint(u_dirs, u_server):
+    full, emulator = load_causal_lm(u_dirs.full), load_causal_lm(u_dirs.emulator)
+    manifest = EmulatorManifest.load(u_dirs.emulator)
+
+    info = httpx.get(u_server.url + "/v1/info").json()
+
+    assert manifest.client_layers == 1 and manifest.kept_layers[-1] == 3
+    for name, tensor in ClientTop(full, 1).stack.state_dict().items():
+        assert torch.equal(ClientTop(emulator, 1).stack.state_dict()[name], tensor), name
+    assert manifest.top_sha256 == {"1": top_fingerprint(full, 1)} == info["fingerprints"]["top_sha256"]
+    assert info["max_client_layers"] == 1
+
+
+@pytest.mark.parametrize("keep_graph", [True, False], ids=["graph-held", "recompute"])
+def test_u_split_training_over_http_equals_whole_model_training(u_dirs, u_server, monkeypatch, keep_graph):
+    # Prepare: the reference on the whole model, and a spy on what the server is sent
+    full, tok = load_causal_lm(u_dirs.full), load_tokenizer(u_dirs.full)
+    whole = seeded_prefix(full.config)
+    reference = train_prefix(
+        whole, local_loss_fn(full), encoded_examples(tok), resolve_pad_id(tok), SHORT_RUN
+    )
+    backend, sent = u_server.app.state.backend, []
+    real = backend.forward
+    monkeypatch.setattr(
+        backend, "forward", lambda t, m, c: sent.append(t["prefix_kv"].shape[0]) or real(t, m, c)
+    )
+    settings = ClientSettings(u_server.url, head="client", client_layers=1, keep_graph=keep_graph)
+
+    # Execute
+    session = open_split(u_dirs.emulator, settings)
+    try:
+        prefix = seeded_prefix(full.config)
+        history = train_prefix(
+            prefix, session.loss_fn(), encoded_examples(tok), resolve_pad_id(tok), SHORT_RUN
+        )
+    finally:
+        session.close()
+
+    # Assert: exact, and the server only ever got the prefix of its layers [1, 3)
+    torch.testing.assert_close(torch.tensor(history.losses), torch.tensor(reference.losses), **TIGHT)
+    torch.testing.assert_close(prefix().detach(), whole().detach(), **TIGHT)
+    assert sent == [2] * SHORT_RUN.steps
+
+
+def test_a_server_that_allows_fewer_client_layers_is_refused_before_training(u_dirs):
+    settings = ServerSettings(model_dir=str(u_dirs.full), split_at=1, port=0)  # max_client_layers = 0
+    with (
+        LiveServer(create_app(settings)) as live,
+        pytest.raises(IncompatibleServerError, match="client_layers: the server allows M <= 0"),
+    ):
+        open_split(u_dirs.emulator, ClientSettings(live.url, head="client", client_layers=1))
+
+
+def test_a_forward_asking_for_unallowed_client_layers_gets_a_422(u_dirs, u_server):
+    session = open_split(u_dirs.emulator, ClientSettings(u_server.url, head="client", client_layers=1))
+    try:
+        session.client._identity["client_layers"] = 2  # type: ignore[index]
+        with pytest.raises(RemoteError) as caught:
+            session.client.forward({}, "s1", keep_graph=False)
+    finally:
+        session.close()
+    assert caught.value.status == 422 and caught.value.code == "client_layers_not_allowed"
+
+
+def test_client_layers_need_head_client_and_an_emulator_that_ships_them(u_dirs, u_server):
+    with pytest.raises(ConfigError, match="head=client"):
+        ClientSettings(u_server.url, head="server", client_layers=1)
+    with pytest.raises(ConfigError, match="ships the full model's last 1 layers"):
+        open_split(u_dirs.emulator, ClientSettings(u_server.url, head="client", client_layers=2))
+
+
+def test_train_split_keeps_the_top_layer_and_generation_refuses_to_send_its_prefix(
+    u_dirs, u_server, tmp_path
+):
+    # Prepare
+    data = write_jsonl(tmp_path / "train.jsonl")
+    config = SplitTrainConfig(prefix_len=2, eval_fraction=0.2, train=SHORT_RUN)
+    settings = ClientSettings(u_server.url, head="client", client_layers=1)
+
+    # Execute
+    report = train_split(u_dirs.emulator, settings, data, tmp_path / "out", config)
+
+    # Assert: trained and scored by loss (exact match would generate through the plain split)
+    assert report["held_out"]["loss"] > 0 and "exact_match" not in report["held_out"]
+    assert json.loads((tmp_path / "out" / "train_config.json").read_text())["client"]["client_layers"] == 1
+    with pytest.raises(ConfigError, match="prefix of the top layers"):
+        SplitModel.open(u_dirs.emulator, settings, tmp_path / "out")

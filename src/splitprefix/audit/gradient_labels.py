@@ -20,7 +20,7 @@ that attention adds are what it cannot separate).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.func import jacfwd, vmap
@@ -28,15 +28,32 @@ from transformers import PreTrainedModel
 
 from splitprefix.audit.observe import LocalTop
 from splitprefix.data.batching import IGNORE_INDEX, EncodedExample, collate
+from splitprefix.data_party.gradient_noise import GradientNoise, GradientNoiser
 from splitprefix.data_party.privacy import HiddenPrivacy
-from splitprefix.data_party.split_train import next_token_targets, split_loss_fn
-from splitprefix.data_party.u_split import ClientTop, check_client_layers, u_split_loss_fn
+from splitprefix.data_party.split_train import next_token_targets
+from splitprefix.data_party.u_split import check_client_layers, u_split_loss_fn
 from splitprefix.model.registry import model_dims
-from splitprefix.model.split import Activations, Bottom, Head
+from splitprefix.model.split import Activations, Bottom, ClientTop, Head
 
 PrefixGuess = Literal["none", "zeros"]
 PREFIX_GUESSES: tuple[PrefixGuess, ...] = ("none", "zeros")
 """How the attacker stands in for the data party's prefix of the top M layers."""
+NO_NOISE = GradientNoise()
+
+
+class _Tap(torch.autograd.Function):
+    """Identity whose backward keeps the incoming gradient: what a backward request would carry,
+    after every hook the data party put on the returned states (its gradient noise)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, sink: list[torch.Tensor]) -> torch.Tensor:
+        ctx.sink = sink
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.sink.append(grad.detach().float())
+        return grad, None
 
 
 class RecordingTop(LocalTop):
@@ -44,15 +61,13 @@ class RecordingTop(LocalTop):
 
     def __init__(self, model: PreTrainedModel, split_at: int, client_layers: int) -> None:
         super().__init__(model, split_at, "client", client_layers)
-        self.seen: list[tuple[Activations, torch.Tensor]] = []
+        self.seen: list[Activations] = []
         self.grads: list[torch.Tensor] = []
 
     def forward(self, x: Activations, top_kv: torch.Tensor) -> torch.Tensor:
         out = super().forward(x, top_kv)  # (B, T, d)
-        self.seen.append((Activations(out.detach(), x.attention_mask, x.positions), top_kv))
-        if out.requires_grad:
-            out.register_hook(lambda g: self.grads.append(g.detach().float()))
-        return out
+        self.seen.append(Activations(out.detach(), x.attention_mask, x.positions))
+        return _Tap.apply(out, self.grads) if out.requires_grad else out
 
 
 @dataclass
@@ -80,15 +95,15 @@ def gradient_observations(
     client_layers: int,
     pad_id: int,
     privacy: HiddenPrivacy | None = None,
+    grad_noise: GradientNoise = NO_NOISE,
     batch_size: int = 16,
 ) -> list[GradientObservation]:
-    """Run the data party's own training steps (head=client, U-split when M > 0) and keep each row."""
+    """Run the data party's own training steps (head=client, U-split when M > 0, the gradient noised
+    as configured) and keep each row."""
     check_client_layers(split_at, client_layers, model.config.num_hidden_layers)
     top = RecordingTop(model, split_at, client_layers)
-    if client_layers:
-        loss_fn = u_split_loss_fn(bottom, top, ClientTop(model, client_layers), split_at, privacy)
-    else:
-        loss_fn = split_loss_fn(bottom, top, Head(model), split_at, privacy)
+    noiser = GradientNoiser(grad_noise) if grad_noise.enabled else None
+    loss_fn = u_split_loss_fn(bottom, top, ClientTop(model, client_layers), split_at, privacy, noiser)
     trainable = kv.detach().requires_grad_(True)
     rows: list[GradientObservation] = []
     for start in range(0, len(encoded), batch_size):
@@ -99,7 +114,7 @@ def gradient_observations(
         if not count:
             continue
         loss.backward()
-        ((x, _),), (grad,) = top.seen, top.grads
+        (x,), (grad,) = top.seen, top.grads
         truth = next_token_targets(batch.labels)
         for b in range(len(truth)):
             rows.append(
@@ -209,10 +224,13 @@ def gradient_label_recovery(
     pad_id: int,
     client_layers: int = 0,
     privacy: HiddenPrivacy | None = None,
+    grad_noise: GradientNoise = NO_NOISE,
 ) -> dict[str, object]:
     """Share of supervised targets the model party inverts from the gradients of head=client steps
     (M = 0) or U-split steps (M > 0; its best prefix guess), with what zero gradients tell it."""
-    rows = gradient_observations(model, bottom, encoded, kv, split_at, client_layers, pad_id, privacy)
+    rows = gradient_observations(
+        model, bottom, encoded, kv, split_at, client_layers, pad_id, privacy, grad_noise
+    )
     head = Head(model)
     guesses: tuple[PrefixGuess | None, ...] = PREFIX_GUESSES if client_layers else (None,)
     rates: dict[str, float] = {}
@@ -226,6 +244,7 @@ def gradient_label_recovery(
         rates[guess or "exact"] = hits / max(total, 1)
     return {
         "client_layers": client_layers,
+        "grad_noise": grad_noise.multiplier,
         "recovery": max(rates.values()),
         "by_prefix_guess": rates,
         "n_targets": total,

@@ -42,6 +42,12 @@ def privacy_audit_command(
         help="Top layers M the data party keeps for the head=client label attack (0 = head=client, "
         "M > 0 = the U-shaped split); repeat for several.",
     ),
+    grad_noise: list[float] = typer.Option(
+        [],
+        "--grad-noise",
+        help="Gradient-noise multiplier rho to measure as a further defence (noise of rho x the gradient's "
+        "RMS norm on what head=client sends back), per --client-layers M; repeat for several.",
+    ),
     known_prefix: bool = typer.Option(
         False,
         "--known-prefix",
@@ -63,6 +69,7 @@ def privacy_audit_command(
         seed=seed,
         known_prefix=known_prefix,
         client_layers=tuple(client_layers),
+        grad_noise=tuple(grad_noise),
         inversion=InversionConfig(train_tokens=inversion_tokens, steps=inversion_steps, seed=seed),
     )
     report = run_audit(emulator, data, config, eval_data)
@@ -80,6 +87,12 @@ def privacy_audit_command(
             f"{row['head_server_labels']['recovery']:.3f}  {_client_labels(row)}  {u['loss']:.3f}  {u.get('exact_match', 0):.3f}  "
             f"{_epsilon(row)}"
         )
+        for noised in row.get("gradient_noise", []):
+            typer.echo(
+                f"  K={row['split_at']} M={noised['client_layers']} rho={noised['grad_noise']}: labels "
+                f"{noised['labels']['recovery']:.3f}, loss {noised['utility']['loss']:.3f}, step "
+                f"{noised['utility']['step_s']} s"
+            )
 
 
 def _epsilon(row: dict) -> str:

@@ -40,12 +40,14 @@ def client_settings(
     timeout_s: float = ClientSettings.timeout_s,
     max_retries: int = ClientSettings.max_retries,
     ca_path: Path | None = None,
+    client_layers: int = 0,
 ) -> ClientSettings:
     """ClientSettings from command-line values; the dataclass validates them."""
     return ClientSettings(
         server_url=server,
         token=token,
         head=head,  # type: ignore[arg-type]
+        client_layers=client_layers,
         wire_dtype=wire_dtype,  # type: ignore[arg-type]
         keep_graph=not recompute,
         timeout_s=timeout_s,
@@ -86,6 +88,12 @@ def train_command(
     ),
     head: str = typer.Option(
         ClientSettings.head, help="'client' keeps labels here; 'server' sends them away."
+    ),
+    client_layers: int = typer.Option(
+        ClientSettings.client_layers,
+        "--client-layers",
+        help="M: also keep the top M layers here (U-shaped split, head=client): the server runs [K, L - M) "
+        "and the gradient sent back is dL/dh_{L-M}. Needs an emulator built with --client-layers >= M.",
     ),
     token: str | None = typer.Option(
         None, "--token", envvar=TOKEN_ENV, help="Bearer token from the model party."
@@ -131,7 +139,9 @@ def train_command(
     """Data party: train a prefix for all L layers through the server; text and labels stay here."""
     from splitprefix.data_party.split_train import train_split
 
-    settings = client_settings(server, token, head, wire_dtype, recompute, timeout_s, max_retries, ca_path)
+    settings = client_settings(
+        server, token, head, wire_dtype, recompute, timeout_s, max_retries, ca_path, client_layers
+    )
     train = TrainConfig(
         steps=steps,
         lr=lr,

@@ -69,6 +69,12 @@ class SplitModel:
 
     def __init__(self, split: SplitSession, kv: torch.Tensor | None = None) -> None:
         """`kv`: the full model's prefix (L, 2, n_kv, P, hd); None generates with the base model."""
+        if split.client_top is not None:
+            raise ConfigError(
+                "split generation runs every layer [K, L) on the server and would send it the prefix of the "
+                "top layers this party keeps (client_layers > 0): generate with client_layers=0, knowing "
+                "that the server then sees that prefix"
+            )
         self.split = split
         self.kv = kv if kv is not None else split.empty_kv()
         self.tokenizer: PreTrainedTokenizerBase = split.tokenizer

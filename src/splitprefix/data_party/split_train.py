@@ -35,9 +35,9 @@ from splitprefix.files import write_json
 from splitprefix.model.emulator import EmulatorManifest, verify_emulator
 from splitprefix.model.loading import load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig, prefix_cache
-from splitprefix.model.split import Activations, Bottom, Head, extend_mask, token_positions
+from splitprefix.model.split import Activations, Bottom, ClientTop, Head, extend_mask, token_positions
 from splitprefix.runtime import RuntimeSettings
-from splitprefix.wire.schemas import HEAD_SERVER_WARNING, HeadMode, ModelInfo
+from splitprefix.wire.schemas import HEAD_CLIENT_WARNING, HEAD_SERVER_WARNING, HeadMode, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,8 @@ class SplitSession:
     """Layers [K, L) on the server."""
     privacy: HiddenPrivacy | None = None
     """Clipping and noise on the layer-K states before they leave; None sends them as computed."""
+    client_top: ClientTop | None = None
+    """Layers [L - M, L), norm and head kept here (the U-shaped split); None: the server runs [K, L)."""
 
     @property
     def split_at(self) -> int:
@@ -209,6 +211,10 @@ class SplitSession:
         return torch.zeros(self.prefix_config(1).kv_shape)[:, :, :, :0]
 
     def loss_fn(self) -> LossFn:
+        if self.client_top is not None:
+            from splitprefix.data_party.u_split import u_split_loss_fn  # the U-split builds on this module
+
+            return u_split_loss_fn(self.bottom, self.remote_top, self.client_top, self.split_at, self.privacy)
         return split_loss_fn(self.bottom, self.remote_top, self.head, self.split_at, self.privacy)
 
     def scorer(self) -> Scorer:
@@ -249,11 +255,21 @@ def open_split(
     manifest = EmulatorManifest.load(emulator_dir)
     tokenizer = load_tokenizer(emulator_dir)
     verify_emulator(emulator_dir, manifest)  # hashed once per state of its files
+    if settings.client_layers > manifest.client_layers:
+        raise ConfigError(
+            f"client_layers={settings.client_layers}: the emulator {emulator_dir} ships the full model's last "
+            f"{manifest.client_layers} layers exactly; ask the model party for one built with "
+            f"`emulate --client-layers {settings.client_layers}`"
+        )
     parts = load_client_parts(
-        emulator_dir, manifest.split_at, settings.head, dtype=runtime.torch_dtype, device=runtime.device
+        emulator_dir,
+        manifest.split_at,
+        settings.head,
+        dtype=runtime.torch_dtype,
+        device=runtime.device,
+        client_layers=settings.client_layers,
     )
-    if settings.head == "server":
-        logger.warning(HEAD_SERVER_WARNING)
+    logger.warning(HEAD_SERVER_WARNING if settings.head == "server" else HEAD_CLIENT_WARNING)
     client = SplitClient(settings)
     try:
         info = client.check_compatible(manifest)
@@ -269,6 +285,7 @@ def open_split(
         head=parts.head,
         remote_top=RemoteTop(client),
         privacy=HiddenPrivacy(privacy) if privacy is not None and privacy.enabled else None,
+        client_top=parts.client_top,
     )
 
 
@@ -407,7 +424,10 @@ def _train(
         "traffic": session.client.traffic.snapshot(),
     }
     if held_out:
-        eval_config = EvalConfig(max_length=config.max_length, exact_match=config.exact_match)
+        exact = config.exact_match and session.client_top is None
+        if config.exact_match and not exact:
+            logger.warning("exact match skipped: split generation does not run the U-shaped split")
+        eval_config = EvalConfig(max_length=config.max_length, exact_match=exact)
         began = time.perf_counter()
         report["held_out"] = evaluate(
             session.scorer(), session.tokenizer, held_out, prefix().detach(), eval_config

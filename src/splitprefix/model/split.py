@@ -3,6 +3,7 @@
 - `Bottom`: embeddings (plus learned positions) and layers [0, K). Run by the data party.
 - `Top`: layers [K, L), and the final norm and LM head when the head stays on the server.
 - `Head`: final norm and LM head, for the head-on-client cut.
+- `ClientTop`: layers [L - M, L), norm and head, which the data party keeps in the U-shaped split.
 
 Parts exchange `Activations`. Its attention mask covers every key the new tokens may attend to:
 the prefix, earlier cached tokens, then the new tokens. A mask that covers only the new tokens
@@ -251,6 +252,33 @@ class Top(nn.Module):
         """Logits (B, T, V) with the head on the server, else the last hidden states (B, T, d)."""
         hidden = self.stack(x, cache)
         return hidden if self.head is None else self.head(hidden)
+
+
+class ClientTop(nn.Module):
+    """The data party's top: layers [L - M, L), the final norm and the LM head (weights shared)."""
+
+    def __init__(self, model: PreTrainedModel, client_layers: int) -> None:
+        super().__init__()
+        if client_layers < 0:
+            raise ConfigError(f"client_layers must be >= 0; got M={client_layers}")
+        num_layers = model.config.num_hidden_layers
+        self.start = num_layers - client_layers
+        self.stack = LayerStack(model, self.start, num_layers)
+        self.head = Head(model)
+
+    @property
+    def client_layers(self) -> int:
+        return len(self.stack.layers)
+
+    def forward(self, x: Activations, kv: torch.Tensor) -> torch.Tensor:
+        """h_L (B, T, d) from the server's h_{L-M} in `x`, with this party's `kv` (M, 2, n_kv, P, hd);
+        with M = 0 the states pass unchanged (norm and head only)."""
+        if not self.client_layers:
+            return x.hidden
+        batch, p = x.hidden.shape[0], kv.shape[3]
+        config = self.stack.config
+        cache = prefix_cache(kv, config, batch, first_layer=self.start) if p else None
+        return self.stack(x, cache)
 
 
 class SplitParts(NamedTuple):

@@ -39,6 +39,13 @@ class GenerationBackend:
     def open(self, tensors: Tensors, meta: dict[str, Any], client_id: str) -> tuple[Tensors, dict[str, Any]]:
         """Prefill: seed a new session with `prefix_kv`, run the prompts, answer for their last position."""
         step = check_meta(meta, self.backend.shape, forward=True)
+        if step.client_layers:
+            raise RequestError(
+                422,
+                "client_layers_not_allowed",
+                "generation sessions run every layer [K, L): the U-shaped split (client_layers > 0) is "
+                "offered for training only; open the session without client_layers",
+            )
         check_names(tensors, [*schemas.GENERATE_INPUTS, schemas.PREFIX_KV], "generation open request")
         kv = _floating(tensors, schemas.PREFIX_KV)
         prefix_len = self._check_prefix(kv)

@@ -22,6 +22,12 @@ Backward response tensors:
     grad_hidden     (B, T, d)
     grad_prefix_kv  (L - K, 2, n_kv, P, hd)
 
+The U-shaped split (head=client only): forward and backward metadata also carry `client_layers` M
+(default 0) and, when M > 0, `top_sha256` (the fingerprint of the data party's last M layers). The
+server then runs layers [K, L - M) only: `prefix_kv` is (L - M - K, 2, n_kv, P, hd), `output` the
+hidden states after layer L - M, and the grad_output that comes back is dL/dh_{L-M}. `/v1/info`
+says the largest M allowed (`max_client_layers`) and each allowed M's top fingerprint.
+
 Training with head=server takes one round trip per step (`LOSS_PATH`). The targets are exposed to
 the model party in this mode anyway, so the data party sends them and the server computes the
 cross-entropy itself: nothing of size V crosses the wire.
@@ -107,6 +113,13 @@ HEAD_SERVER_WARNING = (
     "head=server: the data party sends its target tokens to the model party, which computes the loss. "
     "Use head=client to keep the labels off the wire."
 )
+HEAD_CLIENT_WARNING = (
+    "head=client keeps the target tokens off the wire, but not from the model party: it owns the final norm "
+    "and head and computed h_L itself, so it can invert the gradient sent back into every target token "
+    "(and zero gradients show where the prompt ends). Keeping the top layers at the data party "
+    "(client_layers M > 0, the U-shaped split) hides where the prompt ends; see the README for what it "
+    "does to label recovery."
+)
 
 
 class Fingerprints(BaseModel):
@@ -115,6 +128,10 @@ class Fingerprints(BaseModel):
     base_config_sha256: str
     tokenizer_sha256: str
     bottom_sha256: str
+    top_sha256: dict[str, str] = Field(
+        default_factory=dict,
+        description="For each M in 1..max_client_layers (as a string), the fingerprint of the last M layers.",
+    )
 
 
 class PrefixLayout(BaseModel):
@@ -158,6 +175,11 @@ class ModelInfo(BaseModel):
     limits: Limits
     wire_dtypes: list[str]
     warnings: list[str]
+    max_client_layers: int = Field(
+        0,
+        description="Largest M a data party may keep at its end (U-shaped split, head=client): the server then "
+        "runs [K, L - M) and returns h_{L-M}. 0 = not offered.",
+    )
     generation_stream: bool = Field(
         default=False, description="Generation steps may travel over a WebSocket at SESSION_STREAM_PATH."
     )
