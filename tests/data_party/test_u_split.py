@@ -6,6 +6,7 @@ The server's layers [K, L - M) run in this process behind RemoteTop's interface 
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -17,7 +18,7 @@ from live_server import LiveServer
 from split_helpers import SHORT_RUN, TIGHT, SplitDirs, encoded_examples, make_dirs, seeded_prefix, write_jsonl
 from splitprefix.audit.observe import LocalTop
 from splitprefix.data.batching import Batch, resolve_pad_id
-from splitprefix.data_party.generate import SplitModel
+from splitprefix.data_party.generate import GenerationConfig, SplitModel
 from splitprefix.data_party.remote import ClientSettings, IncompatibleServerError, RemoteError
 from splitprefix.data_party.split_train import SplitTrainConfig, open_split, train_split
 from splitprefix.data_party.train import local_loss_fn, train_prefix
@@ -25,6 +26,7 @@ from splitprefix.data_party.u_split import check_client_layers, u_split_loss_fn
 from splitprefix.errors import ConfigError
 from splitprefix.model.emulator import EmulatorManifest, top_fingerprint
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
+from splitprefix.model.prefixed import generate_with_prefix
 from splitprefix.model.split import Bottom, ClientTop
 from splitprefix.model_party.app import create_app
 from splitprefix.model_party.compress import emulate
@@ -181,7 +183,7 @@ def test_client_layers_need_head_client_and_an_emulator_that_ships_them(u_dirs, 
         open_split(u_dirs.emulator, ClientSettings(u_server.url, head="client", client_layers=2))
 
 
-def test_train_split_keeps_the_top_layer_and_generation_refuses_to_send_its_prefix(
+def test_train_split_keeps_the_top_layer_and_scores_exact_match_through_the_u_split(
     u_dirs, u_server, tmp_path
 ):
     # Prepare
@@ -192,8 +194,76 @@ def test_train_split_keeps_the_top_layer_and_generation_refuses_to_send_its_pref
     # Execute
     report = train_split(u_dirs.emulator, settings, data, tmp_path / "out", config)
 
-    # Assert: trained and scored by loss (exact match would generate through the plain split)
-    assert report["held_out"]["loss"] > 0 and "exact_match" not in report["held_out"]
+    # Assert
+    assert report["held_out"]["loss"] > 0 and "exact_match" in report["held_out"]
     assert json.loads((tmp_path / "out" / "train_config.json").read_text())["client"]["client_layers"] == 1
-    with pytest.raises(ConfigError, match="prefix of the top layers"):
-        SplitModel.open(u_dirs.emulator, settings, tmp_path / "out")
+
+
+@pytest.mark.parametrize("padding", [None, "left"])
+def test_greedy_generation_through_the_u_split_equals_hf_generate(u_dirs, u_server, monkeypatch, padding):
+    # Prepare: the server's sessions get only the prefix of its layers [1, 3)
+    full = load_causal_lm(u_dirs.full)
+    ids, mask = random_batch(batch=3, length=6, padding=padding)
+    ids = ids % 320  # the tiny tokenizer's vocabulary
+    kv = seeded_prefix(full.config)().detach()
+    expected = generate_with_prefix(full, ids, mask, kv, 5, pad_token_id=0)
+    generation, sent = u_server.app.state.generation, []
+    real = generation.open
+    monkeypatch.setattr(
+        generation, "open", lambda t, m, c: sent.append(t["prefix_kv"].shape[0]) or real(t, m, c)
+    )
+
+    # Execute
+    settings = ClientSettings(u_server.url, head="client", client_layers=1)
+    with SplitModel.open(u_dirs.emulator, settings) as model:
+        model.kv = kv
+        generated = model.generate_ids(ids, mask, GenerationConfig(max_new_tokens=5))
+
+    # Assert
+    assert torch.equal(generated, expected)
+    assert sent == [2]
+
+
+def test_a_session_lost_mid_generation_is_reopened_without_rerunning_the_kept_layers(u_dirs):
+    # Prepare: the reopened session resends every state so far; the top layer here must skip the
+    # tokens it already ran, or its cache would hold them twice
+    full = load_causal_lm(u_dirs.full)
+    ids, mask = random_batch(batch=2, length=6, padding="left")
+    ids = ids % 320
+    kv = seeded_prefix(full.config)().detach()
+    expected = generate_with_prefix(full, ids, mask, kv, 6, pad_token_id=0)
+
+    def settings(**extra):
+        return ServerSettings(model_dir=str(u_dirs.full), split_at=1, port=0, max_client_layers=1, **extra)
+
+    server = LiveServer(create_app(settings(session_ttl_s=0.3))).start()
+    client = ClientSettings(server.url, head="client", client_layers=1)
+    with server, SplitModel.open(u_dirs.emulator, client) as model:
+        model.kv = kv
+        tokens = []
+        for step, token in enumerate(model.iter_tokens(ids, mask, GenerationConfig(max_new_tokens=6))):
+            tokens.append(token)
+            if step in (1, 3):
+                time.sleep(0.5)  # idle past the session's expiry
+
+        # Assert
+        assert model.recoveries == 2
+    assert torch.equal(torch.stack(tokens, dim=1), expected)
+
+
+def test_a_top_that_is_not_the_models_is_refused_by_its_fingerprint(u_dirs, u_server):
+    session = open_split(u_dirs.emulator, ClientSettings(u_server.url, head="client", client_layers=1))
+    try:
+        session.client._identity["top_sha256"] = "0" * 64  # type: ignore[index]
+        with pytest.raises(RemoteError) as caught:
+            session.client.forward({}, "s1", keep_graph=False)
+    finally:
+        session.close()
+    assert caught.value.status == 422 and caught.value.code == "fingerprint_mismatch"
+
+
+def test_a_server_keeping_the_head_cannot_offer_client_layers(u_dirs):
+    with pytest.raises(ConfigError, match="max_client_layers > 0 needs head=client"):
+        ServerSettings(model_dir=str(u_dirs.full), split_at=1, head="server", max_client_layers=1)
+    with pytest.raises(ConfigError, match="must leave this server a layer"):
+        create_app(ServerSettings(model_dir=str(u_dirs.full), split_at=1, max_client_layers=3))

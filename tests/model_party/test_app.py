@@ -28,7 +28,7 @@ def test_health_needs_no_token(client):
     assert response.status_code == 200 and response.json()["status"] == "ok"
 
 
-def test_info_describes_the_top_and_warns_about_head_server(client, backend):
+def test_info_describes_the_top_and_says_what_each_head_mode_reveals(client, backend):
     # Execute
     info = schemas.ModelInfo.model_validate(
         client.get(schemas.INFO_PATH, headers=binary_headers(ALICE)).json()
@@ -40,14 +40,15 @@ def test_info_describes_the_top_and_warns_about_head_server(client, backend):
     assert info.fingerprints.bottom_sha256 == backend.top.bottom_sha256
     assert info.limits.max_batch_size == 4 and info.limits.max_request_bytes == 100_000
     assert sorted(info.head_modes) == ["client", "server"]
-    assert info.warnings == [schemas.HEAD_SERVER_WARNING]
+    assert info.warnings == [schemas.HEAD_SERVER_WARNING, schemas.HEAD_CLIENT_WARNING]
+    assert info.max_client_layers == 0 and info.fingerprints.top_sha256 == {}
     assert info.protocol_version == schemas.PROTOCOL_VERSION
 
 
-def test_the_head_server_warning_is_logged_at_startup(backend, caplog):
+def test_what_each_head_mode_reveals_is_logged_at_startup(backend, caplog):
     with caplog.at_level(logging.WARNING):
         create_app(backend)
-    assert schemas.HEAD_SERVER_WARNING in caplog.text
+    assert schemas.HEAD_SERVER_WARNING in caplog.text and schemas.HEAD_CLIENT_WARNING in caplog.text
 
 
 def test_the_openapi_schema_documents_the_binary_endpoints(client):

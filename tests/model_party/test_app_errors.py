@@ -321,7 +321,7 @@ def test_a_head_mode_the_server_does_not_offer_gets_422(model_dir, model):
 
     # Assert
     assert_error(response, 422, "head_not_enabled", r"head=server is not enabled .* ask for head=client")
-    assert client.get(schemas.INFO_PATH).json()["warnings"] == []
+    assert client.get(schemas.INFO_PATH).json()["warnings"] == [schemas.HEAD_CLIENT_WARNING]
     ok = step_for(model, backend, head="client")
     assert post(client, schemas.FORWARD_PATH, ok.tensors, ok.meta, token=None).status_code == 200
 

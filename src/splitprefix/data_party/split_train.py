@@ -424,10 +424,7 @@ def _train(
         "traffic": session.client.traffic.snapshot(),
     }
     if held_out:
-        exact = config.exact_match and session.client_top is None
-        if config.exact_match and not exact:
-            logger.warning("exact match skipped: split generation does not run the U-shaped split")
-        eval_config = EvalConfig(max_length=config.max_length, exact_match=exact)
+        eval_config = EvalConfig(max_length=config.max_length, exact_match=config.exact_match)
         began = time.perf_counter()
         report["held_out"] = evaluate(
             session.scorer(), session.tokenizer, held_out, prefix().detach(), eval_config

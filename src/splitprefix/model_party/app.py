@@ -286,6 +286,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _log_startup_warnings(settings: ServerSettings, auth: TokenAuth) -> None:
     if "server" in settings.head_modes:
         logger.warning(schemas.HEAD_SERVER_WARNING)
+    if "client" in settings.head_modes:
+        logger.warning(schemas.HEAD_CLIENT_WARNING)
     if not settings.loopback and not auth.enabled:
         logger.warning(
             "listening on %s without a tokens file: anyone who can reach it can use the model; "

@@ -58,6 +58,9 @@ Open and step responses, at the last position of every row (which left padding k
     head=server, top_k = 0:  logits (B, V)
     head=server, top_k > 0:  top_values (B, k), top_indices (B, k), best first
     head=client:             last_hidden (B, d), before the final norm
+    client_layers M > 0:     output (B, T, d), after layer L - M, at every new position (the data
+                             party's top layers need them all); the open's prefix_kv is then
+                             (L - M - K, 2, n_kv, P, hd)
     metadata                 session_id, step_id, length (keys now cached, prefix included)
 A session belongs to the bearer token that opened it; an unknown, expired or foreign session
 answers 404 `session_missing`, and the client then opens a new one with everything so far.
