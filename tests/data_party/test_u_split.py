@@ -267,3 +267,26 @@ def test_a_server_keeping_the_head_cannot_offer_client_layers(u_dirs):
         ServerSettings(model_dir=str(u_dirs.full), split_at=1, head="server", max_client_layers=1)
     with pytest.raises(ConfigError, match="must leave this server a layer"):
         create_app(ServerSettings(model_dir=str(u_dirs.full), split_at=1, max_client_layers=3))
+
+
+def test_train_split_with_gradient_noise_sends_noised_gradients_and_records_rho(
+    u_dirs, u_server, monkeypatch, tmp_path
+):
+    # Prepare: the gradients the server gets back, with and without the noise
+    data = write_jsonl(tmp_path / "train.jsonl")
+    backend, got = u_server.app.state.backend, []
+    real = backend.backward
+    monkeypatch.setattr(backend, "backward", lambda t, m, c: got.append(t["grad_output"]) or real(t, m, c))
+    settings = ClientSettings(u_server.url, head="client")
+    runs = []
+
+    # Execute
+    for rho in (0.0, 4.0):
+        got.clear()
+        config = SplitTrainConfig(prefix_len=2, eval_fraction=0, train=SHORT_RUN, grad_noise=rho)
+        train_split(u_dirs.emulator, settings, data, tmp_path / f"rho-{rho}", config)
+        runs.append(list(got))
+
+    # Assert: the first step's gradient differs (same prefix, same batch)
+    assert not torch.allclose(runs[0][0], runs[1][0])
+    assert json.loads((tmp_path / "rho-4.0" / "train_config.json").read_text())["config"]["grad_noise"] == 4.0

@@ -130,6 +130,12 @@ def train_command(
         0.0, "--noise", help="Add Gaussian noise of std noise * C to the sent states (needs --clip)."
     ),
     noise_seed: int | None = typer.Option(None, "--noise-seed", help=NOISE_SEED_HELP),
+    grad_noise: float = typer.Option(
+        SplitTrainConfig.grad_noise,
+        "--grad-noise",
+        help="head=client: noise of this many times each row's RMS gradient norm on the gradient sent back, "
+        "against the model party's label inversion (measured by privacy-audit --grad-noise); 0 = off.",
+    ),
     exact_match: bool = typer.Option(
         SplitTrainConfig.exact_match, help="Score exact match on the held-out prompts at the end."
     ),
@@ -160,6 +166,7 @@ def train_command(
         train=train,
         privacy=privacy_config(clip, noise, noise_seed),
         exact_match=exact_match,
+        grad_noise=grad_noise,
     )
     report = train_split(emulator, settings, data, out, config, runtime_settings(device, dtype))
     held_out = {k: v for k, v in report.get("held_out", {}).items() if k != "samples"}

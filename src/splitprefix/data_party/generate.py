@@ -265,7 +265,7 @@ class SplitModel:
     def _top_cache(self, batch: int) -> DynamicCache | None:
         """The U-shaped split's cache of the top layers kept here, seeded with their prefix."""
         top = self.split.client_top
-        if top is None:
+        if top is None or not top.client_layers:
             return None
         if self.kv.shape[3]:
             kv = self.kv[self.kv.shape[0] - top.client_layers :].to(
@@ -295,8 +295,9 @@ class SplitModel:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scores, token ids or None for the whole vocabulary) from a server answer."""
         device = bottom_device(self.bottom)
-        if schemas.OUTPUT in answer and self.split.client_top is not None:
-            return self.split.client_top.head(self._run_top(answer[schemas.OUTPUT], session)), None
+        top = self.split.client_top
+        if schemas.OUTPUT in answer and top is not None and top.client_layers:
+            return top.head(self._run_top(answer[schemas.OUTPUT], session)), None
         if schemas.LAST_HIDDEN in answer:
             assert self.head is not None
             hidden = answer[schemas.LAST_HIDDEN].to(device, bottom_dtype(self.bottom))  # (B, d)
@@ -367,8 +368,7 @@ class SplitModel:
 
     def _server_stop(self) -> int:
         """L - M: the layers from there on, and their prefix, stay here (M = 0: none do)."""
-        top = self.split.client_top
-        return self.kv.shape[0] - (top.client_layers if top is not None else 0)
+        return self.kv.shape[0] - self.split.client_layers
 
     def _close(self, session: _Session) -> None:
         """Free the server's cache now rather than at its expiry; a failure here changes nothing."""

@@ -26,7 +26,7 @@ class ClientParts(NamedTuple):
     head: Head | None
     """Final norm and LM head with head=client; None when the server applies them."""
     client_top: ClientTop | None = None
-    """Layers [L - M, L), norm and head with the U-shaped split (M > 0); None otherwise."""
+    """With head=client: layers [L - M, L) (none when M = 0), norm and head; None with head=server."""
 
 
 def load_client_parts(
@@ -42,7 +42,7 @@ def load_client_parts(
     layers) of the emulator, in `dtype` on `device`."""
 
     def parts(model: PreTrainedModel) -> ClientParts:
-        top = ClientTop(model, client_layers) if client_layers else None
+        top = ClientTop(model, client_layers) if head == "client" else None
         return ClientParts(Bottom(model, split_at), Head(model) if head == "client" else None, top)
 
     return load_parts(emulator_dir, parts, dtype, device)[1]
