@@ -69,14 +69,15 @@ def test_u_split_hides_the_prompt_end_and_its_recovery_is_measured(tiny, client_
     assert 0.0 <= report["recovery"] <= 1.0 and report["n_targets"] > 20
 
 
-def test_gradient_noise_on_what_is_sent_back_lowers_recovery_and_hides_the_prompt_end(tiny):
+@pytest.mark.parametrize("client_layers", [0, 2])
+def test_gradient_noise_on_what_is_sent_back_lowers_recovery_and_hides_the_prompt_end(tiny, client_layers):
     # Prepare: noise of 32x the gradient's RMS norm (d = 64 here), seeded for a stable rate
     model, tok, kv, encoded = tiny
     noise = GradientNoise(32.0, seed=0)
 
     # Execute
     report = gradient_label_recovery(
-        model, Bottom(model, 1), encoded, kv, 1, resolve_pad_id(tok), 0, grad_noise=noise
+        model, Bottom(model, 1), encoded, kv, 1, resolve_pad_id(tok), client_layers, grad_noise=noise
     )
 
     # Assert: chance is 1 / 320; every real position gets noise, so zeros mark nothing
