@@ -61,12 +61,15 @@ def kept_layers(config: PretrainedConfig, split_at: int, keep: int, client_layer
     return list(range(split_at)) + middle + list(range(num_layers - client_layers, num_layers))
 
 
-def build_emulator(model: PreTrainedModel, split_at: int, keep: int) -> tuple[PreTrainedModel, list[int]]:
-    """A copy of the loaded `model` with layers [0, K) and N uniformly chosen upper layers.
+def build_emulator(
+    model: PreTrainedModel, split_at: int, keep: int, client_layers: int = 0
+) -> tuple[PreTrainedModel, list[int]]:
+    """A copy of the loaded `model` with layers [0, K) and N uniformly chosen upper layers (the last
+    `client_layers` of them the model's last ones).
 
     Returns (emulator, kept). `emulate` streams the same emulator from the checkpoint instead.
     """
-    kept = kept_layers(model.config, split_at, keep)
+    kept = kept_layers(model.config, split_at, keep, client_layers)
     emulator = AutoModelForCausalLM.from_config(
         config_keeping_layers(model.config, kept), attn_implementation=model.config._attn_implementation
     )
