@@ -103,6 +103,14 @@ def test_privacy_audit_command_prints_json_with_every_measure(dirs, tmp_path):
         "--inversion-steps",
         "5",
         "--known-prefix",
+        "--client-layers",
+        "0",
+        "--client-layers",
+        "2",
+        "--client-layers",
+        "3",
+        "--grad-noise",
+        "32",
         "--json",
     ]
 
@@ -124,6 +132,14 @@ def test_privacy_audit_command_prints_json_with_every_measure(dirs, tmp_path):
             assert 0 <= row[attack]["recovery"] <= 1
         assert {"loss", "exact_match"} <= set(row["utility"])
     assert off["head_server_labels"]["recovery"] == 1.0
+    # head=client gives the targets away too; M = 3 leaves the server no layer at K = 1 and is skipped
+    client, u_split = off["head_client_labels"]
+    assert (client["client_layers"], client["recovery"], client["prompt_end_found"]) == (0, 1.0, 1.0)
+    assert u_split["client_layers"] == 2 and u_split["prompt_end_found"] == 0.0
+    noised = {(n["client_layers"], n["grad_noise"]): n for n in off["gradient_noise"]}
+    assert set(noised) == {(0, 32.0), (2, 32.0)}
+    assert noised[(0, 32.0)]["labels"]["recovery"] < client["recovery"]
+    assert {"loss", "step_s"} <= set(noised[(2, 32.0)]["utility"])
     assert off["nearest_neighbour"]["recovery"] > noisy["nearest_neighbour"]["recovery"]
     assert off["privacy"] is None  # the option off: nothing to account
     assert noisy["privacy"]["epsilon"] > 0 and noisy["privacy"]["delta"] == 1e-5
@@ -132,7 +148,7 @@ def test_privacy_audit_command_prints_json_with_every_measure(dirs, tmp_path):
 def test_privacy_audit_help_lists_the_options():
     result = runner.invoke(app, ["privacy-audit", "--help"])
     assert result.exit_code == 0
-    for option in ("--data", "--split-at", "--noise", "--clip", "--json"):
+    for option in ("--data", "--split-at", "--noise", "--clip", "--client-layers", "--grad-noise", "--json"):
         assert option in result.output
 
 

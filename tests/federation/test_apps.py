@@ -114,6 +114,7 @@ def test_a_party_takes_its_token_from_tokens_by_partition_id():
         ("data-file", "/etc/passwd"),
         ("emulator-dir", "/tmp/evil"),
         ("tokens", "a,b"),
+        ("client-layers", 0),
     ],
 )
 def test_a_run_config_that_sets_a_partys_own_setting_is_refused(key, value):
@@ -144,6 +145,13 @@ def test_a_party_fails_closed_and_keeps_its_privacy_options_in_its_node_config()
     )
     with pytest.raises(ConfigError, match="needs clip_norm"):
         PartyConfig.from_flower({}, OWN | {"noise-multiplier": 0.5})
+
+
+def test_a_party_keeps_its_top_layers_from_its_node_config():
+    config = PartyConfig.from_flower({}, OWN | {"client-layers": 2})
+
+    assert config.client_layers == 2 and config.client_settings().client_layers == 2
+    assert PartyConfig.from_flower({}, OWN).client_settings().client_layers == 0
 
 
 def test_a_client_app_refuses_a_run_config_that_redirects_it(as_superlink):

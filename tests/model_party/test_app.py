@@ -30,7 +30,7 @@ def test_health_needs_no_token(client):
     assert response.status_code == 200 and response.json()["status"] == "ok"
 
 
-def test_info_describes_the_top_and_warns_about_head_server(client, backend):
+def test_info_describes_the_top_and_says_what_each_head_mode_reveals(client, backend):
     # Execute
     info = schemas.ModelInfo.model_validate(
         client.get(schemas.INFO_PATH, headers=binary_headers(ALICE)).json()
@@ -43,6 +43,7 @@ def test_info_describes_the_top_and_warns_about_head_server(client, backend):
     assert info.limits.max_batch_size == 4 and info.limits.max_request_bytes == 100_000
     assert sorted(info.head_modes) == ["client", "server"]
     assert info.warnings == [HEAD_SERVER_DISCLOSURE, HEAD_CLIENT_DISCLOSURE]
+    assert info.max_client_layers == 0 and info.fingerprints.top_sha256 == {}
     assert info.protocol_version == schemas.PROTOCOL_VERSION
 
 

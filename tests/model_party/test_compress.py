@@ -15,6 +15,7 @@ from splitprefix.model.emulator import (
     EmulatorManifest,
     FingerprintMismatchError,
     bottom_fingerprint,
+    top_fingerprint,
     uniform_keep,
     verify_bottom,
 )
@@ -130,6 +131,24 @@ def test_distillation_narrows_the_gap_and_never_touches_the_bottom(tmp_path):
     assert gap_after < gap_before
     assert bottom_fingerprint(emulator, 2) == before
     assert not any(p.requires_grad for p in emulator.parameters())
+
+
+def test_distillation_leaves_the_layers_shipped_for_the_u_split_as_the_models(tmp_path):
+    # Prepare: 6 layers, K = 2, N = 3 of which the last M = 1 is the model's layer 5
+    full = build_tiny_model("llama", num_layers=6)
+    emulator, kept = build_emulator(full, 2, 3, client_layers=1)
+    middle = [p.clone() for p in architecture_of(emulator.config).layers_of(emulator)[2].parameters()]
+    blocks = torch.randint(3, 96, (48, 16), generator=torch.Generator().manual_seed(0))
+    config = DistillConfig(steps=5, lr=3e-3, batch_size=8, eval_blocks=8, checkpoint_every=0)
+
+    # Execute
+    distill(LoadedTeacher(full, 2), emulator, 2, blocks, config, client_layers=1)
+
+    # Assert: the stand-in layers learnt, the shipped one is still the model's, bit for bit
+    assert kept == [0, 1, 2, 4, 5]
+    layers = architecture_of(emulator.config).layers_of(emulator)
+    assert any(not torch.equal(a, b) for a, b in zip(middle, layers[2].parameters(), strict=True))
+    assert top_fingerprint(emulator, 1) == top_fingerprint(full, 1)
 
 
 def test_distillation_resumes_from_its_checkpoint_after_a_crash(tmp_path, monkeypatch):

@@ -131,7 +131,7 @@ def test_a_server_bug_gets_a_generic_500_message_and_the_socket_stays_open(serve
     session, _, _ = open_session(client, backend)
     with client.websocket_connect(stream_path(session), headers=bearer(ALICE)) as ws:
         with monkeypatch.context() as patch:
-            patch.setattr(backend.top, "stack", lambda *a: 1 / 0)
+            patch.setitem(backend.stacks, 0, lambda *a: 1 / 0)
             ws.send_bytes(blob(*step_request(backend)))
             bug = refused(ws)
         ws.send_bytes(blob(*step_request(backend)))

@@ -24,14 +24,16 @@ from splitprefix.wire.schemas import HeadMode
 
 
 class LocalTop(nn.Module):
-    """Layers [K, L) (and the head and loss, for head=server) of the full model, called like `RemoteTop`.
+    """Layers [K, L - M) (and the head and loss, for head=server) of the full model, called like `RemoteTop`.
 
     `seen_targets` keeps every head=server request's targets (B, T): they travel in the clear.
     """
 
-    def __init__(self, model: PreTrainedModel, split_at: int, head: HeadMode = "client") -> None:
+    def __init__(
+        self, model: PreTrainedModel, split_at: int, head: HeadMode = "client", client_layers: int = 0
+    ) -> None:
         super().__init__()
-        self.top = Top(model, split_at, head)
+        self.top = Top(model, split_at, head, client_layers)  # layers [K, L - M)
         self.split_at, self._head = split_at, head
         self.seen_targets: list[torch.Tensor] = []
 
@@ -40,7 +42,7 @@ class LocalTop(nn.Module):
         return self._head
 
     def forward(self, x: Activations, top_kv: torch.Tensor) -> torch.Tensor:
-        """head=client: last hidden states (B, T, d); head=server: logits (B, T, V)."""
+        """head=client: hidden states (B, T, d) after layer L - M; head=server: logits (B, T, V)."""
         batch, p = x.hidden.shape[0], top_kv.shape[3]
         config = self.top.stack.config
         cache = prefix_cache(top_kv, config, batch, first_layer=self.split_at) if p else None

@@ -7,8 +7,9 @@ For each setting the audit
    noised split: the utility;
 2. takes the layer-K states of the first training examples exactly as they would be sent, with that
    trained prefix and fresh noise, and attacks them: nearest neighbour and learned inversion;
-3. runs head=server training steps on those examples and recovers the targets from the logit
-   gradients the data party sends back.
+3. runs head=server training steps on those examples and reads the targets off the requests;
+4. runs head=client training steps (and U-shaped split steps, the data party keeping the top M
+   layers) and inverts the gradients sent back into the targets (`audit.gradient_labels`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from splitprefix.audit.gradient_labels import gradient_label_recovery
 from splitprefix.audit.inversion import InversionConfig, invert, public_sequences, train_inverter
 from splitprefix.audit.labels import label_recovery
 from splitprefix.audit.nearest import nearest_neighbour_attack
@@ -29,16 +31,18 @@ from splitprefix.audit.observe import LocalTop, Observation, first_tokens, obser
 from splitprefix.data.batching import Batch, EncodedExample, encode_examples, resolve_pad_id
 from splitprefix.data.formats import Example, load_jsonl
 from splitprefix.data_party.accounting import held_out_releases, privacy_report, training_releases
+from splitprefix.data_party.gradient_noise import GradientNoise, GradientNoiser
 from splitprefix.data_party.offsite import split_held_out
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
 from splitprefix.data_party.split_train import run_split, split_loss_fn
 from splitprefix.data_party.train import TrainConfig, train_prefix
+from splitprefix.data_party.u_split import u_split_loss_fn
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.evaluate import EvalConfig, Scorer, evaluate, greedy_generate
 from splitprefix.model.emulator import MANIFEST_FILE, EmulatorManifest
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig
-from splitprefix.model.split import Bottom, Head, check_split_at
+from splitprefix.model.split import Bottom, ClientTop, Head, check_split_at
 from splitprefix.model_party.corpus import python_topic_documents
 
 
@@ -70,11 +74,21 @@ class AuditConfig:
     """Seed of the prefix, the data order and the noise."""
     inversion: InversionConfig = field(default_factory=InversionConfig)
     """The learned-inversion attacker's training."""
+    client_layers: tuple[int, ...] = (0, 1, 2)
+    """Top layers M the data party keeps for the head=client label attack (0 = head=client, more = the
+    U-shaped split); an M that leaves the server no layer at some K is skipped there."""
+    grad_noise: tuple[float, ...] = ()
+    """Gradient-noise multipliers rho (> 0) to measure as a further defence: for each M and rho, label
+    recovery from the noised gradients and the utility of a prefix trained with them."""
     known_prefix: bool = False
     """Also run nearest neighbour with the data party's prefix for layers [0, K) known to the
     attacker, as the aggregator of a federation would know it."""
 
     def __post_init__(self) -> None:
+        if any(not r > 0 for r in self.grad_noise):
+            raise ConfigError(f"grad_noise multipliers must each be > 0; got {self.grad_noise}")
+        if any(m < 0 for m in self.client_layers):
+            raise ConfigError(f"client_layers must each be >= 0; got {self.client_layers}")
         if any(s < 0 for s in self.noise) or not self.noise:
             raise ConfigError(f"noise needs at least one value, each >= 0; got {self.noise}")
         if min(self.attack_tokens, self.utility_steps, self.prefix_len, self.eval_examples) < 1:
@@ -119,8 +133,10 @@ def run_audit(
 
 ATTACKER = (
     "The model party owns the full model and sees every wire tensor: the layer-K states, the mask, "
-    "the positions, its own layers' prefix and, with head=server, the target tokens. It does not know the data party's prefix for layers [0, K), nor the noise "
-    "seed; it knows C and sigma."
+    "the positions, its own layers' prefix and, with head=server, the target tokens; with head=client, the "
+    "gradient of the states it returned, and it owns the final norm and head (and, under the U-shaped split, "
+    "the weights of the top M layers the data party keeps). It does not know the data party's prefix for "
+    "layers [0, K) or for the top M layers, nor the noise seed; it knows C and sigma."
 )
 
 
@@ -183,6 +199,12 @@ def _audit_setting(target: _Target, k: int, sigma: float, config: AuditConfig) -
         known["nearest_neighbour_known_prefix"] = _rate(attacked, attack)
     pad_id = resolve_pad_id(target.tokenizer)
     labels = label_recovery(target.model, bottom, target.train[:32], kv, k, pad_id, _session(privacy))
+    num_layers = target.model.config.num_hidden_layers
+    client_labels = [
+        gradient_label_recovery(target.model, bottom, target.train[:32], kv, k, pad_id, m, _session(privacy))
+        for m in config.client_layers
+        if k < num_layers - m
+    ]
     return {
         "split_at": k,
         "noise_multiplier": sigma,
@@ -191,9 +213,55 @@ def _audit_setting(target: _Target, k: int, sigma: float, config: AuditConfig) -
         "learned_inversion": learned,
         **known,
         "head_server_labels": labels,
+        "head_client_labels": client_labels,
+        "gradient_noise": [
+            _noised(target, bottom, k, m, rho, config) for m, rho in _noise_grid(k, num_layers, config)
+        ],
         "utility": utility,
         "privacy": _spent(target, privacy, config),
         "wall_s": round(time.perf_counter() - began, 1),
+    }
+
+
+def _noise_grid(k: int, num_layers: int, config: AuditConfig) -> list[tuple[int, float]]:
+    return [(m, rho) for m in config.client_layers if k < num_layers - m for rho in config.grad_noise]
+
+
+def _noised(
+    target: _Target, bottom: Bottom, k: int, m: int, rho: float, config: AuditConfig
+) -> dict[str, Any]:
+    """Train a prefix through the U-split (M = m) with noised gradients; its utility and what its
+    final prefix's noised gradients give away (the privacy option on the states is off here)."""
+    model, top = target.model, LocalTop(target.model, k, "client", m)
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        prefix = Prefix(PrefixConfig.for_model(model.config, config.prefix_len))
+    train = TrainConfig(
+        steps=config.utility_steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
+        checkpoint_every=0,
+    )
+    noiser = GradientNoiser(GradientNoise(rho))
+    loss_fn = u_split_loss_fn(bottom, top, ClientTop(model, m), k, None, noiser)
+    pad_id = resolve_pad_id(target.tokenizer)
+    began = time.perf_counter()
+    history = train_prefix(prefix, loss_fn, target.train, pad_id, train, desc=f"K={k} M={m} rho={rho}")
+    step_s = (time.perf_counter() - began) / config.utility_steps
+    kv = prefix().detach()
+    head_top = LocalTop(model, k, "client")
+    scorer = _scorer(bottom, head_top, Head(model), k, None, target.tokenizer)
+    report = evaluate(scorer, target.tokenizer, target.held_out, kv, EvalConfig(max_length=config.max_length))
+    labels = gradient_label_recovery(
+        model, bottom, target.train[:32], kv, k, pad_id, m, None, GradientNoise(rho)
+    )
+    utility = {key: report[key] for key in ("loss", "exact_match") if key in report}
+    return {
+        "client_layers": m,
+        "grad_noise": rho,
+        "labels": labels,
+        "utility": utility | {"final_train_loss": history.losses[-1], "step_s": round(step_s, 4)},
     }
 
 

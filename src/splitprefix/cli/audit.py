@@ -36,6 +36,18 @@ def privacy_audit_command(
         InversionConfig.steps, help="Training steps of the inversion attacker."
     ),
     seed: int = typer.Option(AuditConfig.seed, help="Seed of the prefix, data order and noise."),
+    client_layers: list[int] = typer.Option(
+        list(AuditConfig.client_layers),
+        "--client-layers",
+        help="Top layers M the data party keeps for the head=client label attack (0 = head=client, "
+        "M > 0 = the U-shaped split); repeat for several.",
+    ),
+    grad_noise: list[float] = typer.Option(
+        [],
+        "--grad-noise",
+        help="Gradient-noise multiplier rho to measure as a further defence (noise of rho x the gradient's "
+        "RMS norm on what head=client sends back), per --client-layers M; repeat for several.",
+    ),
     known_prefix: bool = typer.Option(
         False,
         "--known-prefix",
@@ -56,21 +68,31 @@ def privacy_audit_command(
         eval_examples=eval_examples,
         seed=seed,
         known_prefix=known_prefix,
+        client_layers=tuple(client_layers),
+        grad_noise=tuple(grad_noise),
         inversion=InversionConfig(train_tokens=inversion_tokens, steps=inversion_steps, seed=seed),
     )
     report = run_audit(emulator, data, config, eval_data)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    typer.echo("K  sigma  C  nearest  learned  labels(head=server)  loss  exact_match  epsilon")
+    typer.echo(
+        "K  sigma  C  nearest  learned  labels(head=server)  labels(head=client, M=..)  loss  exact_match  epsilon"
+    )
     for row in report["settings"]:
         u = row["utility"]
         typer.echo(
             f"{row['split_at']}  {row['noise_multiplier']}  {row['clip_norm']}  "
             f"{row['nearest_neighbour']['recovery']:.3f}  {row['learned_inversion']['recovery']:.3f}  "
-            f"{row['head_server_labels']['recovery']:.3f}  {u['loss']:.3f}  {u.get('exact_match', 0):.3f}  "
+            f"{row['head_server_labels']['recovery']:.3f}  {_client_labels(row)}  {u['loss']:.3f}  {u.get('exact_match', 0):.3f}  "
             f"{_epsilon(row)}"
         )
+        for noised in row.get("gradient_noise", []):
+            typer.echo(
+                f"  K={row['split_at']} M={noised['client_layers']} rho={noised['grad_noise']}: labels "
+                f"{noised['labels']['recovery']:.3f}, loss {noised['utility']['loss']:.3f}, step "
+                f"{noised['utility']['step_s']} s"
+            )
 
 
 def _epsilon(row: dict) -> str:
@@ -79,3 +101,9 @@ def _epsilon(row: dict) -> str:
     if spent is None:
         return "-"
     return "none" if spent["epsilon"] is None else f"{spent['epsilon']:.4g}"
+
+
+def _client_labels(row: dict) -> str:
+    """Label recovery from head=client gradients per M kept at the data party: 'M=0:1.000,M=1:...'."""
+    rows = row.get("head_client_labels") or []
+    return ",".join(f"M={r['client_layers']}:{r['recovery']:.3f}" for r in rows) or "-"

@@ -26,6 +26,11 @@ _SERVER = typer.Option(..., "--server", help="URL of `splitprefix serve`, e.g. h
 _PREFIX = typer.Option(None, "--prefix", help="Full-layout prefix directory; none = the base model.")
 _TOKEN = typer.Option(None, "--token", envvar=TOKEN_ENV, help="Bearer token from the model party.")
 _HEAD = typer.Option("client", help="'client' applies the LM head here; 'server' has the server send logits.")
+_CLIENT_LAYERS = typer.Option(
+    ClientSettings.client_layers,
+    "--client-layers",
+    help="M: run the top M layers here too (U-shaped split, head=client), so their prefix never leaves.",
+)
 _WIRE = typer.Option(ClientSettings.wire_dtype, help="Tensors on the wire: fp32, bf16 or fp16.")
 _TIMEOUT = typer.Option(ClientSettings.timeout_s, help="Seconds to wait for one answer.")
 _RETRIES = typer.Option(ClientSettings.max_retries, help="Retries per call on network errors and 5xx.")
@@ -52,6 +57,7 @@ def generate_command(
     stop: list[str] | None = typer.Option(None, "--stop", help="Stop before this string (repeatable)."),
     token: str | None = _TOKEN,
     head: str = _HEAD,
+    client_layers: int = _CLIENT_LAYERS,
     wire_dtype: str = _WIRE,
     timeout_s: float = _TIMEOUT,
     max_retries: int = _RETRIES,
@@ -71,7 +77,9 @@ def generate_command(
     from splitprefix.data_party.accounting import generation_releases, privacy_report
     from splitprefix.data_party.generate import SplitModel
 
-    settings = client_settings(server, token, head, wire_dtype, False, timeout_s, max_retries, ca_path)
+    settings = client_settings(
+        server, token, head, wire_dtype, False, timeout_s, max_retries, ca_path, client_layers
+    )
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=temperature > 0,
@@ -119,6 +127,7 @@ def gateway_command(
     max_request_bytes: int = typer.Option(GatewaySettings.max_request_bytes, help="Largest request body."),
     token: str | None = _TOKEN,
     head: str = _HEAD,
+    client_layers: int = _CLIENT_LAYERS,
     wire_dtype: str = _WIRE,
     timeout_s: float = _TIMEOUT,
     max_retries: int = _RETRIES,
@@ -151,7 +160,9 @@ def gateway_command(
     )
     credentials = f"--api-key, --api-key-file or ${API_KEY_ENV}"
     check_exposure(host, guard.api_key is not None, insecure, "the gateway", credentials)
-    settings = client_settings(server, token, head, wire_dtype, False, timeout_s, max_retries, ca_path)
+    settings = client_settings(
+        server, token, head, wire_dtype, False, timeout_s, max_retries, ca_path, client_layers
+    )
     privacy, runtime = privacy_config(clip, noise, noise_seed), runtime_settings(device, dtype)
     with SplitModel.open(emulator, settings, prefix, privacy, runtime) as model:
         app = create_gateway(model, model_name, max_tokens, guard)

@@ -27,12 +27,18 @@ def emulate_command(
     distill_steps: int = typer.Option(DistillConfig.steps, help="Distillation steps."),
     distill_lr: float = typer.Option(DistillConfig.lr, help="Distillation learning rate."),
     distill_loss: str = typer.Option(DistillConfig.loss, help="Match 'hidden' states, 'logits', or 'both'."),
+    client_layers: int = typer.Option(
+        0,
+        "--client-layers",
+        help="M: ship the full model's last M layers exactly (of the N kept; never distilled), so that "
+        "data parties may keep them (the U-shaped split, which hides the labels' gradient).",
+    ),
 ) -> None:
     """Model party: build the emulator (bit-identical bottom K layers, N kept upper layers) and its manifest."""
     from splitprefix.model_party.compress import emulate
 
     config = DistillConfig(steps=distill_steps, lr=distill_lr, loss=distill_loss)  # type: ignore[arg-type]
-    manifest = emulate(model, split_at, keep, out, distill, config)
+    manifest = emulate(model, split_at, keep, out, distill, config, client_layers)
     typer.echo(f"emulator written to {out}: kept layers {manifest.kept_layers} of L={manifest.num_layers}")
     if manifest.distillation:
         d = manifest.distillation

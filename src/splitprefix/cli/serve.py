@@ -63,6 +63,11 @@ def serve_command(
     dtype: str = typer.Option(
         ServerSettings.dtype, help="Compute dtype: auto (the checkpoint's own), fp32, bf16 or fp16."
     ),
+    max_client_layers: int = typer.Option(
+        ServerSettings.max_client_layers,
+        help="Largest M a data party may keep at its end (U-shaped split, head=client): this server then "
+        "runs layers [K, L - M) for it. Ship those layers with `emulate --client-layers M`.",
+    ),
     access_log: bool = typer.Option(
         False, help="Log one line per request (off by default: a generation step is one request per token)."
     ),
@@ -102,6 +107,7 @@ def serve_command(
         max_connections=max_connections,
         device=device,
         dtype=dtype,  # type: ignore[arg-type]
+        max_client_layers=max_client_layers,
     )
     app = create_app(settings)
     uvicorn.run(

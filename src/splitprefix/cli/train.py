@@ -40,12 +40,14 @@ def client_settings(
     timeout_s: float = ClientSettings.timeout_s,
     max_retries: int = ClientSettings.max_retries,
     ca_path: Path | None = None,
+    client_layers: int = 0,
 ) -> ClientSettings:
     """ClientSettings from command-line values; the dataclass validates them."""
     return ClientSettings(
         server_url=server,
         token=token,
         head=head,  # type: ignore[arg-type]
+        client_layers=client_layers,
         wire_dtype=wire_dtype,  # type: ignore[arg-type]
         keep_graph=not recompute,
         timeout_s=timeout_s,
@@ -89,6 +91,12 @@ def train_command(
         help="'server' sends the targets in clear; 'client' keeps them off the wire, but the model party "
         "can still recover them from the gradients it is sent.",
     ),
+    client_layers: int = typer.Option(
+        ClientSettings.client_layers,
+        "--client-layers",
+        help="M: also keep the top M layers here (U-shaped split, head=client): the server runs [K, L - M) "
+        "and the gradient sent back is dL/dh_{L-M}. Needs an emulator built with --client-layers >= M.",
+    ),
     token: str | None = typer.Option(
         None, "--token", envvar=TOKEN_ENV, help="Bearer token from the model party."
     ),
@@ -124,6 +132,12 @@ def train_command(
         0.0, "--noise", help="Add Gaussian noise of std noise * C to the sent states (needs --clip)."
     ),
     noise_seed: int | None = typer.Option(None, "--noise-seed", help=NOISE_SEED_HELP),
+    grad_noise: float = typer.Option(
+        SplitTrainConfig.grad_noise,
+        "--grad-noise",
+        help="head=client: noise of this many times each row's RMS gradient norm on the gradient sent back, "
+        "against the model party's label inversion (measured by privacy-audit --grad-noise); 0 = off.",
+    ),
     exact_match: bool = typer.Option(
         SplitTrainConfig.exact_match, help="Score exact match on the held-out prompts at the end."
     ),
@@ -133,7 +147,9 @@ def train_command(
     """Data party: train a prefix for all L layers through the server; text stays here (see --head for the labels)."""
     from splitprefix.data_party.split_train import train_split
 
-    settings = client_settings(server, token, head, wire_dtype, recompute, timeout_s, max_retries, ca_path)
+    settings = client_settings(
+        server, token, head, wire_dtype, recompute, timeout_s, max_retries, ca_path, client_layers
+    )
     train = TrainConfig(
         steps=steps,
         lr=lr,
@@ -152,6 +168,7 @@ def train_command(
         train=train,
         privacy=privacy_config(clip, noise, noise_seed),
         exact_match=exact_match,
+        grad_noise=grad_noise,
     )
     report = train_split(emulator, settings, data, out, config, runtime_settings(device, dtype))
     held_out = {k: v for k, v in report.get("held_out", {}).items() if k != "samples"}

@@ -5,7 +5,9 @@ slice of its prefix, and sends only layer-K hidden states: the whole prompt batc
 which also carries the prefix for the server's layers and opens a session), then one hidden state
 per row and token. The server answers each row's next-token logits (or only the best few, or the
 last hidden state with head=client), and the next token is chosen here. Text, token ids and the
-prefix's bottom slice never leave.
+prefix's bottom slice never leave. With the U-shaped split (client_layers M > 0) the server runs
+[K, L - M) and answers the states of every new token after layer L - M; the top M layers run here
+with their own cache and prefix slice, which never leaves either.
 
 Steps travel over a WebSocket per session when the server offers one, else one HTTP request each
 (`data_party.steps`). If the server has lost the session (restart, idle expiry), the next step
@@ -33,7 +35,7 @@ from splitprefix.data_party.split_train import SplitSession, bottom_device, bott
 from splitprefix.data_party.steps import STEP_LOST, StepTransport, open_steps
 from splitprefix.errors import ConfigError
 from splitprefix.model.prefix import Prefix, prefix_cache
-from splitprefix.model.split import Bottom, Head, extend_mask, token_positions
+from splitprefix.model.split import Activations, Bottom, Head, extend_mask, token_positions
 from splitprefix.runtime import RuntimeSettings
 from splitprefix.wire import schemas
 
@@ -62,6 +64,10 @@ class _Session:
     positions: list[torch.Tensor] = field(default_factory=list)  # chunks (B, T_i)
     steps: StepTransport | None = None
     """How this session's steps travel (a socket or HTTP); replaced when the session is reopened."""
+    top_cache: DynamicCache | None = None
+    """The U-shaped split: this party's cache of its top layers [L - M, L) (prefix, then tokens)."""
+    top_done: int = 0
+    """Tokens per row that the top layers here have already run (a reopened session resends them)."""
 
 
 class SplitModel:
@@ -215,7 +221,7 @@ class SplitModel:
         cache = self._bottom_cache(batch)
         bottom_mask = extend_mask(token_mask, p)  # (B, P + T)
         positions = token_positions(token_mask, p)  # (B, T)
-        session = _Session()
+        session = _Session(top_cache=self._top_cache(batch))
         max_length = p + input_ids.shape[1] + config.max_new_tokens
         x = self.bottom(input_ids, bottom_mask, positions, cache)
         answer = self._open(
@@ -225,7 +231,7 @@ class SplitModel:
         next_position = positions[:, -1:] + 1  # (B, 1)
         try:
             for step in range(config.max_new_tokens):
-                token = next_tokens(*self._scores(answer), config, generator).masked_fill(
+                token = next_tokens(*self._scores(answer, session), config, generator).masked_fill(
                     finished, self.pad_id
                 )
                 yield token
@@ -256,9 +262,42 @@ class SplitModel:
             return prefix_cache(kv, config, batch)
         return DynamicCache(config=config)
 
-    def _scores(self, answer: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _top_cache(self, batch: int) -> DynamicCache | None:
+        """The U-shaped split's cache of the top layers kept here, seeded with their prefix."""
+        top = self.split.client_top
+        if top is None or not top.client_layers:
+            return None
+        if self.kv.shape[3]:
+            kv = self.kv[self.kv.shape[0] - top.client_layers :].to(
+                bottom_device(self.bottom), bottom_dtype(self.bottom)
+            )
+            return prefix_cache(kv, top.stack.config, batch, first_layer=top.start)
+        return DynamicCache(config=top.stack.config)
+
+    def _run_top(self, hidden: torch.Tensor, session: _Session) -> torch.Tensor:
+        """h_L (B, d) at the last position: the top layers here run the tokens they have not run yet,
+        whose states h_{L-M} end `hidden` (B, T, d); earlier ones a reopened session sent again."""
+        top = self.split.client_top
+        assert top is not None and session.top_cache is not None
+        device, dtype = bottom_device(self.bottom), bottom_dtype(self.bottom)
+        mask, positions = torch.cat(session.mask, dim=1), torch.cat(session.positions, dim=1)  # (B, T_all)
+        new = mask.shape[1] - session.top_done
+        x = Activations(
+            hidden[:, -new:].to(device, dtype),
+            extend_mask(mask, self.kv.shape[3]).to(device),
+            positions[:, -new:].to(device),
+        )
+        session.top_done = mask.shape[1]
+        return top.stack(x, session.top_cache)[:, -1]  # (B, d)
+
+    def _scores(
+        self, answer: dict[str, torch.Tensor], session: _Session
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scores, token ids or None for the whole vocabulary) from a server answer."""
         device = bottom_device(self.bottom)
+        top = self.split.client_top
+        if schemas.OUTPUT in answer and top is not None and top.client_layers:
+            return top.head(self._run_top(answer[schemas.OUTPUT], session)), None
         if schemas.LAST_HIDDEN in answer:
             assert self.head is not None
             hidden = answer[schemas.LAST_HIDDEN].to(device, bottom_dtype(self.bottom))  # (B, d)
@@ -289,7 +328,9 @@ class SplitModel:
             "hidden": torch.cat(session.hidden, dim=1),  # (B, T, d)
             "token_mask": torch.cat(session.mask, dim=1),  # (B, T)
             "positions": torch.cat(session.positions, dim=1),  # (B, T)
-            schemas.PREFIX_KV: self.kv[self.split.split_at :],  # (L - K, 2, n_kv, P, hd)
+            schemas.PREFIX_KV: self.kv[
+                self.split.split_at : self._server_stop()
+            ],  # (L - M - K, 2, n_kv, P, hd)
         }
         top_k = config.server_top_k if self.client.settings.head == "server" else 0
         meta = self.client.request_meta(uuid.uuid4().hex) | {"max_length": max_length, "top_k": top_k}
@@ -324,6 +365,10 @@ class SplitModel:
                 self._close(session)  # it may still hold the step: free it, start afresh
             self.recoveries += 1  # restart, expiry or a lost answer: prefill again, transparently
             return self._reopen(session, max_length, config)
+
+    def _server_stop(self) -> int:
+        """L - M: the layers from there on, and their prefix, stay here (M = 0: none do)."""
+        return self.kv.shape[0] - self.split.client_layers
 
     def _close(self, session: _Session) -> None:
         """Free the server's cache now rather than at its expiry; a failure here changes nothing."""

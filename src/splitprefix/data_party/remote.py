@@ -47,6 +47,9 @@ class ClientSettings:
     """Bearer token the model party issued to this data party; None when the server has no tokens file."""
     head: HeadMode = "server"
     """Where the final norm and LM head run; what each reveals of the targets: `wire.disclosure`."""
+    client_layers: int = 0
+    """M: also keep the top M layers, the norm and the head here (the U-shaped split, head=client), so
+    that the gradient sent back is dL/dh_{L-M}; the emulator must ship them (`emulate --client-layers`)."""
     wire_dtype: WireDtype = "fp32"
     """Float dtype of tensors on the wire: fp32 is exact, bf16 and fp16 halve the traffic."""
     stream_steps: bool = True
@@ -74,6 +77,12 @@ class ClientSettings:
             raise ConfigError(f"server_url must start with http:// or https://; got {self.server_url!r}")
         if self.head not in ("server", "client"):
             raise ConfigError(f"head must be 'server' or 'client'; got {self.head!r}")
+        if not isinstance(self.client_layers, int) or self.client_layers < 0:
+            raise ConfigError(f"client_layers must be an integer >= 0; got {self.client_layers!r}")
+        if self.client_layers and self.head != "client":
+            raise ConfigError(
+                f"client_layers={self.client_layers} keeps the head at the data party: use head=client"
+            )
         if self.wire_dtype not in WIRE_DTYPES:
             raise ConfigError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}; got {self.wire_dtype!r}")
         if not (self.timeout_s > 0 and self.connect_timeout_s > 0):
@@ -93,6 +102,22 @@ class ClientSettings:
     @property
     def base_url(self) -> str:
         return self.server_url.rstrip("/")
+
+
+def _client_layer_diffs(m: int, info: ModelInfo, manifest: EmulatorManifest) -> list[str]:
+    """What keeps a data party from keeping the top M layers against this server and emulator."""
+    if not m:
+        return []
+    diffs = []
+    if m > info.max_client_layers:
+        diffs.append(f"client_layers: the server allows M <= {info.max_client_layers}, client asks {m}")
+    if m > manifest.client_layers:
+        diffs.append(
+            f"client_layers: the emulator ships the last {manifest.client_layers} layers exactly, client asks {m}"
+        )
+    elif info.fingerprints.top_sha256.get(str(m)) not in (None, manifest.top_sha256[str(m)]):
+        diffs.append(f"top_sha256 of the last {m} layers differs")
+    return diffs
 
 
 class RemoteError(SplitPrefixError):
@@ -207,6 +232,7 @@ class SplitClient:
         diffs = [f"{k}: server {theirs[k]!r} vs emulator {ours[k]!r}" for k in ours if ours[k] != theirs[k]]
         if self.settings.head not in info.head_modes:
             diffs.append(f"head: server offers {info.head_modes}, client asks {self.settings.head!r}")
+        diffs += _client_layer_diffs(self.settings.client_layers, info, manifest)
         if self.settings.wire_dtype not in info.wire_dtypes:
             diffs.append(
                 f"wire_dtype: server offers {info.wire_dtypes}, client asks {self.settings.wire_dtype!r}"
@@ -218,6 +244,9 @@ class SplitClient:
                 + ". Use the emulator the model party built for this server, or the server for this emulator."
             )
         self._identity = {"split_at": manifest.split_at, "bottom_sha256": manifest.bottom_sha256}
+        m = self.settings.client_layers
+        if m:
+            self._identity |= {"client_layers": m, "top_sha256": manifest.top_sha256[str(m)]}
         return info
 
     # --- training endpoints ---------------------------------------------------------------------

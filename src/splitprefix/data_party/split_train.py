@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from splitprefix.data.batching import IGNORE_INDEX, Batch, encode_examples, resolve_pad_id
 from splitprefix.data.formats import load_jsonl
 from splitprefix.data_party.accounting import run_privacy
+from splitprefix.data_party.gradient_noise import GradientNoise, GradientNoiser
 from splitprefix.data_party.offsite import split_held_out, steps_for
 from splitprefix.data_party.parts import load_client_parts
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
@@ -35,7 +36,7 @@ from splitprefix.files import write_json
 from splitprefix.model.emulator import EmulatorManifest, verify_emulator
 from splitprefix.model.loading import load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig, prefix_cache
-from splitprefix.model.split import Activations, Bottom, Head, extend_mask, token_positions
+from splitprefix.model.split import Activations, Bottom, ClientTop, Head, extend_mask, token_positions
 from splitprefix.runtime import RuntimeSettings
 from splitprefix.wire.disclosure import HEAD_DISCLOSURE
 from splitprefix.wire.schemas import HeadMode, ModelInfo
@@ -163,6 +164,15 @@ class SplitSession:
     """Layers [K, L) on the server."""
     privacy: HiddenPrivacy | None = None
     """Clipping and noise on the layer-K states before they leave; None sends them as computed."""
+    client_top: ClientTop | None = None
+    """With head=client, layers [L - M, L) (the U-shaped split; none when M = 0), norm and head."""
+    grad_noise: GradientNoiser | None = None
+    """Noise on the gradient sent back with head=client (`gradient_noise`); None = off."""
+
+    @property
+    def client_layers(self) -> int:
+        """M: the top layers kept here (0: the server runs [K, L))."""
+        return 0 if self.client_top is None else self.client_top.client_layers
 
     @property
     def split_at(self) -> int:
@@ -199,6 +209,11 @@ class SplitSession:
         return torch.zeros(self.prefix_config(1).kv_shape)[:, :, :, :0]
 
     def loss_fn(self) -> LossFn:
+        if self.client_top is not None and (self.client_layers or self.grad_noise is not None):
+            from splitprefix.data_party.u_split import u_split_loss_fn  # the U-split builds on this module
+
+            top, noise = self.client_top, self.grad_noise
+            return u_split_loss_fn(self.bottom, self.remote_top, top, self.split_at, self.privacy, noise)
         return split_loss_fn(self.bottom, self.remote_top, self.head, self.split_at, self.privacy)
 
     def scorer(self) -> Scorer:
@@ -239,8 +254,19 @@ def open_split(
     manifest = EmulatorManifest.load(emulator_dir)
     tokenizer = load_tokenizer(emulator_dir)
     verify_emulator(emulator_dir, manifest)  # hashed once per state of its files
+    if settings.client_layers > manifest.client_layers:
+        raise ConfigError(
+            f"client_layers={settings.client_layers}: the emulator {emulator_dir} ships the full model's last "
+            f"{manifest.client_layers} layers exactly; ask the model party for one built with "
+            f"`emulate --client-layers {settings.client_layers}`"
+        )
     parts = load_client_parts(
-        emulator_dir, manifest.split_at, settings.head, dtype=runtime.torch_dtype, device=runtime.device
+        emulator_dir,
+        manifest.split_at,
+        settings.head,
+        dtype=runtime.torch_dtype,
+        device=runtime.device,
+        client_layers=settings.client_layers,
     )
     logger.warning(HEAD_DISCLOSURE[settings.head])  # what this session's head mode reveals
     client = SplitClient(settings)
@@ -258,6 +284,7 @@ def open_split(
         head=parts.head,
         remote_top=RemoteTop(client),
         privacy=HiddenPrivacy(privacy) if privacy is not None and privacy.enabled else None,
+        client_top=parts.client_top,
     )
 
 
@@ -283,6 +310,9 @@ class SplitTrainConfig:
     """Clipping and noise on the layer-K states sent to the server; None = off."""
     exact_match: bool = True
     """Score exact match on the held-out prompts at the end (batched, KV-cached split generation)."""
+    grad_noise: float = 0.0
+    """rho (head=client): noise of rho x each row's RMS gradient norm on the gradient sent back,
+    against the label inversion (`gradient_noise`); 0 = off."""
 
     def __post_init__(self) -> None:
         if self.prefix_len is not None and self.prefix_len < 1:
@@ -351,6 +381,11 @@ def train_split(
     Rerunning an interrupted job with the same `out` resumes from its last checkpoint.
     """
     session = open_split(emulator_dir, settings, config.privacy, runtime)
+    if config.grad_noise:
+        if settings.head != "client":
+            session.close()
+            raise ConfigError("grad_noise noises the gradient head=client sends back: use head=client")
+        session.grad_noise = GradientNoiser(GradientNoise(config.grad_noise))
     try:
         return _train(session, emulator_dir, settings, data, out, config, runtime)
     finally:

@@ -56,7 +56,7 @@ PARTY_ONLY_KEYS = frozenset(
         "token",
         "tokens",
         "head",
-        "client-layers",  # reserved for a split that keeps top layers at the party
+        "client-layers",  # the top layers the party keeps (U-shaped split)
         "clip-norm",
         "noise-multiplier",
         "noise-seed",
@@ -111,6 +111,8 @@ class PartyConfig:
     """This party's training JSONL file."""
     head: HeadMode = "client"
     """Where the final norm and LM head run ('client', the default, keeps the targets off the wire)."""
+    client_layers: int = 0
+    """M: also keep the top M layers here (the U-shaped split; head=client, an emulator that ships them)."""
     token: str | None = None
     """Bearer token the model party issued to this party."""
     clip_norm: float | None = None
@@ -173,7 +175,9 @@ class PartyConfig:
         return cls(**values)
 
     def client_settings(self) -> ClientSettings:
-        return ClientSettings(self.server_url, token=self.token, head=self.head)
+        return ClientSettings(
+            self.server_url, token=self.token, head=self.head, client_layers=self.client_layers
+        )
 
     def privacy(self) -> PrivacyConfig | None:
         """The clipping and noise on this party's sent states; None when off."""

@@ -25,7 +25,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 from splitprefix.errors import ConfigError, ShapeMismatchError, SplitPrefixError
 from splitprefix.model.loading import load_tokenizer, resolve_model_dir
 from splitprefix.model.partial_load import CheckpointReader, meta_model, open_checkpoint, tensor_aliases
-from splitprefix.model.split import Bottom, check_split_at
+from splitprefix.model.split import Bottom, LayerStack, check_split_at
 
 MANIFEST_FILE = "emulator_manifest.json"
 FORMAT_VERSION = 1
@@ -79,6 +79,11 @@ class EmulatorManifest:
     """Fingerprint of the embeddings and layers [0, K)."""
     distillation: dict[str, Any] | None = None
     """Settings and before/after metrics of distillation, if any was run."""
+    client_layers: int = 0
+    """M: the emulator's last M layers are the full model's layers [L - M, L) bit for bit, so a data
+    party may keep them (the U-shaped split); 0 = none shipped exactly."""
+    top_sha256: dict[str, str] = field(default_factory=dict)
+    """For each m in 1..M (as a string), the fingerprint of the last m layers (`top_fingerprint`)."""
     format_version: int = FORMAT_VERSION
     """Version of this manifest format."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -89,6 +94,13 @@ class EmulatorManifest:
         if self.kept_layers[: self.split_at] != list(range(self.split_at)):
             raise ConfigError(
                 f"kept_layers must start with 0..K-1 (K={self.split_at}); got {self.kept_layers}"
+            )
+        if self.client_layers and self.kept_layers[-self.client_layers :] != list(
+            range(self.num_layers - self.client_layers, self.num_layers)
+        ):
+            raise ConfigError(
+                f"client_layers={self.client_layers} needs the last kept layers to be the full model's "
+                f"last {self.client_layers}; got kept_layers {self.kept_layers}"
             )
         if len(self.layer_map) != self.num_layers or any(
             not 0 <= j < len(self.kept_layers) for j in self.layer_map
@@ -149,6 +161,13 @@ HASH_CHUNK = 1 << 22
 def bottom_fingerprint(model: PreTrainedModel, split_at: int) -> str:
     """Hash of the embeddings and layers [0, K): equal for a full model and its emulators."""
     tensors = Bottom(model, split_at).state_dict()
+    return _sha256_tensors(tensors, tensors.__getitem__)
+
+
+def top_fingerprint(model: PreTrainedModel, client_layers: int) -> str:
+    """Hash of the last M layers of `model`: equal for a full model and an emulator that ships them."""
+    layers = LayerStack(model, model.config.num_hidden_layers - client_layers, model.config.num_hidden_layers)
+    tensors = layers.state_dict()
     return _sha256_tensors(tensors, tensors.__getitem__)
 
 

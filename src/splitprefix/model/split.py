@@ -3,6 +3,7 @@
 - `Bottom`: embeddings (plus learned positions) and layers [0, K). Run by the data party.
 - `Top`: layers [K, L), and the final norm and LM head when the head stays on the server.
 - `Head`: final norm and LM head, for the head-on-client cut.
+- `ClientTop`: layers [L - M, L), norm and head, which the data party keeps in the U-shaped split.
 
 Parts exchange `Activations`. Its attention mask covers every key the new tokens may attend to:
 the prefix, earlier cached tokens, then the new tokens. A mask that covers only the new tokens
@@ -230,17 +231,54 @@ class Bottom(nn.Module):
 
 
 class Top(nn.Module):
-    """The model party's second network part: layers [K, L), plus norm and head when on the server."""
+    """The model party's second network part: layers [K, L - M), plus norm and head when on the server.
 
-    def __init__(self, model: PreTrainedModel, split_at: int, head: HeadPlacement = "server") -> None:
+    M = `client_layers` is the U-shaped split's top, which the data party keeps (head=client only).
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, split_at: int, head: HeadPlacement = "server", client_layers: int = 0
+    ) -> None:
         super().__init__()
-        self.stack = LayerStack(model, split_at, model.config.num_hidden_layers)
+        stop = model.config.num_hidden_layers - client_layers
+        if client_layers and head == "server":
+            raise ConfigError("a data party that keeps the top layers also keeps the head: use head=client")
+        if not split_at < stop:
+            raise ConfigError(f"the server must run a layer: need K={split_at} < L - M={stop}")
+        self.stack = LayerStack(model, split_at, stop)
         self.head = Head(model) if head == "server" else None
 
     def forward(self, x: Activations, cache: Cache | None = None) -> torch.Tensor:
         """Logits (B, T, V) with the head on the server, else the last hidden states (B, T, d)."""
         hidden = self.stack(x, cache)
         return hidden if self.head is None else self.head(hidden)
+
+
+class ClientTop(nn.Module):
+    """The data party's top: layers [L - M, L), the final norm and the LM head (weights shared)."""
+
+    def __init__(self, model: PreTrainedModel, client_layers: int) -> None:
+        super().__init__()
+        if client_layers < 0:
+            raise ConfigError(f"client_layers must be >= 0; got M={client_layers}")
+        num_layers = model.config.num_hidden_layers
+        self.start = num_layers - client_layers
+        self.stack = LayerStack(model, self.start, num_layers)
+        self.head = Head(model)
+
+    @property
+    def client_layers(self) -> int:
+        return len(self.stack.layers)
+
+    def forward(self, x: Activations, kv: torch.Tensor) -> torch.Tensor:
+        """h_L (B, T, d) from the server's h_{L-M} in `x`, with this party's `kv` (M, 2, n_kv, P, hd);
+        with M = 0 the states pass unchanged (norm and head only)."""
+        if not self.client_layers:
+            return x.hidden
+        batch, p = x.hidden.shape[0], kv.shape[3]
+        config = self.stack.config
+        cache = prefix_cache(kv, config, batch, first_layer=self.start) if p else None
+        return self.stack(x, cache)
 
 
 class SplitParts(NamedTuple):

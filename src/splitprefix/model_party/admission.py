@@ -66,7 +66,7 @@ class Admission:
         step = check_meta(meta, self.top, forward=True)
         check_head(step, "client", schemas.FORWARD_PATH)
         check_names(tensors, forward_names(step.head), "forward request")
-        check_forward_inputs(tensors, self.top)
+        check_forward_inputs(tensors, self.top, step.client_layers)
 
     def _backward(self, tensors: Tensors, meta: dict[str, Any]) -> None:
         step = check_meta(meta, self.top, forward=False)
@@ -75,7 +75,7 @@ class Admission:
         expected = [*forward_names(step.head), schemas.GRAD_OUTPUT] if recompute else [schemas.GRAD_OUTPUT]
         check_names(tensors, expected, "backward request")
         if recompute:
-            check_forward_inputs(tensors, self.top)
+            check_forward_inputs(tensors, self.top, step.client_layers)
 
     def _loss(self, tensors: Tensors, meta: dict[str, Any]) -> None:
         step = check_meta(meta, self.top, forward=True)
@@ -104,10 +104,20 @@ class Admission:
                 _bad_shape(name, f"(B, T, {d}) with B, T >= 1", shape)
             _within(shape[0], shape[1], top)
         elif name == schemas.PREFIX_KV:
-            expected = (top.kv_layers, 2, top.dims.num_kv_heads)
-            if tensor.ndim != 5 or (shape[:3], shape[4]) != (expected, top.dims.head_dim):
+            # L - K layers, less the M a U-shaped split keeps at the data party (the route checks M)
+            fewest, expected = top.kv_layers - top.max_client_layers, (2, top.dims.num_kv_heads)
+            if (
+                tensor.ndim != 5
+                or not fewest <= shape[0] <= top.kv_layers
+                or (shape[1:3], shape[4])
+                != (
+                    expected,
+                    top.dims.head_dim,
+                )
+            ):
+                layers = str(top.kv_layers) if not top.max_client_layers else f"{fewest}..{top.kv_layers}"
                 _bad_shape(
-                    name, f"(L - K, 2, n_kv, P, head_dim) = ({', '.join(map(str, expected))}, P, ..)", shape
+                    name, f"(L - K - M, 2, n_kv, P, head_dim) = ({layers}, 2, {expected[1]}, P, ..)", shape
                 )
             _within(1, shape[3], top)
         elif name in INTEGERS:

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from splitprefix.errors import ConfigError
+from splitprefix.model.emulator import top_fingerprint
 from splitprefix.model.loading import checkpoint_dtype
 from splitprefix.model.prefix import prefix_cache
 from splitprefix.model.registry import architecture_of, model_dims
-from splitprefix.model.split import Activations
+from splitprefix.model.split import Activations, LayerStack
 from splitprefix.model_party.cancel import check
 from splitprefix.model_party.graphs import GraphStore, HeldGraph, SavedBytes
 from splitprefix.model_party.settings import ServerSettings
@@ -57,6 +59,7 @@ class TopBackend:
         self.top = loaded or load_top(settings.model_dir, settings.split_at, self.dtype, settings.device)
         self.config = self.top.model.config
         self.dims = model_dims(self.config)
+        self.stacks = self._stacks(settings.max_client_layers)
         self.shape = TopShape(
             dims=self.dims,
             split_at=settings.split_at,
@@ -64,6 +67,8 @@ class TopBackend:
             head_modes=settings.head_modes,
             max_batch_size=settings.max_batch_size,
             max_tokens=settings.max_tokens,
+            max_client_layers=settings.max_client_layers,
+            top_sha256={str(m): top_fingerprint(self.top.model, m) for m in self.stacks if m},
         )
         self.graphs = GraphStore(
             settings.graph_ttl_s, settings.max_graph_bytes, settings.max_graphs_per_client
@@ -72,6 +77,19 @@ class TopBackend:
         for layer in self.top.stack.layers:  # a request whose client is gone stops between layers
             layer.register_forward_pre_hook(lambda *_: check())
         self._lock = threading.Lock()
+
+    def _stacks(self, max_client_layers: int) -> dict[int, LayerStack]:
+        """Layers [K, L - M) for each allowed M (views of the loaded layers; M = 0 is the whole top)."""
+        k, num_layers = self.settings.split_at, self.dims.num_layers
+        if not max_client_layers < num_layers - k:
+            raise ConfigError(
+                f"max_client_layers must leave this server a layer: M < L - K = {num_layers - k}; "
+                f"got {max_client_layers}"
+            )
+        stacks = {0: self.top.stack}
+        for m in range(1, max_client_layers + 1):
+            stacks[m] = LayerStack(self.top.model, k, num_layers - m)
+        return stacks
 
     def info(self) -> schemas.ModelInfo:
         """What a data party checks before training: sizes, prefix layout, fingerprints, limits."""
@@ -96,6 +114,7 @@ class TopBackend:
                 base_config_sha256=self.top.base_config_sha256,
                 tokenizer_sha256=self.top.tokenizer_sha256,
                 bottom_sha256=self.top.bottom_sha256,
+                top_sha256=self.shape.top_sha256,
             ),
             limits=schemas.Limits(
                 max_request_bytes=s.max_request_bytes,
@@ -112,29 +131,31 @@ class TopBackend:
             wire_dtypes=list(WIRE_DTYPES),
             warnings=list(disclosures(s.head_modes).values()),
             head_disclosure=disclosures(s.head_modes),
+            max_client_layers=s.max_client_layers,
         )
 
     def forward(
         self, tensors: Tensors, meta: dict[str, Any], client_id: str
     ) -> tuple[Tensors, dict[str, Any]]:
-        """head=client: `output`, the (B, T, d) last hidden states before the final norm.
+        """head=client: `output`, the (B, T, d) last hidden states before the final norm (after layer
+        L - M with meta `client_layers` M, the U-shaped split).
 
         With meta `keep_graph` (default true) the graph is held for the backward of this step.
         """
         step = check_meta(meta, self.shape, forward=True)
         check_head(step, "client", schemas.FORWARD_PATH)
         check_names(tensors, forward_names(step.head), "forward request")
-        inputs = check_forward_inputs(tensors, self.shape)
+        inputs = check_forward_inputs(tensors, self.shape, step.client_layers)
         with self._lock:
             check()  # a client that went away while waiting for the model gets nothing
             held = False
             if step.keep_graph:
-                graph = self._forward_with_graph(inputs)
+                graph = self._forward_with_graph(inputs, step.client_layers)
                 held = self.graphs.put(client_id, step.step_id, graph)
                 output = graph.output.detach()
             else:
                 with torch.no_grad():
-                    output, _ = self._run(inputs, requires_grad=False)
+                    output, _ = self._run(inputs, requires_grad=False, client_layers=step.client_layers)
         return {schemas.OUTPUT: output.float().cpu()}, step.reply(graph_held=held)
 
     def backward(
@@ -150,7 +171,7 @@ class TopBackend:
         recompute = has_forward_inputs(tensors)
         expected = [*forward_names(step.head), schemas.GRAD_OUTPUT] if recompute else [schemas.GRAD_OUTPUT]
         check_names(tensors, expected, "backward request")
-        inputs = check_forward_inputs(tensors, self.shape) if recompute else None
+        inputs = check_forward_inputs(tensors, self.shape, step.client_layers) if recompute else None
         with self._lock:
             check()
             graph = self.graphs.get(client_id, step.step_id)
@@ -158,7 +179,7 @@ class TopBackend:
                 raise _graph_missing(step)
             if graph is None:
                 assert inputs is not None
-                graph = self._forward_with_graph(inputs)
+                graph = self._forward_with_graph(inputs, step.client_layers)
             grad_output = check_grad_output(tensors, tuple(graph.output.shape))
             self.graphs.discard(client_id, step.step_id)
             grads = self._grads(graph.output, graph.inputs, grad_output)
@@ -187,23 +208,26 @@ class TopBackend:
                 out |= self._grads(loss, leaves, torch.ones_like(loss))
         return out, step.reply(n_tokens=int(supervised.sum()))
 
-    def _forward_with_graph(self, inputs: ForwardInputs) -> HeldGraph:
+    def _forward_with_graph(self, inputs: ForwardInputs, client_layers: int = 0) -> HeldGraph:
         """A forward whose graph waits for its backward: each layer keeps only its input (B, T, d)
         and recomputes its inside on the backward, so that a held graph costs about B x T x d per
         layer rather than every activation of every layer."""
         saved = SavedBytes(self._weights)
         with torch.enable_grad(), saved.measure():
-            output, leaves = self._run(inputs, requires_grad=True, checkpointed=True)
+            output, leaves = self._run(
+                inputs, requires_grad=True, checkpointed=True, client_layers=client_layers
+            )
         for leaf in (*leaves, output):
             saved.add(leaf)
         # the layers' inputs, which the checkpoints keep, are not saved tensors that autograd reports
-        layer_inputs = (len(self.top.stack.layers) - 1) * output.nbytes
+        layer_inputs = (len(self.stacks[client_layers].layers) - 1) * output.nbytes
         return HeldGraph(output=output, inputs=leaves, head="client", nbytes=saved.nbytes + layer_inputs)
 
     def _run(
-        self, inputs: ForwardInputs, requires_grad: bool, checkpointed: bool = False
+        self, inputs: ForwardInputs, requires_grad: bool, checkpointed: bool = False, client_layers: int = 0
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The top's last hidden states (B, T, d) and its input leaves, computed like the whole model."""
+        """The hidden states (B, T, d) after layer L - M and the input leaves, computed like the whole model."""
+        stack = self.stacks[client_layers]
         device = self.settings.device
         hidden = inputs.hidden.to(device, self.dtype).requires_grad_(requires_grad)  # (B, T, d)
         kv = inputs.prefix_kv.to(device, self.dtype).requires_grad_(requires_grad)  # (L - K, 2, n_kv, P, hd)
@@ -211,13 +235,13 @@ class TopBackend:
         # an empty prefix is no prefix: the cache would hold zero-length layers
         layers_kv = kv if inputs.prefix_len else None
         if checkpointed:
-            return self.top.stack.forward_checkpointed(x, layers_kv), (hidden, kv)
+            return stack.forward_checkpointed(x, layers_kv), (hidden, kv)
         cache = (
             None
             if layers_kv is None
             else prefix_cache(kv, self.config, hidden.shape[0], self.settings.split_at)
         )
-        return self.top.stack(x, cache), (hidden, kv)
+        return stack(x, cache), (hidden, kv)
 
     def _grads(
         self, output: torch.Tensor, leaves: tuple[torch.Tensor, torch.Tensor], grad_output: torch.Tensor

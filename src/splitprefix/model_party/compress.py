@@ -33,6 +33,7 @@ from splitprefix.model.emulator import (
     stand_ins,
     stored_bottom_fingerprint,
     tokenizer_fingerprint,
+    top_fingerprint,
     uniform_keep,
 )
 from splitprefix.model.loading import checkpoint_dtype, load_tokenizer, resolve_model_dir
@@ -45,17 +46,30 @@ from splitprefix.progress import Progress
 CHECKPOINT_DIR = "checkpoint"
 
 
-def kept_layers(config: PretrainedConfig, split_at: int, keep: int) -> list[int]:
-    """Original indices of the emulator's layers: [0, K), then N upper layers by uniform layer drop."""
-    return list(range(split_at)) + uniform_keep(config.num_hidden_layers, split_at, keep)
+def kept_layers(config: PretrainedConfig, split_at: int, keep: int, client_layers: int = 0) -> list[int]:
+    """Original indices of the emulator's layers: [0, K), then N upper layers by uniform layer drop.
+
+    With M = `client_layers`, the last M of the N are the full model's last M layers (for the
+    U-shaped split) and the other N - M are dropped uniformly from [K, L - M)."""
+    num_layers = config.num_hidden_layers
+    if client_layers and not 0 < client_layers < keep:
+        raise ConfigError(
+            f"client_layers M must satisfy 0 <= M < N = {keep} (the emulator also needs a stand-in for "
+            f"the server's layers); got M={client_layers}"
+        )
+    middle = uniform_keep(num_layers - client_layers, split_at, keep - client_layers)
+    return list(range(split_at)) + middle + list(range(num_layers - client_layers, num_layers))
 
 
-def build_emulator(model: PreTrainedModel, split_at: int, keep: int) -> tuple[PreTrainedModel, list[int]]:
-    """A copy of the loaded `model` with layers [0, K) and N uniformly chosen upper layers.
+def build_emulator(
+    model: PreTrainedModel, split_at: int, keep: int, client_layers: int = 0
+) -> tuple[PreTrainedModel, list[int]]:
+    """A copy of the loaded `model` with layers [0, K) and N uniformly chosen upper layers (the last
+    `client_layers` of them the model's last ones).
 
     Returns (emulator, kept). `emulate` streams the same emulator from the checkpoint instead.
     """
-    kept = kept_layers(model.config, split_at, keep)
+    kept = kept_layers(model.config, split_at, keep, client_layers)
     emulator = AutoModelForCausalLM.from_config(
         config_keeping_layers(model.config, kept), attn_implementation=model.config._attn_implementation
     )
@@ -103,6 +117,7 @@ def make_manifest(
     split_at: int,
     kept: list[int],
     bottom_sha256: str | None = None,
+    top_sha256: dict[str, str] | None = None,
 ) -> EmulatorManifest:
     """The manifest of an emulator of `model` (which may be a meta skeleton when `bottom_sha256`,
     hashed from its checkpoint, is given)."""
@@ -116,6 +131,8 @@ def make_manifest(
         layer_map=stand_ins(num_layers, split_at, kept[split_at:]),
         tokenizer_sha256=tokenizer_fingerprint(tokenizer),
         bottom_sha256=bottom_sha256 or bottom_fingerprint(model, split_at),
+        client_layers=len(top_sha256 or {}),
+        top_sha256=top_sha256 or {},
     )
 
 
@@ -216,16 +233,18 @@ def distill(
     blocks: torch.Tensor,
     config: DistillConfig,
     checkpoint_root: Path | None = None,
+    client_layers: int = 0,
 ) -> dict[str, Any]:
     """Train the emulator's kept upper layers in place to match `teacher`, the full model; returns
-    settings and the perplexity gap before/after."""
+    settings and the perplexity gap before/after. The last `client_layers` stay the full model's."""
     if len(blocks) <= config.eval_blocks:
         raise ConfigError(
             f"the corpus has {len(blocks)} blocks; need more than eval_blocks={config.eval_blocks}"
         )
     train, held_out = blocks[: -config.eval_blocks], blocks[-config.eval_blocks :]
     full_ppl, before = teacher.perplexity(held_out), lm_perplexity(emulator, held_out)
-    upper = torch.nn.ModuleList(architecture_of(emulator.config).layers_of(emulator)[split_at:])
+    layers = architecture_of(emulator.config).layers_of(emulator)
+    upper = torch.nn.ModuleList(layers[split_at : len(layers) - client_layers])
     upper.requires_grad_(True)
     optimizer = torch.optim.AdamW(upper.parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10))
@@ -278,8 +297,12 @@ def emulate(
     out: Path,
     distill_data: Path | None = None,
     distill_config: DistillConfig = DistillConfig(),
+    client_layers: int = 0,
 ) -> EmulatorManifest:
     """Build an emulator of `model_dir` in `out`: a model directory plus `emulator_manifest.json`.
+
+    With M = `client_layers`, its last M layers are the full model's, never distilled, so that a
+    data party can keep them (the U-shaped split); the manifest records M and their fingerprints.
 
     The emulator's tensors are streamed from the checkpoint, and the bottom is hashed from it tensor
     by tensor, so layer drop holds no more than the emulator. Distillation trains the emulator in
@@ -290,16 +313,17 @@ def emulate(
         raise ConfigError(f"--out {out} is the model's own directory; write the emulator elsewhere")
     config, tokenizer = AutoConfig.from_pretrained(path), load_tokenizer(path)
     storage_dtype = checkpoint_dtype(path)  # so the kept tensors stay bit-identical
-    kept, full = kept_layers(config, split_at, keep), meta_model(config)
+    kept, full = kept_layers(config, split_at, keep, client_layers), meta_model(config)
     reader = open_checkpoint(path, full)
     bottom_sha256 = stored_bottom_fingerprint(reader, full, split_at)  # before the emulator is held
     emulator = stream_emulator(reader, config, kept, trainable=distill_data is not None)
-    manifest = make_manifest(str(model_dir), full, tokenizer, split_at, kept, bottom_sha256)
+    tops = {str(m): top_fingerprint(emulator, m) for m in range(1, client_layers + 1)}
+    manifest = make_manifest(str(model_dir), full, tokenizer, split_at, kept, bottom_sha256, tops)
     if distill_data is not None:
         teacher = StreamedTeacher(reader, config, Bottom(emulator, split_at), Head(emulator), split_at)
         blocks = corpus_blocks(tokenizer, distill_data)
         manifest.distillation = distill(
-            teacher, emulator, split_at, blocks, distill_config, out / CHECKPOINT_DIR
+            teacher, emulator, split_at, blocks, distill_config, out / CHECKPOINT_DIR, client_layers
         )
     out.mkdir(parents=True, exist_ok=True)
     emulator.to(storage_dtype).save_pretrained(out)  # type: ignore[arg-type]

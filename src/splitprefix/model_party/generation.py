@@ -41,7 +41,8 @@ class GenerationBackend:
         step = check_meta(meta, self.backend.shape, forward=True)
         check_names(tensors, [*schemas.GENERATE_INPUTS, schemas.PREFIX_KV], "generation open request")
         kv = _floating(tensors, schemas.PREFIX_KV)
-        prefix_len = self._check_prefix(kv)
+        layers = self.backend.shape.kv_layers - step.client_layers  # [K, L - M)
+        prefix_len = self._check_prefix(kv, layers)
         hidden, mask, positions = self._check_tokens(tensors)
         batch, length = mask.shape
         max_length, top_k = self._session_options(meta, step, prefix_len + length)
@@ -54,9 +55,7 @@ class GenerationBackend:
                 "generate fewer prompts at once (see /v1/info limits)",
             )
         d = b.dims
-        nbytes = cache_bytes(
-            batch, max_length, b.shape.kv_layers, d.num_kv_heads, d.head_dim, b.dtype.itemsize
-        )
+        nbytes = cache_bytes(batch, max_length, layers, d.num_kv_heads, d.head_dim, b.dtype.itemsize)
         with b._lock:
             self.sessions.check_room(client_id, nbytes)
             kv = kv.to(b.settings.device, b.dtype)
@@ -67,6 +66,7 @@ class GenerationBackend:
             )
             prefix_mask = mask.new_ones(batch, prefix_len)
             session = Session(client_id, step.head, top_k, cache, prefix_mask, max_length, nbytes)
+            session.client_layers = step.client_layers
             out = self._run(session, hidden, mask, positions)
             self.sessions.add(session)
         return out, step.reply(session_id=session.session_id, length=session.length)
@@ -138,7 +138,8 @@ class GenerationBackend:
     def _run(
         self, session: Session, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
     ) -> Tensors:
-        """Extend the session by the new tokens; the answer for each row's last position.
+        """Extend the session by the new tokens; the answer for each row's last position (for every
+        new position, with client layers: `output` (B, T, d) after layer L - M).
 
         Inference mode (no autograd bookkeeping at all) because a session's tensors never meet a
         backward; it saves a little on each of the step's many small operations."""
@@ -146,9 +147,12 @@ class GenerationBackend:
         device = b.settings.device
         full_mask = torch.cat([session.mask, mask], dim=1)  # (B, S + T)
         x = Activations(hidden.to(device, b.dtype), full_mask.to(device), positions.to(device))
-        last = b.top.stack(x, session.cache)[:, -1]  # (B, d)
+        hidden = b.stacks[session.client_layers](x, session.cache)  # (B, T, d)
         session.mask = full_mask
         session.next_positions = positions[:, -1:] + 1  # (B, 1)
+        if session.client_layers:
+            return {schemas.OUTPUT: hidden}
+        last = hidden[:, -1]  # (B, d)
         if session.head == "client":
             return {schemas.LAST_HIDDEN: last}
         logits = b.top.head(last)  # (B, V)
@@ -157,13 +161,13 @@ class GenerationBackend:
         values, indices = torch.topk(logits, min(session.top_k, logits.shape[-1]), dim=-1)  # (B, k)
         return {schemas.TOP_VALUES: values, schemas.TOP_INDICES: indices}
 
-    def _check_prefix(self, kv: torch.Tensor) -> int:
-        s, d = self.backend.shape, self.backend.dims
-        if kv.ndim != 5 or (kv.shape[:3], kv.shape[4]) != ((s.kv_layers, 2, d.num_kv_heads), d.head_dim):
+    def _check_prefix(self, kv: torch.Tensor, layers: int) -> int:
+        d = self.backend.dims
+        if kv.ndim != 5 or (kv.shape[:3], kv.shape[4]) != ((layers, 2, d.num_kv_heads), d.head_dim):
             raise RequestError(
                 422,
                 "bad_tensor",
-                f"prefix_kv must have shape (L - K, 2, n_kv, P, head_dim) = ({s.kv_layers}, 2, "
+                f"prefix_kv must have shape (L - M - K, 2, n_kv, P, head_dim) = ({layers}, 2, "
                 f"{d.num_kv_heads}, P, {d.head_dim}); got {tuple(kv.shape)}",
             )
         return int(kv.shape[3])

@@ -43,6 +43,9 @@ class Session:
     """Memory counted against the store's cap."""
     next_positions: torch.Tensor | None = None
     """(B, 1): the position of each row's next token, for steps that send hidden states only."""
+    client_layers: int = 0
+    """M: the data party keeps layers [L - M, L); this session runs [K, L - M) and answers the hidden
+    states of every new token (the party's own top layers need them all)."""
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     last_used: float = 0.0
     last_step: tuple[str, dict[str, torch.Tensor]] | None = None

@@ -68,6 +68,9 @@ class ServerSettings:
     """Torch device that runs the top ('cpu', 'cuda', 'cuda:1', ...)."""
     dtype: ComputeDtype = "auto"
     """Compute dtype of the top's weights and activations; 'auto' is the checkpoint's own dtype."""
+    max_client_layers: int = 0
+    """Largest M a data party may keep at its end (the U-shaped split: this server then runs layers
+    [K, L - M) only, head=client); 0 = every request runs [K, L)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.split_at, int) or self.split_at < 1:
@@ -92,6 +95,12 @@ class ServerSettings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not isinstance(self.max_client_layers, int) or self.max_client_layers < 0:
+            raise ConfigError(f"max_client_layers must be an integer >= 0; got {self.max_client_layers!r}")
+        if self.max_client_layers and self.head == "server":
+            raise ConfigError(
+                "max_client_layers > 0 needs head=client or both: the U-split keeps the head at the party"
+            )
         if self.max_session_bytes < 0 or self.session_ttl_s <= 0:
             raise ConfigError(
                 "max_session_bytes must be >= 0 and session_ttl_s > 0; got "

@@ -7,7 +7,8 @@ states what was expected, what arrived and what to do. Codes:
     invalid_meta          422  a metadata field is missing or has the wrong type
     head_not_enabled      422  the head mode asked for is not offered by this server
     split_mismatch        422  split_at is not this server's K
-    fingerprint_mismatch  422  bottom_sha256 is not this model's bottom
+    fingerprint_mismatch  422  bottom_sha256 (or top_sha256) is not this model's bottom (top M layers)
+    client_layers_not_allowed 422  client_layers M is over this server's max_client_layers, or not head=client
     bad_tensor            422  a tensor is missing, unexpected, or has the wrong shape, dtype or values
     wrong_route           422  a head=server step sent to forward/backward, or head=client to loss
     limit_exceeded        413  batch size or P + T is over the server's limit
@@ -16,7 +17,7 @@ states what was expected, what arrived and what to do. Codes:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import torch
@@ -54,9 +55,13 @@ class TopShape:
     head_modes: list[HeadMode]
     max_batch_size: int
     max_tokens: int
+    max_client_layers: int = 0
+    top_sha256: dict[str, str] = field(default_factory=dict)
+    """For each allowed M > 0 (as a string), the fingerprint of the model's last M layers."""
 
     @property
     def kv_layers(self) -> int:
+        """Layers L - K of the prefix a request without client layers sends."""
         return self.dims.num_layers - self.split_at
 
 
@@ -70,6 +75,8 @@ class StepMeta:
     keep_graph: bool
     grad: bool = True
     """Loss requests only: whether the answer carries gradients (false for evaluation)."""
+    client_layers: int = 0
+    """M: the data party keeps layers [L - M, L); this request runs [K, L - M)."""
 
     def reply(self, **extra: Any) -> dict[str, Any]:
         """The control fields of the answer to this request, plus `extra`."""
@@ -129,7 +136,33 @@ def check_meta(meta: dict[str, Any], top: TopShape, forward: bool) -> StepMeta:
         if not isinstance(value, bool):
             raise _meta_error(name, "true or false", value)
     _check_model_identity(meta, top, forward)
-    return StepMeta(str(step_id), head, wire, flags["keep_graph"], flags["grad"])
+    client_layers = _check_client_layers(meta, top, head)
+    return StepMeta(str(step_id), head, wire, flags["keep_graph"], flags["grad"], client_layers)
+
+
+def _check_client_layers(meta: dict[str, Any], top: TopShape, head: HeadMode) -> int:
+    """M from the metadata (default 0), allowed by this server, with the fingerprint of those layers."""
+    m = meta.get("client_layers", 0)
+    if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+        raise _meta_error("client_layers", "an integer >= 0", m)
+    if not m:
+        return 0
+    if head != "client" or m > top.max_client_layers:
+        raise RequestError(
+            422,
+            "client_layers_not_allowed",
+            f"client_layers={m} asks this server to stop at layer L - M = {top.dims.num_layers - m}; it allows "
+            f"M <= {top.max_client_layers} (see /v1/info max_client_layers), with head=client only (got "
+            f"head={head}). Ask the model party to serve with --max-client-layers {m}.",
+        )
+    if meta.get("top_sha256") != top.top_sha256.get(str(m)):
+        raise RequestError(
+            422,
+            "fingerprint_mismatch",
+            f"top_sha256 {str(meta.get('top_sha256'))[:12]}… is not the fingerprint of this model's last {m} "
+            "layers: use an emulator the model party built from this model with --client-layers.",
+        )
+    return m
 
 
 def check_head(step: StepMeta, expected: HeadMode, path: str) -> None:
@@ -147,9 +180,9 @@ def check_head(step: StepMeta, expected: HeadMode, path: str) -> None:
 
 def _check_model_identity(meta: dict[str, Any], top: TopShape, forward: bool) -> None:
     """split_at and bottom_sha256 must match when given; a forward must give them."""
-    for field in ("split_at", "bottom_sha256"):
-        if forward and field not in meta:
-            raise _meta_error(field, "present in every forward request", None)
+    for name in ("split_at", "bottom_sha256"):
+        if forward and name not in meta:
+            raise _meta_error(name, "present in every forward request", None)
     if "split_at" in meta and meta["split_at"] != top.split_at:
         raise RequestError(
             422,
@@ -193,16 +226,20 @@ def forward_names(head: HeadMode) -> list[str]:
     return [*FORWARD_INPUTS, TARGETS] if head == "server" else list(FORWARD_INPUTS)
 
 
-def check_forward_inputs(tensors: dict[str, torch.Tensor], top: TopShape) -> ForwardInputs:
-    """Forward tensors with consistent shapes, dtypes and values, within the server's limits."""
+def check_forward_inputs(
+    tensors: dict[str, torch.Tensor], top: TopShape, client_layers: int = 0
+) -> ForwardInputs:
+    """Forward tensors with consistent shapes, dtypes and values, within the server's limits; the
+    prefix covers the layers [K, L - M) this request runs."""
     hidden = _floating(tensors, "hidden")
     kv = _floating(tensors, "prefix_kv")
     d, n_kv, hd = top.dims.hidden_size, top.dims.num_kv_heads, top.dims.head_dim
     if hidden.ndim != 3 or hidden.shape[2] != d or 0 in hidden.shape[:2]:
         _bad_shape("hidden", f"(B, T, {d}) with B, T >= 1", hidden)
     batch, length = hidden.shape[:2]
-    if kv.ndim != 5 or (kv.shape[:3], kv.shape[4]) != ((top.kv_layers, 2, n_kv), hd):
-        _bad_shape("prefix_kv", f"(L - K, 2, n_kv, P, head_dim) = ({top.kv_layers}, 2, {n_kv}, P, {hd})", kv)
+    layers = top.kv_layers - client_layers
+    if kv.ndim != 5 or (kv.shape[:3], kv.shape[4]) != ((layers, 2, n_kv), hd):
+        _bad_shape("prefix_kv", f"(L - M - K, 2, n_kv, P, head_dim) = ({layers}, 2, {n_kv}, P, {hd})", kv)
     prefix = kv.shape[3]
     _check_limits(batch, prefix + length, top)
     mask = _integer(

@@ -22,6 +22,12 @@ Backward response tensors:
     grad_hidden     (B, T, d)
     grad_prefix_kv  (L - K, 2, n_kv, P, hd)
 
+The U-shaped split (head=client only): forward and backward metadata also carry `client_layers` M
+(default 0) and, when M > 0, `top_sha256` (the fingerprint of the data party's last M layers). The
+server then runs layers [K, L - M) only: `prefix_kv` is (L - M - K, 2, n_kv, P, hd), `output` the
+hidden states after layer L - M, and the grad_output that comes back is dL/dh_{L-M}. `/v1/info`
+says the largest M allowed (`max_client_layers`) and each allowed M's top fingerprint.
+
 Training with head=server takes one round trip per step (`LOSS_PATH`). The targets are exposed to
 the model party in this mode anyway, so the data party sends them and the server computes the
 cross-entropy itself: nothing of size V crosses the wire.
@@ -52,6 +58,9 @@ Open and step responses, at the last position of every row (which left padding k
     head=server, top_k = 0:  logits (B, V)
     head=server, top_k > 0:  top_values (B, k), top_indices (B, k), best first
     head=client:             last_hidden (B, d), before the final norm
+    client_layers M > 0:     output (B, T, d), after layer L - M, at every new position (the data
+                             party's top layers need them all); the open's prefix_kv is then
+                             (L - M - K, 2, n_kv, P, hd)
     metadata                 session_id, step_id, length (keys now cached, prefix included)
 A session belongs to the bearer token that opened it; an unknown, expired or foreign session
 answers 404 `session_missing`, and the client then opens a new one with everything so far.
@@ -68,7 +77,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from splitprefix.wire.disclosure import HEAD_SERVER_DISCLOSURE
+from splitprefix.wire.disclosure import HEAD_CLIENT_DISCLOSURE, HEAD_SERVER_DISCLOSURE
 
 PROTOCOL_VERSION = 2
 """2: head=server trains through `LOSS_PATH` (the server computes the loss); 1 sent (N, V) logits."""
@@ -106,6 +115,7 @@ SESSION_MISSING = "session_missing"
 HeadMode = Literal["server", "client"]
 
 HEAD_SERVER_WARNING = HEAD_SERVER_DISCLOSURE  # what head=server reveals (wire.disclosure)
+HEAD_CLIENT_WARNING = HEAD_CLIENT_DISCLOSURE  # what head=client reveals, the U-split included
 
 
 class Fingerprints(BaseModel):
@@ -114,6 +124,10 @@ class Fingerprints(BaseModel):
     base_config_sha256: str
     tokenizer_sha256: str
     bottom_sha256: str
+    top_sha256: dict[str, str] = Field(
+        default_factory=dict,
+        description="For each M in 1..max_client_layers (as a string), the fingerprint of the last M layers.",
+    )
 
 
 class PrefixLayout(BaseModel):
@@ -162,6 +176,11 @@ class ModelInfo(BaseModel):
     warnings: list[str]
     head_disclosure: dict[HeadMode, str] = Field(
         default_factory=dict, description="What each offered head mode reveals to this model party."
+    )
+    max_client_layers: int = Field(
+        0,
+        description="Largest M a data party may keep at its end (U-shaped split, head=client): the server then "
+        "runs [K, L - M) and returns h_{L-M}. 0 = not offered.",
     )
     generation_stream: bool = Field(
         default=False, description="Generation steps may travel over a WebSocket at SESSION_STREAM_PATH."
