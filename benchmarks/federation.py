@@ -42,7 +42,8 @@ from splitprefix.data.partition import dirichlet_partition
 from splitprefix.data.synthetic import SyntheticTaskConfig, make_task
 from splitprefix.data_party.offsite import steps_for
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.split_train import SplitTrainConfig, initial_prefix, open_split
+from splitprefix.data_party.session import open_split
+from splitprefix.data_party.split_train import SplitTrainConfig, initial_prefix
 from splitprefix.data_party.train import TrainConfig, train_prefix
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
 from splitprefix.federation.local import LocalFederation, run_local_federation

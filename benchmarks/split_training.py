@@ -25,7 +25,7 @@ from harness import benchmark_server, print_run
 from splitprefix.data.batching import Batch, collate, encode_examples, resolve_pad_id
 from splitprefix.data.synthetic import SyntheticTaskConfig, make_task
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.split_train import open_split
+from splitprefix.data_party.session import open_split
 from splitprefix.data_party.train import local_loss_fn
 from splitprefix.model.loading import describe_model, load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import PrefixConfig

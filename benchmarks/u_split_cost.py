@@ -24,7 +24,7 @@ from split_training import step_times, traffic_per_token
 from splitprefix.data.batching import collate, encode_examples, resolve_pad_id
 from splitprefix.data.synthetic import SyntheticTaskConfig, make_task
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.split_train import SplitSession, open_split
+from splitprefix.data_party.session import SplitSession, open_split
 from splitprefix.model.loading import load_tokenizer
 from splitprefix.model_party.compress import emulate
 

@@ -16,7 +16,7 @@ from split_helpers import SHORT_RUN, encoded_examples, make_dirs, seeded_prefix,
 from splitprefix.data.batching import resolve_pad_id
 from splitprefix.data_party.generate import GenerationConfig, SplitModel
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.split_train import open_split
+from splitprefix.data_party.session import open_split
 from splitprefix.data_party.train import local_loss_fn, train_prefix
 from splitprefix.model.loading import load_causal_lm
 from splitprefix.model.prefixed import generate_with_prefix

@@ -19,7 +19,7 @@ from splitprefix.data_party.remote import (
     SplitClient,
     env_proxy,
 )
-from splitprefix.data_party.split_train import open_split
+from splitprefix.data_party.session import open_split
 from splitprefix.errors import ConfigError
 from splitprefix.model.split import token_positions
 from splitprefix.model_party.app import create_app

@@ -7,10 +7,10 @@ import torch
 
 from split_helpers import EXAMPLES, SHORT_RUN, encoded_examples, seeded_prefix
 from splitprefix.data.batching import resolve_pad_id
-from splitprefix.data_party.generate import SplitModel
+from splitprefix.data_party.generate import SplitModel, split_scorer
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.sampling import GenerationConfig
-from splitprefix.data_party.split_train import open_split
+from splitprefix.data_party.session import open_split
 from splitprefix.data_party.train import train_prefix
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
@@ -71,7 +71,7 @@ def test_bf16_evaluation_and_generation_run_through_the_split(dirs, server):
     try:
         # Execute
         report = evaluate(
-            model.split.scorer(), model.tokenizer, EXAMPLES[:4], kv, EvalConfig(max_new_tokens=3)
+            split_scorer(model.split), model.tokenizer, EXAMPLES[:4], kv, EvalConfig(max_new_tokens=3)
         )
         ids, mask = model.encode(["Customer: refund please", "hello"])
         tokens = model.generate_ids(ids, mask, GenerationConfig(max_new_tokens=4, do_sample=True, seed=1))

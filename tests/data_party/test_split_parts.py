@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from split_helpers import EXAMPLES, PREFIX_LEN, SHORT_RUN, SPLIT_AT, encoded_examples
 from splitprefix.data.batching import resolve_pad_id
+from splitprefix.data_party.generate import split_scorer
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.split_train import open_split
+from splitprefix.data_party.session import open_split
 from splitprefix.data_party.train import train_prefix
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
 from splitprefix.model import emulator as emulator_module
@@ -49,7 +50,7 @@ def _train_and_evaluate(emulator_dir, url, head):
             prefix, session.loss_fn(), encoded_examples(tok), resolve_pad_id(tok), SHORT_RUN
         )
         report = evaluate(
-            session.scorer(), tok, EXAMPLES[:4], prefix().detach(), EvalConfig(max_new_tokens=3)
+            split_scorer(session), tok, EXAMPLES[:4], prefix().detach(), EvalConfig(max_new_tokens=3)
         )
         return history.losses, prefix().detach(), report
     finally:

@@ -21,7 +21,8 @@ from split_helpers import (
 )
 from splitprefix.data.batching import resolve_pad_id
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.split_train import SplitSession, SplitTrainConfig, open_split, train_split
+from splitprefix.data_party.session import SplitSession, open_split
+from splitprefix.data_party.split_train import SplitTrainConfig, train_split
 from splitprefix.data_party.train import TrainConfig, local_loss_fn, train_prefix
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import Prefix

@@ -20,7 +20,8 @@ from splitprefix.audit.observe import LocalTop
 from splitprefix.data.batching import Batch, resolve_pad_id
 from splitprefix.data_party.generate import GenerationConfig, SplitModel
 from splitprefix.data_party.remote import ClientSettings, IncompatibleServerError, RemoteError
-from splitprefix.data_party.split_train import SplitTrainConfig, open_split, train_split
+from splitprefix.data_party.session import open_split
+from splitprefix.data_party.split_train import SplitTrainConfig, train_split
 from splitprefix.data_party.train import local_loss_fn, train_prefix
 from splitprefix.data_party.u_split import check_client_layers, u_split_loss_fn
 from splitprefix.errors import ConfigError

@@ -13,7 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from split_helpers import EXAMPLES, write_jsonl
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.split_train import open_split
+from splitprefix.data_party.session import open_split
 from splitprefix.errors import ConfigError
 from splitprefix.federation.client_app import (
     SECAGG_STATE,

@@ -11,7 +11,7 @@ from flwr.simulation import run_simulation
 from live_server import LiveServer
 from split_helpers import EXAMPLES, server_settings, write_jsonl
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.split_train import open_split
+from splitprefix.data_party.session import open_split
 from splitprefix.federation import weighted_average
 from splitprefix.federation.client_app import (
     PartyConfig,

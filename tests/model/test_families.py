@@ -34,7 +34,7 @@ from split_helpers import (
 from splitprefix.data.batching import resolve_pad_id
 from splitprefix.data_party.generate import GenerationConfig, SplitModel
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.split_train import open_split
+from splitprefix.data_party.session import open_split
 from splitprefix.data_party.train import TrainConfig, local_loss_fn, train_prefix
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.peft_io import export_peft, import_peft, peft_unsupported

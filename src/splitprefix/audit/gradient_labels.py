@@ -30,8 +30,8 @@ from splitprefix.audit.observe import LocalTop
 from splitprefix.data.batching import IGNORE_INDEX, EncodedExample, collate
 from splitprefix.data_party.gradient_noise import GradientNoise, GradientNoiser
 from splitprefix.data_party.privacy import HiddenPrivacy
-from splitprefix.data_party.split_train import next_token_targets
 from splitprefix.data_party.u_split import check_client_layers, u_split_loss_fn
+from splitprefix.evaluation.metrics import next_token_targets
 from splitprefix.model.registry import model_dims
 from splitprefix.model.split import Activations, Bottom, ClientTop, Head
 

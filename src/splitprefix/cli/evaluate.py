@@ -99,7 +99,8 @@ def _evaluate_split(
     runtime: RuntimeSettings,
 ) -> dict[str, Any]:
     from splitprefix.data_party.accounting import held_out_releases, privacy_report
-    from splitprefix.data_party.split_train import open_split
+    from splitprefix.data_party.generate import split_scorer
+    from splitprefix.data_party.session import open_split
     from splitprefix.evaluation.evaluate import evaluate
     from splitprefix.model.prefix import Prefix
 
@@ -110,7 +111,7 @@ def _evaluate_split(
             loaded = Prefix.load(prefix).fold()
             session.check_prefix(loaded, f"the prefix {prefix}")
             kv = loaded().detach()
-        report = evaluate(session.scorer(), session.tokenizer, examples, kv, config)
+        report = evaluate(split_scorer(session), session.tokenizer, examples, kv, config)
     finally:
         session.close()
     releases = {"evaluated": held_out_releases(session.tokenizer, examples, config, 1)}

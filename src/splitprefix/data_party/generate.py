@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from splitprefix.data.batching import resolve_pad_id
+from splitprefix.data.batching import Batch, resolve_pad_id
 from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings, RemoteError, SplitClient
 from splitprefix.data_party.sampling import GenerationConfig, next_tokens
-from splitprefix.data_party.split_train import SplitSession, bottom_device, bottom_dtype, open_split
+from splitprefix.data_party.session import SplitSession, bottom_device, bottom_dtype, open_split
 from splitprefix.data_party.steps import STEP_LOST, StepTransport, open_steps
 from splitprefix.errors import ConfigError
+from splitprefix.evaluation.evaluate import Scorer
 from splitprefix.model.prefix import Prefix, prefix_cache
 from splitprefix.model.split import Activations, Bottom, Head, extend_mask, token_positions
 from splitprefix.runtime import RuntimeSettings
@@ -421,3 +422,19 @@ class _RowText:
 
     def completion(self) -> Completion:
         return Completion(self.text, list(self.ids), self.reason)
+
+
+def split_scorer(session: SplitSession) -> Scorer:
+    """The split model for evaluation: batched loss through the server (head=server sends the
+    targets; nothing of size V crosses the wire), and the KV-cached split generation."""
+    loss = session.loss_fn()
+
+    @torch.no_grad()
+    def loss_sum(batch: Batch, kv: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        return loss(batch, session.empty_kv() if kv is None else kv)
+
+    @torch.no_grad()
+    def generate(ids: torch.Tensor, mask: torch.Tensor, kv: torch.Tensor | None, new: int) -> torch.Tensor:
+        return SplitModel(session, kv).generate_ids(ids, mask, GenerationConfig(max_new_tokens=new))
+
+    return Scorer(loss_sum, generate)

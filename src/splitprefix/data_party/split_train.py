@@ -1,9 +1,8 @@
-"""Prefix training and evaluation through the split model: bottom and head here, layers [K, L) remote.
+"""Prefix training through the split model (`train_split`): a `SplitSession`'s loss, checkpoints,
+held-out evaluation and the saved run.
 
-The data party runs the emulator's bottom K layers, which are the full model's bit for bit, with the
-bottom slice of its prefix; the server runs the upper layers with the rest of the prefix, which
-travels with every request. The prefix always covers all L layers of the full model, so the result
-plugs into the whole model (`splitprefix eval MODEL_DIR --prefix`).
+The prefix always covers all L layers of the full model, so the result plugs into the whole model
+(`splitprefix eval MODEL_DIR --prefix`).
 """
 
 from __future__ import annotations
@@ -13,33 +12,25 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from splitprefix.data.batching import IGNORE_INDEX, Batch, encode_examples, resolve_pad_id
+from splitprefix.data.batching import encode_examples, resolve_pad_id
 from splitprefix.data.formats import load_jsonl
 from splitprefix.data_party.accounting import run_privacy
+from splitprefix.data_party.generate import split_scorer
 from splitprefix.data_party.gradient_noise import GradientNoise, GradientNoiser
 from splitprefix.data_party.offsite import split_held_out, steps_for
-from splitprefix.data_party.parts import load_client_parts
-from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
-from splitprefix.data_party.remote import ClientSettings, SplitClient
-from splitprefix.data_party.remote_top import RemoteTop
-from splitprefix.data_party.sampling import GenerationConfig
-from splitprefix.data_party.train import LossFn, StepHooks, TrainConfig, train_prefix
-from splitprefix.errors import ConfigError, ShapeMismatchError
-from splitprefix.evaluation.evaluate import EvalConfig, Scorer, evaluate
-from splitprefix.evaluation.metrics import next_token_targets, supervised_loss_sum
+from splitprefix.data_party.privacy import PrivacyConfig
+from splitprefix.data_party.remote import ClientSettings
+from splitprefix.data_party.session import SplitSession, open_split
+from splitprefix.data_party.train import StepHooks, TrainConfig, train_prefix
+from splitprefix.errors import ConfigError
+from splitprefix.evaluation.evaluate import EvalConfig, evaluate
 from splitprefix.files import write_json
-from splitprefix.model.emulator import EmulatorManifest, verify_emulator
-from splitprefix.model.loading import load_tokenizer
-from splitprefix.model.prefix import Prefix, PrefixConfig, prefix_cache
-from splitprefix.model.split import Activations, Bottom, ClientTop, Head, extend_mask, token_positions
+from splitprefix.model.prefix import Prefix
 from splitprefix.runtime import RuntimeSettings
-from splitprefix.wire.disclosure import HEAD_DISCLOSURE
-from splitprefix.wire.schemas import HeadMode, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -48,244 +39,6 @@ METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "train_config.json"
 EVAL_FILE = "eval.json"
 DEFAULT_PREFIX_LEN = 16
-
-
-class TopPart(Protocol):
-    """The model party's layers [K, L) as the data party calls them: `RemoteTop`, or a local stand-in."""
-
-    @property
-    def head(self) -> HeadMode: ...
-
-    def __call__(self, x: Activations, top_kv: torch.Tensor) -> torch.Tensor:
-        """head=client: the last hidden states (B, T, d)."""
-        ...
-
-    def loss(self, x: Activations, top_kv: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """head=server: the summed cross-entropy () of `targets` (B, T), -100 where there is none."""
-        ...
-
-
-def run_split(
-    bottom: Bottom,
-    remote_top: TopPart,
-    input_ids: torch.Tensor,
-    token_mask: torch.Tensor,
-    kv: torch.Tensor,
-    split_at: int,
-    privacy: HiddenPrivacy | None = None,
-) -> torch.Tensor:
-    """head=client: the bottom with `kv[:K]` here, then the server's layers with `kv[K:]`; returns
-    the last hidden states (B, T, d)."""
-    x = wire_activations(bottom, input_ids, token_mask, kv, split_at, privacy)
-    return remote_top(x, kv[split_at:])
-
-
-def wire_activations(
-    bottom: Bottom,
-    input_ids: torch.Tensor,
-    token_mask: torch.Tensor,
-    kv: torch.Tensor,
-    split_at: int,
-    privacy: HiddenPrivacy | None = None,
-) -> Activations:
-    """The layer-K activations exactly as they are sent to the model party: hidden (B, T, d),
-    the mask over prefix and tokens (B, P + T), and the positions (B, T).
-
-    `kv` is (L, 2, n_kv, P, hd) and may have P = 0 (no prefix); its bottom K layers are used here.
-    `privacy` clips and noises the layer-K states before they leave.
-    """
-    p = kv.shape[3]
-    device = bottom_device(bottom)
-    token_mask = token_mask.to(device)
-    mask, positions = extend_mask(token_mask, p), token_positions(token_mask, p)
-    bottom_kv = kv[:split_at].to(device, bottom_dtype(bottom))  # a differentiable cast: grads reach kv
-    cache = prefix_cache(bottom_kv, bottom.stack.config, input_ids.shape[0]) if p else None
-    x = bottom(input_ids.to(device), mask, positions, cache)  # hidden (B, T, d) at layer K
-    if privacy is not None:
-        x.hidden = privacy(x.hidden, token_mask)
-    return x
-
-
-def bottom_device(bottom: Bottom) -> torch.device:
-    return next(bottom.parameters()).device
-
-
-def bottom_dtype(bottom: Bottom) -> torch.dtype:
-    return next(bottom.parameters()).dtype
-
-
-def split_loss_fn(
-    bottom: Bottom,
-    remote_top: TopPart,
-    head: Head | None,
-    split_at: int,
-    privacy: HiddenPrivacy | None = None,
-) -> LossFn:
-    """A `LossFn` for `train_prefix` through the split; equals `token_loss_sum` of the whole model
-    when `privacy` is None.
-
-    head=client applies the data party's `head` to the returned hidden states; head=server sends
-    the targets, and the server returns the summed loss and its gradients.
-    """
-    if remote_top.head == "client" and head is None:
-        raise ConfigError("head=client needs the data party's Head (the emulator's final norm and LM head)")
-
-    def loss_fn(batch: Batch, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
-        targets = next_token_targets(batch.labels)  # (B, T)
-        count = int((targets != IGNORE_INDEX).sum())
-        if not count:  # nothing to learn from: skip the round trip
-            return kv.sum() * 0.0, 0
-        x = wire_activations(bottom, batch.input_ids, batch.attention_mask, kv, split_at, privacy)
-        top_kv = kv[split_at:]  # (L - K, 2, n_kv, P, hd)
-        if head is None or remote_top.head == "server":
-            return remote_top.loss(x, top_kv, targets), count
-        return supervised_loss_sum(head, remote_top(x, top_kv), batch.labels)  # hidden (B, T, d)
-
-    return loss_fn
-
-
-@dataclass
-class SplitSession:
-    """Everything the data party needs to run the split model: its emulator parts and the server link."""
-
-    manifest: EmulatorManifest
-    """How the emulator relates to the server's full model."""
-    tokenizer: PreTrainedTokenizerBase
-    """The full model's tokenizer, shipped with the emulator."""
-    client: SplitClient
-    """The link to the server, already checked compatible with `manifest`."""
-    info: ModelInfo
-    """The server's model info."""
-    bottom: Bottom
-    """Embeddings and layers [0, K): the full model's, bit for bit."""
-    head: Head | None
-    """Final norm and LM head, with head=client; None when the server applies them."""
-    remote_top: RemoteTop
-    """Layers [K, L) on the server."""
-    privacy: HiddenPrivacy | None = None
-    """Clipping and noise on the layer-K states before they leave; None sends them as computed."""
-    client_top: ClientTop | None = None
-    """With head=client, layers [L - M, L) (the U-shaped split; none when M = 0), norm and head."""
-    grad_noise: GradientNoiser | None = None
-    """Noise on the gradient sent back with head=client (`gradient_noise`); None = off."""
-
-    @property
-    def client_layers(self) -> int:
-        """M: the top layers kept here (0: the server runs [K, L))."""
-        return 0 if self.client_top is None else self.client_top.client_layers
-
-    @property
-    def split_at(self) -> int:
-        return self.manifest.split_at
-
-    def prefix_config(self, num_virtual_tokens: int) -> PrefixConfig:
-        """A prefix over all L layers of the server's model."""
-        layout = self.info.prefix
-        layers_kv = None if layout.layers_kv is None else tuple((h, k, v) for h, k, v in layout.layers_kv)
-        return PrefixConfig(
-            self.info.num_layers,
-            layout.num_kv_heads,
-            layout.head_dim,
-            num_virtual_tokens,
-            layers_kv=layers_kv,
-        )
-
-    def check_prefix(self, prefix: Prefix, where: str = "the prefix") -> None:
-        """Raise ShapeMismatchError unless `prefix` covers every layer of the server's model."""
-        c, layout = prefix.config, self.info.prefix
-        expected = (self.info.num_layers, layout.num_kv_heads, layout.head_dim)
-        actual = (c.num_layers, c.num_kv_heads, c.head_dim)
-        if expected != actual:
-            hint = ""
-            if c.num_layers == len(self.manifest.kept_layers):
-                hint = " It has the emulator's layout: map it with `splitprefix integrate` first."
-            raise ShapeMismatchError(
-                f"{where} must cover the full model: expected (layers, kv_heads, head_dim) = {expected}, "
-                f"got {actual}.{hint}"
-            )
-
-    def empty_kv(self) -> torch.Tensor:
-        """A prefix with P = 0: the base model."""
-        return torch.zeros(self.prefix_config(1).kv_shape)[:, :, :, :0]
-
-    def loss_fn(self) -> LossFn:
-        if self.client_top is not None and (self.client_layers or self.grad_noise is not None):
-            from splitprefix.data_party.u_split import u_split_loss_fn  # the U-split builds on this module
-
-            top, noise = self.client_top, self.grad_noise
-            return u_split_loss_fn(self.bottom, self.remote_top, top, self.split_at, self.privacy, noise)
-        return split_loss_fn(self.bottom, self.remote_top, self.head, self.split_at, self.privacy)
-
-    def scorer(self) -> Scorer:
-        """The split model for evaluation: batched loss through the server (head=server sends the
-        targets; nothing of size V crosses the wire), and the KV-cached split generation."""
-        from splitprefix.data_party.generate import SplitModel  # generate builds on this module
-
-        loss = self.loss_fn()
-
-        @torch.no_grad()
-        def loss_sum(batch: Batch, kv: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-            return loss(batch, self.empty_kv() if kv is None else kv)
-
-        @torch.no_grad()
-        def generate(
-            ids: torch.Tensor, mask: torch.Tensor, kv: torch.Tensor | None, new: int
-        ) -> torch.Tensor:
-            return SplitModel(self, kv).generate_ids(ids, mask, GenerationConfig(max_new_tokens=new))
-
-        return Scorer(loss_sum, generate)
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def open_split(
-    emulator_dir: str | Path,
-    settings: ClientSettings,
-    privacy: PrivacyConfig | None = None,
-    runtime: RuntimeSettings = RuntimeSettings(),
-) -> SplitSession:
-    """Load the emulator's bottom (and head, for head=client) on `runtime`'s device and dtype, and
-    connect to a compatible server.
-
-    Only those tensors are read from the emulator's file; the kept upper layers are not. With
-    `privacy` enabled, every forward clips and noises the layer-K states before they leave.
-    """
-    manifest = EmulatorManifest.load(emulator_dir)
-    tokenizer = load_tokenizer(emulator_dir)
-    verify_emulator(emulator_dir, manifest)  # hashed once per state of its files
-    if settings.client_layers > manifest.client_layers:
-        raise ConfigError(
-            f"client_layers={settings.client_layers}: the emulator {emulator_dir} ships the full model's last "
-            f"{manifest.client_layers} layers exactly; ask the model party for one built with "
-            f"`emulate --client-layers {settings.client_layers}`"
-        )
-    parts = load_client_parts(
-        emulator_dir,
-        manifest.split_at,
-        settings.head,
-        dtype=runtime.torch_dtype,
-        device=runtime.device,
-        client_layers=settings.client_layers,
-    )
-    logger.warning(HEAD_DISCLOSURE[settings.head])  # what this session's head mode reveals
-    client = SplitClient(settings)
-    try:
-        info = client.check_compatible(manifest)
-    except BaseException:
-        client.close()
-        raise
-    return SplitSession(
-        manifest=manifest,
-        tokenizer=tokenizer,
-        client=client,
-        info=info,
-        bottom=parts.bottom,
-        head=parts.head,
-        remote_top=RemoteTop(client),
-        privacy=HiddenPrivacy(privacy) if privacy is not None and privacy.enabled else None,
-        client_top=parts.client_top,
-    )
 
 
 @dataclass(frozen=True)
@@ -355,7 +108,7 @@ class _Meter:
             return {}
         before = self.session.client.traffic.snapshot()
         s = self.session
-        report = evaluate(s.scorer(), s.tokenizer, self.held_out, prefix().detach(), self.eval_config)
+        report = evaluate(split_scorer(s), s.tokenizer, self.held_out, prefix().detach(), self.eval_config)
         after = s.client.traffic.snapshot()
         self.eval_report = {"eval_loss": report["loss"]}
         self.last = {k: self.last[k] + after[k] - before[k] for k in after}  # not the step's traffic
@@ -434,7 +187,7 @@ def _train(
         eval_config = EvalConfig(max_length=config.max_length, exact_match=config.exact_match)
         began = time.perf_counter()
         report["held_out"] = evaluate(
-            session.scorer(), session.tokenizer, held_out, prefix().detach(), eval_config
+            split_scorer(session), session.tokenizer, held_out, prefix().detach(), eval_config
         )
         report["held_out"]["wall_s"] = round(time.perf_counter() - began, 2)
     spent = run_privacy(session.tokenizer, encoded, held_out, config, train_config, len(history.evals))

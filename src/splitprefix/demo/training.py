@@ -20,7 +20,7 @@ from splitprefix.data.partition import dirichlet_partition
 from splitprefix.data.synthetic import SyntheticTaskConfig, make_task
 from splitprefix.data_party.offsite import OffsiteConfig, integrate, train_offsite
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.split_train import open_split
+from splitprefix.data_party.session import open_split
 from splitprefix.data_party.train import LossFn, TrainConfig, fit_prefix, train_prefix
 from splitprefix.demo.config import DemoConfig
 from splitprefix.federation.local import LocalFederation, run_local_federation

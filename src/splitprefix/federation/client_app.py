@@ -29,7 +29,7 @@ from splitprefix.data_party.accounting import privacy_report, training_releases
 from splitprefix.data_party.offsite import steps_for
 from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.split_train import open_split
+from splitprefix.data_party.session import open_split
 from splitprefix.data_party.train import LossFn, TrainConfig, train_prefix
 from splitprefix.errors import ConfigError, ShapeMismatchError
 from splitprefix.model.prefix import Prefix

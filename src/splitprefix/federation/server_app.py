@@ -26,8 +26,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from splitprefix.data.formats import Example, load_jsonl
+from splitprefix.data_party.generate import split_scorer
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.split_train import SplitSession, SplitTrainConfig, initial_prefix, open_split
+from splitprefix.data_party.session import SplitSession, open_split
+from splitprefix.data_party.split_train import SplitTrainConfig, initial_prefix
 from splitprefix.data_party.train import TrainConfig
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
@@ -253,7 +255,7 @@ class _RoundKeeper:
             return {}
         c, s = self.config, self.session
         report = evaluate(
-            s.scorer(),
+            split_scorer(s),
             s.tokenizer,
             self.held_out,
             kv,
