@@ -13,14 +13,17 @@ from splitprefix.audit.inversion import InversionConfig, invert, train_inverter
 from splitprefix.audit.labels import label_recovery
 from splitprefix.audit.nearest import nearest_neighbour_attack
 from splitprefix.audit.observe import observe
+from splitprefix.audit.run import AuditConfig, run_audit
 from splitprefix.cli.main import app
 from splitprefix.data.batching import encode_examples, resolve_pad_id
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.split import Bottom
 from splitprefix.model_party.corpus import python_topic_documents
+from splitprefix.runtime import RuntimeSettings
 
 runner = CliRunner()
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +146,66 @@ def test_privacy_audit_command_prints_json_with_every_measure(dirs, tmp_path):
     assert off["nearest_neighbour"]["recovery"] > noisy["nearest_neighbour"]["recovery"]
     assert off["privacy"] is None  # the option off: nothing to account
     assert noisy["privacy"]["epsilon"] > 0 and noisy["privacy"]["delta"] == 1e-5
+    assert report["runtime"] == {"device": "cpu", "dtype": "fp32"}  # the defaults
+
+
+def test_privacy_audit_refuses_an_unknown_dtype_before_loading_anything(tmp_path):
+    args = ["privacy-audit", str(tmp_path / "missing"), "--data", str(tmp_path / "x.jsonl"), "--dtype", "fp8"]
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0
+    assert "dtype must be one of" in str(result.exception) + result.output
 
 
 def test_privacy_audit_help_lists_the_options():
-    result = runner.invoke(app, ["privacy-audit", "--help"])
+    result = runner.invoke(app, ["privacy-audit", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for option in ("--data", "--split-at", "--noise", "--clip", "--client-layers", "--grad-noise", "--json"):
+    options = ("--data", "--split-at", "--noise", "--clip", "--client-layers", "--grad-noise", "--json")
+    for option in (*options, "--device", "--dtype"):
         assert option in result.output
+
+
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        pytest.param(("cpu", "bf16"), id="cpu-bf16"),
+        pytest.param(("cuda", "fp32"), id="cuda-fp32", marks=ON_GPU),
+        pytest.param(("cuda", "bf16"), id="cuda-bf16", marks=ON_GPU),
+    ],
+)
+def test_the_audit_runs_on_the_runtime_device_and_dtype_and_reports_them(dirs, tmp_path, runtime):
+    # Prepare: every attack and both label settings (M = 0 and the U-split), without and with noise
+    device, dtype = runtime
+    data = write_jsonl(tmp_path / "train.jsonl")
+    held_out = write_jsonl(tmp_path / "test.jsonl", EXAMPLES[:2])
+    config = AuditConfig(
+        split_at=(1,),
+        noise=(0.0, 1.0),
+        attack_tokens=30,
+        utility_steps=2,
+        prefix_len=2,
+        eval_examples=2,
+        inversion=InversionConfig(train_tokens=500, steps=5),
+        client_layers=(0, 2),
+        known_prefix=True,
+    )
+
+    # Execute
+    report = run_audit(dirs.emulator, data, config, held_out, RuntimeSettings(device, dtype))  # type: ignore[arg-type]
+
+    # Assert
+    assert report["runtime"] == {"device": device, "dtype": dtype}
+    off, noisy = report["settings"]
+    for row in report["settings"]:
+        rates = [row[a]["recovery"] for a in ("nearest_neighbour", "nearest_neighbour_known_prefix")]
+        rates += [row["learned_inversion"]["recovery"], row["head_server_labels"]["recovery"]]
+        rates += [r["recovery"] for r in row["head_client_labels"]]
+        assert all(0 <= r <= 1 for r in rates), rates
+        assert 0 <= row["utility"]["exact_match"] <= 1 and row["utility"]["loss"] > 0
+    assert off["head_server_labels"]["recovery"] == 1.0  # read off the request, whatever the dtype
+    assert off["nearest_neighbour"]["recovery"] > noisy["nearest_neighbour"]["recovery"]
+    # exact in fp32 on any device; in bf16 the attacker's candidates and Jacobians round too
+    exact = [off["nearest_neighbour_known_prefix"]["recovery"], off["head_client_labels"][0]["recovery"]]
+    assert all(r == 1.0 if dtype == "fp32" else r >= 0.9 for r in exact), exact
 
 
 def test_nearest_neighbour_with_the_bottom_prefix_known_recovers_what_an_unknown_one_hides(tiny):

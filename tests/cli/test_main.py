@@ -108,7 +108,9 @@ def test_generate_with_noise_but_no_clip_norm_is_refused(dirs, server):
     assert "needs clip_norm" in str(result.exception)
 
 
-@pytest.mark.parametrize("command", ["train-offsite", "train", "eval", "generate", "gateway"])
+@pytest.mark.parametrize(
+    "command", ["train-offsite", "train", "eval", "generate", "gateway", "privacy-audit"]
+)
 def test_every_data_party_command_takes_a_device_and_a_dtype(command):
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output

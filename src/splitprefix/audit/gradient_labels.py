@@ -115,7 +115,7 @@ def gradient_observations(
             continue
         loss.backward()
         (x,), (grad,) = top.seen, top.grads
-        truth = next_token_targets(batch.labels)
+        truth = next_token_targets(batch.labels).to(grad.device)  # scored where the gradients lie
         for b in range(len(truth)):
             rows.append(
                 GradientObservation(
@@ -143,12 +143,14 @@ def best_targets(jacobian: torch.Tensor, probs: torch.Tensor, grad: torch.Tensor
 def head_jacobian(head: Head, hidden: torch.Tensor, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """d logits / d h (n, V, d) and softmax(logits) (n, V) of the head at each state of `hidden` (n, d)."""
 
+    dtype = next(head.parameters()).dtype  # the head's own dtype; the Jacobian comes back in fp32
+
     def token_logits(h: torch.Tensor) -> torch.Tensor:
-        return head(h[None])[0].float()  # (V,)
+        return head(h[None].to(dtype))[0].float()  # (V,)
 
     jac = torch.cat([vmap(jacfwd(token_logits))(part) for part in hidden.split(chunk)])
     with torch.no_grad():
-        probs = head(hidden).float().softmax(-1)
+        probs = head(hidden.to(dtype)).float().softmax(-1)
     return jac, probs
 
 
@@ -159,9 +161,11 @@ class TopGuess:
         self.top = ClientTop(model, client_layers)
         self.guess = guess
         self.dims = model_dims(model.config)
+        self.dtype = model.dtype
 
     def __call__(self, hidden: torch.Tensor, obs: GradientObservation) -> torch.Tensor:
-        """h_L (n, T, d) for `n` copies `hidden` (n, T, d) of a row's h_{L-M}."""
+        """h_L (n, T, d) for `n` copies `hidden` (n, T, d) of a row's h_{L-M}, in the model's dtype."""
+        hidden = hidden.to(self.dtype)  # differentiable: the Jacobian reaches the fp32 copies
         n, p = hidden.shape[0], obs.attention_mask.shape[1] - hidden.shape[1]
         mask, positions = obs.attention_mask.expand(n, -1), obs.positions.expand(n, -1)
         if self.guess == "none":
@@ -179,7 +183,7 @@ def local_jacobians(upper: TopGuess, obs: GradientObservation) -> tuple[torch.Te
     copies = obs.hidden.expand(d, t, d).clone().requires_grad_(True)  # (d, T, d)
     with torch.enable_grad():
         out = upper(copies, obs)  # (d, T, d)
-        cotangent = torch.eye(d, dtype=out.dtype)[:, None, :].expand(d, t, d)
+        cotangent = torch.eye(d, dtype=out.dtype, device=out.device)[:, None, :].expand(d, t, d)
         (grad,) = torch.autograd.grad(out, copies, cotangent)  # grad[i, t] = row i of E[t]
     return out[0].detach(), grad.transpose(0, 1)
 

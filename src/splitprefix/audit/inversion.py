@@ -92,11 +92,13 @@ def public_sequences(
 def attacker_states(
     bottom: Bottom, ids: torch.Tensor, offset: int, privacy: PrivacyConfig, batch: int = 32
 ) -> torch.Tensor:
-    """Privatised layer-K states (N * T, d) of public rows `ids` (N, T), positions from `offset`."""
+    """Privatised layer-K states (N * T, d, fp32) of public rows `ids` (N, T), positions from `offset`,
+    on the bottom's device."""
     seed = 0 if privacy.seed is None else privacy.seed + 1
     generator = torch.Generator().manual_seed(seed)  # the attacker's own noise, not the data party's
+    device = embedding_matrix(bottom).device
     out = []
-    for rows in ids.split(batch):
+    for rows in ids.to(device).split(batch):
         mask = torch.ones_like(rows)
         x = bottom(rows, mask, token_positions(mask, offset))
         out.append(privatize(x.hidden.float(), mask, privacy, generator).flatten(0, 1))
@@ -111,16 +113,20 @@ def train_inverter(
     privacy: PrivacyConfig,
     config: InversionConfig,
 ) -> Inverter:
-    """Fit an `Inverter` to public text's privatised layer-K states at prefix offset `offset`."""
+    """Fit an `Inverter` to public text's privatised layer-K states at prefix offset `offset`.
+
+    The attacker learns in fp32, whatever the bottom's dtype, on the bottom's device."""
     ids = public_sequences(tokenizer, documents, config)
-    states, targets = attacker_states(bottom, ids, offset, privacy), ids.flatten()
-    torch.manual_seed(config.seed)
+    states = attacker_states(bottom, ids, offset, privacy)
+    targets = ids.flatten().to(states.device)
+    torch.manual_seed(config.seed)  # initialised on the CPU, so every device starts from the same network
     embeddings = embedding_matrix(bottom)
     model = Inverter(embeddings, states.mean(0), states.std(0).clamp(min=1e-6), config.hidden)
+    model.to(states.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     for _ in range(config.steps):
-        pick = torch.randint(0, len(states), (config.batch_size,), generator=generator)
+        pick = torch.randint(0, len(states), (config.batch_size,), generator=generator).to(states.device)
         loss = F.cross_entropy(model(states[pick]), targets[pick])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -130,5 +136,5 @@ def train_inverter(
 
 @torch.no_grad()
 def invert(model: Inverter, states: torch.Tensor) -> torch.Tensor:
-    """The most likely token (T,) for each state (T, d)."""
-    return model(states.float()).argmax(-1)
+    """The most likely token (T,) for each state (T, d), on the inverter's device."""
+    return model(states.to(model.embeddings.device, torch.float32)).argmax(-1)

@@ -33,7 +33,7 @@ def _context_cache(
     config = bottom.stack.config
     cache = prefix_cache(kv, config, 1) if kv is not None and p else DynamicCache(config=config)
     if len(context):
-        mask = torch.ones(1, p + len(context), dtype=torch.long)
+        mask = torch.ones(1, p + len(context), dtype=torch.long, device=context.device)
         bottom(context[None], mask, positions[None], cache)
     cache.batch_repeat_interleave(batch)
     return cache
@@ -43,14 +43,14 @@ def _candidate_states(
     bottom: Bottom, context: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor | None, chunk: int
 ) -> torch.Tensor:
     """Layer-K states (V, d) of every vocabulary token at `positions[-1]`, after `context` (t,)."""
-    vocab = vocab_size(bottom)
+    vocab, device = vocab_size(bottom), context.device
     keys = len(context) + 1 + (0 if kv is None else kv.shape[3])
     states = []
     for start in range(0, vocab, chunk):
-        ids = torch.arange(start, min(start + chunk, vocab))[:, None]  # (c, 1)
+        ids = torch.arange(start, min(start + chunk, vocab), device=device)[:, None]  # (c, 1)
         n = ids.shape[0]
         cache = _context_cache(bottom, context, positions[:-1], kv, n)
-        mask = torch.ones(n, keys, dtype=torch.long)
+        mask = torch.ones(n, keys, dtype=torch.long, device=device)
         x = bottom(ids, mask, positions[-1:].expand(n, 1), cache)
         states.append(x.hidden[:, 0].float())  # (c, d)
     return torch.cat(states)
@@ -80,14 +80,17 @@ def nearest_neighbour_attack(
 
     `bottom_kv` (K, 2, n_kv, P, hd) is the data party's prefix for layers [0, K), for an attacker
     that has learnt it (e.g. as the aggregator of a federation); None runs the layers without one.
+    The guess lies on the bottom's device.
     """
-    guesses = torch.zeros(0, dtype=torch.long)
-    for t in range(len(observation.hidden)):
-        candidates = _candidate_states(
-            bottom, guesses, observation.positions[: t + 1], bottom_kv, chunk
-        )  # (V, d)
+    weight = embedding_matrix(bottom)
+    guesses = torch.zeros(0, dtype=torch.long, device=weight.device)
+    positions, observed = observation.positions.to(weight.device), observation.hidden.to(weight.device)
+    if bottom_kv is not None:
+        bottom_kv = bottom_kv.to(weight.device, weight.dtype)
+    for t in range(len(observed)):
+        candidates = _candidate_states(bottom, guesses, positions[: t + 1], bottom_kv, chunk)  # (V, d)
         if clip_norm is not None:
             candidates = clip_tokens(candidates, clip_norm)
-        best = (candidates - observation.hidden[t]).pow(2).sum(-1).argmin()
+        best = (candidates - observed[t].float()).pow(2).sum(-1).argmin()
         guesses = torch.cat([guesses, best.view(1)])
     return guesses

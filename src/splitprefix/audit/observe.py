@@ -43,6 +43,11 @@ class LocalTop(nn.Module):
 
     def forward(self, x: Activations, top_kv: torch.Tensor) -> torch.Tensor:
         """head=client: hidden states (B, T, d) after layer L - M; head=server: logits (B, T, V)."""
+        weight = next(self.top.parameters())
+        device, dtype = weight.device, weight.dtype
+        # as the server does: what arrives is cast to its device and dtype (differentiably: grads reach kv)
+        top_kv = top_kv.to(device, dtype)
+        x = Activations(x.hidden.to(device, dtype), x.attention_mask.to(device), x.positions.to(device))
         batch, p = x.hidden.shape[0], top_kv.shape[3]
         config = self.top.stack.config
         cache = prefix_cache(top_kv, config, batch, first_layer=self.split_at) if p else None
@@ -50,7 +55,8 @@ class LocalTop(nn.Module):
 
     def loss(self, x: Activations, top_kv: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """head=server: the summed cross-entropy of `targets` (B, T), as the server computes it."""
-        self.seen_targets.append(targets.detach())
+        self.seen_targets.append(targets.detach())  # as the request carries them
+        targets = targets.to(next(self.top.parameters()).device)
         supervised = targets != IGNORE_INDEX
         logits = self(x, top_kv)[supervised]  # (N, V)
         return F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
@@ -63,9 +69,9 @@ class Observation:
     token_ids: torch.Tensor
     """The true input tokens (T,): what the attacker tries to recover, never sent."""
     hidden: torch.Tensor
-    """The layer-K states as sent (T, d)."""
+    """The layer-K states as sent (T, d), in fp32 on the bottom's device."""
     positions: torch.Tensor
-    """The position ids as sent (T,)."""
+    """The position ids as sent (T,), on the bottom's device."""
 
 
 @torch.no_grad()

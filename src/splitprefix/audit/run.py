@@ -34,7 +34,7 @@ from splitprefix.data_party.accounting import held_out_releases, privacy_report,
 from splitprefix.data_party.gradient_noise import GradientNoise, GradientNoiser
 from splitprefix.data_party.offsite import split_held_out
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
-from splitprefix.data_party.session import run_split, split_loss_fn
+from splitprefix.data_party.session import bottom_device, run_split, split_loss_fn
 from splitprefix.data_party.train import TrainConfig, train_prefix
 from splitprefix.data_party.u_split import u_split_loss_fn
 from splitprefix.errors import ConfigError
@@ -44,6 +44,7 @@ from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig
 from splitprefix.model.split import Bottom, ClientTop, Head, check_split_at
 from splitprefix.model_party.corpus import python_topic_documents
+from splitprefix.runtime import RuntimeSettings
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,15 @@ class _Target:
 
 
 def run_audit(
-    emulator_dir: Path, data: Path, config: AuditConfig, eval_data: Path | None = None
+    emulator_dir: Path,
+    data: Path,
+    config: AuditConfig,
+    eval_data: Path | None = None,
+    runtime: RuntimeSettings = RuntimeSettings(),
 ) -> dict[str, Any]:
-    """Audit every (K, sigma) of `config` on the data party's `data`; returns the JSON report."""
-    target, default_k = _load(emulator_dir, data, config, eval_data)
+    """Audit every (K, sigma) of `config` on the data party's `data`, the model on `runtime`'s device
+    and dtype (the prefixes and the inversion attacker learn in fp32); returns the JSON report."""
+    target, default_k = _load(emulator_dir, data, config, eval_data, runtime)
     rows = [
         _audit_setting(target, k, sigma, config)
         for k in (config.split_at or (default_k,))
@@ -126,6 +132,7 @@ def run_audit(
         "n_train": len(target.train),
         "n_held_out": len(target.held_out),
         "config": asdict(config),
+        "runtime": asdict(runtime),
         "attacker": ATTACKER,
         "settings": rows,
     }
@@ -140,7 +147,9 @@ ATTACKER = (
 )
 
 
-def _load(emulator_dir: Path, data: Path, config: AuditConfig, eval_data: Path | None) -> tuple[_Target, int]:
+def _load(
+    emulator_dir: Path, data: Path, config: AuditConfig, eval_data: Path | None, runtime: RuntimeSettings
+) -> tuple[_Target, int]:
     if (Path(emulator_dir) / MANIFEST_FILE).is_file():
         manifest = EmulatorManifest.load(emulator_dir)
         base, default_k = manifest.base_model, manifest.split_at
@@ -150,7 +159,8 @@ def _load(emulator_dir: Path, data: Path, config: AuditConfig, eval_data: Path |
         )
     else:
         base, default_k = str(emulator_dir), config.split_at[0]
-    model, tokenizer = load_causal_lm(base), load_tokenizer(emulator_dir)
+    model = load_causal_lm(base, runtime.torch_dtype, device=runtime.device)
+    tokenizer = load_tokenizer(emulator_dir)
     train, held_out = split_held_out(load_jsonl(data), 0.1, eval_data)
     if not held_out:
         raise ConfigError(f"{data} holds too few examples to keep 10% back; give --eval-data")
@@ -172,10 +182,10 @@ def _privacy(target: _Target, bottom: Bottom, sigma: float, config: AuditConfig)
 def _median_norm(target: _Target, bottom: Bottom, config: AuditConfig) -> float:
     """Median L2 norm of layer-K token states of a slice of public text."""
     sample = InversionConfig(train_tokens=2_000, seq_len=config.inversion.seq_len)
-    ids = public_sequences(target.tokenizer, target.public, sample)
+    ids = public_sequences(target.tokenizer, target.public, sample).to(bottom_device(bottom))
     mask = torch.ones_like(ids)
     states = bottom(ids, mask, mask.cumsum(1) - 1).hidden
-    return round(float(states.norm(dim=-1).median()), 2)
+    return round(float(states.float().norm(dim=-1).median()), 2)
 
 
 def _audit_setting(target: _Target, k: int, sigma: float, config: AuditConfig) -> dict[str, Any]:
@@ -285,7 +295,7 @@ def _session(privacy: PrivacyConfig) -> HiddenPrivacy | None:
 
 def _rate(observations: list[Observation], attack: Any) -> dict[str, float | int]:
     """Fraction of tokens the attack recovers exactly, over every observed position."""
-    hits = sum(int((attack(o) == o.token_ids).sum()) for o in observations)
+    hits = sum(int((attack(o).cpu() == o.token_ids).sum()) for o in observations)  # the truth is on the CPU
     total = sum(len(o.token_ids) for o in observations)
     return {"recovery": hits / total, "n_tokens": total}
 

@@ -9,6 +9,7 @@ import typer
 
 from splitprefix.audit.inversion import InversionConfig
 from splitprefix.audit.run import AuditConfig
+from splitprefix.cli.train import DEVICE_OPTION, DTYPE_OPTION, runtime_settings
 
 
 def privacy_audit_command(
@@ -54,10 +55,13 @@ def privacy_audit_command(
         help="Also attack with the data party's bottom prefix known (a federation's aggregator).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
 ) -> None:
     """Play the curious model party: token recovery rates and utility for each K and noise level."""
     from splitprefix.audit.run import run_audit
 
+    runtime = runtime_settings(device, dtype)  # settings first: a typo fails before any loading
     config = AuditConfig(
         split_at=tuple(split_at),
         noise=tuple(noise),
@@ -72,7 +76,7 @@ def privacy_audit_command(
         grad_noise=tuple(grad_noise),
         inversion=InversionConfig(train_tokens=inversion_tokens, steps=inversion_steps, seed=seed),
     )
-    report = run_audit(emulator, data, config, eval_data)
+    report = run_audit(emulator, data, config, eval_data, runtime)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

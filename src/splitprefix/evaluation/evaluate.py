@@ -76,13 +76,13 @@ def greedy_generate(
     sequence for every token, for a model that keeps no KV cache (the audit's stand-in server).
 
     Matches `generate_with_prefix`: rows that hit EOS are padded with `pad_token_id`, and the loop
-    stops once every row has.
+    stops once every row has. The tokens lie on `input_ids`' device, wherever `logits_fn` computes.
     """
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
         logits = logits_fn(input_ids, token_mask, kv)[:, -1]  # (B, V)
-        token = logits.argmax(dim=-1).masked_fill(finished, pad_token_id)  # (B,)
+        token = logits.argmax(dim=-1).to(input_ids.device).masked_fill(finished, pad_token_id)  # (B,)
         new.append(token)
         if eos_token_id is not None:
             finished |= token == eos_token_id
