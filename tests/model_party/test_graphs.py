@@ -17,7 +17,7 @@ class FakeClock:
 
 def _graph(nbytes: int = 10) -> HeldGraph:
     leaf = torch.zeros(1)
-    return HeldGraph(output=leaf, inputs=(leaf, leaf), head="client", nbytes=nbytes)
+    return HeldGraph(output=leaf, inputs=(leaf, leaf), nbytes=nbytes)
 
 
 def _store(

@@ -221,7 +221,7 @@ class TopBackend:
             saved.add(leaf)
         # the layers' inputs, which the checkpoints keep, are not saved tensors that autograd reports
         layer_inputs = (len(self.stacks[client_layers].layers) - 1) * output.nbytes
-        return HeldGraph(output=output, inputs=leaves, head="client", nbytes=saved.nbytes + layer_inputs)
+        return HeldGraph(output=output, inputs=leaves, nbytes=saved.nbytes + layer_inputs)
 
     def _run(
         self, inputs: ForwardInputs, requires_grad: bool, checkpointed: bool = False, client_layers: int = 0

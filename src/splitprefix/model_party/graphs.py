@@ -24,8 +24,6 @@ class HeldGraph:
     """The forward's output, still attached to the graph."""
     inputs: tuple[torch.Tensor, torch.Tensor]
     """The leaves whose gradients the backward returns: hidden (B, T, d) and prefix_kv."""
-    head: str
-    """Head mode of the forward, so a backward in the other mode is refused."""
     nbytes: int
     """Memory the graph keeps alive: its inputs and the activations saved for backward."""
     created: float = field(default=0.0)
