@@ -17,20 +17,14 @@ from splitprefix.data_party.session import open_split
 from splitprefix.errors import ConfigError
 from splitprefix.federation.client_app import (
     SECAGG_STATE,
-    PartyConfig,
     _SecureParty,
     check_weight,
     make_client_app,
     round_number,
     secagg_max_weight,
 )
-from splitprefix.federation.server_app import (
-    PREFIX_DIR,
-    STATE_FILE,
-    FederationConfig,
-    PrefixFedAvg,
-    resume_or_init,
-)
+from splitprefix.federation.config import FederationConfig, PartyConfig
+from splitprefix.federation.server_app import PREFIX_DIR, STATE_FILE, PrefixFedAvg, resume_or_init
 from splitprefix.model.loading import load_causal_lm
 from splitprefix.model.prefix import Prefix, PrefixConfig
 

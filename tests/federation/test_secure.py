@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
+from splitprefix.federation.config import FederationConfig
 from splitprefix.federation.secure import SecureFedAvg
-from splitprefix.federation.server_app import FederationConfig
 
 
 class Keeper:

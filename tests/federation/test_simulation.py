@@ -13,13 +13,9 @@ from split_helpers import EXAMPLES, server_settings, write_jsonl
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.session import open_split
 from splitprefix.federation import weighted_average
-from splitprefix.federation.client_app import (
-    PartyConfig,
-    make_client_app,
-    make_secure_client_app,
-    train_round,
-)
-from splitprefix.federation.server_app import FederationConfig, make_server_app, resume_or_init
+from splitprefix.federation.client_app import make_client_app, make_secure_client_app, train_round
+from splitprefix.federation.config import FederationConfig, PartyConfig
+from splitprefix.federation.server_app import make_server_app, resume_or_init
 from splitprefix.model.prefix import Prefix
 from splitprefix.model_party.app import create_app
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import typer
 
 from splitprefix.cli.train import DEVICE_OPTION, DTYPE_OPTION, runtime_settings
-from splitprefix.federation.client_app import PartyConfig
-from splitprefix.federation.server_app import FederationConfig
+from splitprefix.federation.config import FederationConfig, PartyConfig
 
 
 def federate_command(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,14 +26,11 @@ from splitprefix.data.batching import Batch, encode_examples, resolve_pad_id
 from splitprefix.data.formats import load_jsonl
 from splitprefix.data_party.accounting import privacy_report, training_releases
 from splitprefix.data_party.offsite import steps_for
-from splitprefix.data_party.privacy import PrivacyConfig
-from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.session import open_split
 from splitprefix.data_party.train import LossFn, TrainConfig, train_prefix
 from splitprefix.errors import ConfigError, ShapeMismatchError
+from splitprefix.federation.config import FlowerConfig, PartyConfig
 from splitprefix.model.prefix import Prefix
-from splitprefix.runtime import DtypeName, RuntimeSettings
-from splitprefix.wire.schemas import HeadMode
 
 logger = logging.getLogger(__name__)
 
@@ -47,153 +43,8 @@ TRAIN_LOSS = "train-loss"
 SERVER_ROUND = "server-round"
 """ConfigRecord key of the round number the server sends with the joint prefix."""
 
-FlowerConfig = Mapping[str, bool | float | int | str]
-
-PARTY_ONLY_KEYS = frozenset(
-    {
-        "emulator-dir",
-        "server-url",
-        "token",
-        "tokens",
-        "head",
-        "client-layers",  # the top layers the party keeps (U-shaped split)
-        "clip-norm",
-        "noise-multiplier",
-        "noise-seed",
-        "data-file",
-        "data-files",
-        "device",
-        "dtype",
-    }
-)
-"""Keys a party takes only from its own node config (or the code that builds its app), never from
-the run config: with them the run's operator could send the party's states and token to its own
-host, move its labels onto the wire, or turn off its noise."""
 SECAGG_STATE = "secaggplus_state"
 """ConfigRecord in the party's Context where Flower's `secaggplus_mod` keeps its state."""
-
-
-def refuse_party_keys(run_config: FlowerConfig) -> None:
-    """Raise `ConfigError` when the run config sets a key of `PARTY_ONLY_KEYS` ("" is unset)."""
-    overridden = sorted(k for k, v in run_config.items() if k in PARTY_ONLY_KEYS and v != "")
-    if overridden:
-        raise ConfigError(
-            f"the run config sets {overridden}, which a party takes only from its own node config "
-            "(--node-config of its SuperNode): the run's operator may not choose where a party sends "
-            "its states and token, its head, its noise, its data or its emulator (the operator's own "
-            "evaluation connection is set with operator-emulator-dir, operator-server-url, "
-            "operator-token and operator-head)"
-        )
-
-
-def config_fields(cls: type, config: FlowerConfig, required: set[str], what: str) -> dict[str, Any]:
-    """The dataclass `cls`'s fields from kebab-case Flower config keys; "" means unset.
-
-    Raises `ConfigError` naming `what` when a field of `required` has no value.
-    """
-    known = {f.name for f in fields(cls)}
-    values = {k.replace("-", "_"): v for k, v in config.items() if k.replace("-", "_") in known and v != ""}
-    missing = sorted(required - set(values))
-    if missing:
-        raise ConfigError(f"{what} lacks {[m.replace('_', '-') for m in missing]}")
-    return values
-
-
-@dataclass(frozen=True)
-class PartyConfig:
-    """One data party's settings for every round."""
-
-    emulator_dir: str
-    """The emulator this party received from the model party."""
-    server_url: str
-    """Base URL of the model party's `splitprefix serve`."""
-    data_file: str
-    """This party's training JSONL file."""
-    head: HeadMode = "client"
-    """Where the final norm and LM head run ('client', the default, keeps the targets off the wire)."""
-    client_layers: int = 0
-    """M: also keep the top M layers here (the U-shaped split; head=client, an emulator that ships them)."""
-    token: str | None = None
-    """Bearer token the model party issued to this party."""
-    clip_norm: float | None = None
-    """C: each token's layer-K state is clipped to this L2 norm before it leaves; None = off."""
-    noise_multiplier: float = 0.0
-    """sigma: Gaussian noise of std sigma * C on every sent coordinate (needs clip_norm)."""
-    noise_seed: int | None = None
-    """None = fresh noise from the OS's cryptographic source; an int replays it (tests only)."""
-    local_steps: int = 10
-    """Optimiser steps per round (ignored when local_epochs is set)."""
-    local_epochs: float | None = None
-    """Passes over the party's data per round; overrides local_steps."""
-    batch_size: int = 8
-    """Examples per step."""
-    lr: float = 0.1
-    """Peak AdamW learning rate of each round."""
-    warmup_steps: int = 0
-    """Linear warm-up steps at the start of each round."""
-    max_length: int = 128
-    """Tokens kept per example."""
-    seed: int = 0
-    """Seed of the data order; round r uses seed + r, so rounds see different batches."""
-    device: str = "cpu"
-    """Torch device of this party's model parts (cpu, cuda, cuda:N, mps)."""
-    dtype: DtypeName = "fp32"
-    """Dtype of this party's frozen model parts (the prefix stays fp32)."""
-
-    def __post_init__(self) -> None:
-        if self.local_epochs is not None and self.local_epochs <= 0:
-            raise ConfigError(f"local_epochs must be > 0; got {self.local_epochs}")
-        self.train_config(1)  # validates steps, batch size and lr
-        self.privacy()  # validates clip and noise
-        self.runtime()  # validates the device and dtype
-
-    def runtime(self) -> RuntimeSettings:
-        return RuntimeSettings(self.device, self.dtype)
-
-    @classmethod
-    def from_flower(
-        cls, run_config: FlowerConfig, node_config: FlowerConfig, defaults: FlowerConfig | None = None
-    ) -> PartyConfig:
-        """Fields from kebab-case keys (`emulator-dir`, `local-steps`, ...).
-
-        `defaults` (set by the code that builds this party's app) are overridden by the run
-        config, then by `node_config`; `refuse_party_keys` stops the run config from setting a
-        `PARTY_ONLY_KEYS` one, so those are the party's own. An empty string means unset. Without
-        `data-file`, the party takes entry `partition-id` of the comma-separated `data-files`;
-        likewise `token` from `tokens`.
-        """
-        refuse_party_keys(run_config)
-        merged = {**(defaults or {}), **run_config, **node_config}
-        for one, many in (("data-file", "data-files"), ("token", "tokens")):
-            if one not in merged and many in merged:
-                entries = str(merged[many]).split(",")
-                index = int(merged.get("partition-id", -1))
-                if not 0 <= index < len(entries):
-                    raise ConfigError(f"partition-id {index} has no entry in {many} ({len(entries)} entries)")
-                merged[one] = entries[index].strip()
-        values = config_fields(cls, merged, {"emulator_dir", "server_url", "data_file"}, "the party's config")
-        return cls(**values)
-
-    def client_settings(self) -> ClientSettings:
-        return ClientSettings(
-            self.server_url, token=self.token, head=self.head, client_layers=self.client_layers
-        )
-
-    def privacy(self) -> PrivacyConfig | None:
-        """The clipping and noise on this party's sent states; None when off."""
-        if self.clip_norm is None and self.noise_multiplier == 0:
-            return None
-        return PrivacyConfig(self.clip_norm, self.noise_multiplier, self.noise_seed)
-
-    def train_config(self, server_round: int) -> TrainConfig:
-        return TrainConfig(
-            steps=self.local_steps,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            warmup_steps=self.warmup_steps,
-            seed=self.seed + server_round,
-            checkpoint_every=0,
-        )
 
 
 class PartyRound(NamedTuple):

@@ -20,14 +20,9 @@ from flwr.simulation import run_simulation
 from splitprefix.data.formats import Example, load_jsonl, write_jsonl
 from splitprefix.data.partition import dirichlet_partition
 from splitprefix.errors import ConfigError
-from splitprefix.federation.client_app import (
-    PARTY_ONLY_KEYS,
-    FlowerConfig,
-    PartyConfig,
-    make_client_app,
-    make_secure_client_app,
-)
-from splitprefix.federation.server_app import ROUNDS_FILE, FederationConfig, make_server_app
+from splitprefix.federation.client_app import make_client_app, make_secure_client_app
+from splitprefix.federation.config import PARTY_ONLY_KEYS, FederationConfig, FlowerConfig, PartyConfig
+from splitprefix.federation.server_app import ROUNDS_FILE, make_server_app
 from splitprefix.files import write_json
 from splitprefix.model.emulator import EmulatorManifest
 from splitprefix.model_party.child import serve_in_child

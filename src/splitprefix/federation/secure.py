@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from splitprefix.federation.client_app import KV_KEY, SERVER_ROUND
 
 if TYPE_CHECKING:
-    from splitprefix.federation.server_app import FederationConfig
+    from splitprefix.federation.config import FederationConfig
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,124 +31,19 @@ from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.session import SplitSession, open_split
 from splitprefix.data_party.split_train import SplitTrainConfig, initial_prefix
 from splitprefix.data_party.train import TrainConfig
-from splitprefix.errors import ConfigError
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
-from splitprefix.federation.client_app import (
-    KV_KEY,
-    NUM_EXAMPLES,
-    FlowerConfig,
-    PartyConfig,
-    config_fields,
-    refuse_party_keys,
-)
+from splitprefix.federation.client_app import KV_KEY, NUM_EXAMPLES
+from splitprefix.federation.config import FederationConfig, FlowerConfig
 from splitprefix.federation.secure import run_secure_rounds
 from splitprefix.federation.traffic import CountingGrid
 from splitprefix.model.prefix import Prefix
-from splitprefix.wire.schemas import HeadMode
 
 logger = logging.getLogger(__name__)
 
-OPERATOR_PREFIX = "operator-"
-OPERATOR_KEYS = ("emulator-dir", "server-url", "token", "head")
 """The operator's own connection, under `operator-` in the run config (`operator-server-url`)."""
 PREFIX_DIR = "prefix"
 STATE_FILE = "state.json"
 ROUNDS_FILE = "rounds.jsonl"
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    """The operator's settings for a federation."""
-
-    emulator_dir: str
-    """The operator's emulator: it gives the prefix layout and runs the held-out evaluation."""
-    server_url: str
-    """Base URL of the model party's server."""
-    out_dir: str
-    """Where the joint prefix, `state.json` and `rounds.jsonl` go."""
-    num_rounds: int = 3
-    """Rounds in all, counting those of a resumed run."""
-    min_parties: int = 2
-    """Parties that must be connected before a round starts; all of them are sampled."""
-    min_replies: int = 1
-    """Successful replies a round needs to change the joint prefix; fewer keep the old one."""
-    prefix_len: int = 16
-    """Virtual tokens P of a fresh prefix (ignored with init)."""
-    init: str | None = None
-    """Full-layout prefix directory to start from; None = seeded random."""
-    eval_data: str | None = None
-    """Operator's held-out JSONL, evaluated after every round; None = no evaluation."""
-    exact_match: bool = False
-    """Also generate and score exact match in each evaluation (slower)."""
-    max_length: int = 128
-    """Tokens kept per evaluation example."""
-    head: HeadMode = "client"
-    """Where the operator's evaluation runs the final norm and LM head."""
-    token: str | None = None
-    """Bearer token of the operator at the model party's server."""
-    round_timeout_s: float = 3600.0
-    """Seconds a round waits for the parties' replies."""
-    seed: int = 0
-    """Seed of the fresh prefix."""
-    secure: bool = False
-    """Aggregate with SecAgg+: the server learns only the weighted sum (parties run `secure_app`)."""
-    secagg_max_weight: float = 1000.0
-    """SecAgg+: the largest num-examples a party reports in a round; keep it tight (docs/federation.md)."""
-    secagg_clipping_range: float = 8.0
-    """SecAgg+: prefix values are clipped to [-range, range] before quantisation."""
-    secagg_threshold: float = 0.67
-    """SecAgg+: share of the key shares needed to unmask; more is more private, less drop-tolerant."""
-    local_steps: int = PartyConfig.local_steps
-    """The parties' optimiser steps per round (from the run config): bounds their num-examples."""
-    batch_size: int = PartyConfig.batch_size
-    """The parties' examples per step (from the run config): bounds their num-examples."""
-    local_epochs: float | None = None
-    """The parties' passes over their data per round, when the run config sets it."""
-    max_examples: int = 0
-    """Largest num-examples a party may report per round; 0 = local_steps x batch_size."""
-
-    def __post_init__(self) -> None:
-        if self.num_rounds < 1 or self.min_parties < 1 or self.min_replies < 1:
-            raise ConfigError(
-                "num_rounds, min_parties and min_replies must be >= 1; got "
-                f"{self.num_rounds}, {self.min_parties}, {self.min_replies}"
-            )
-        if self.min_replies > self.min_parties:
-            raise ConfigError(f"min_replies {self.min_replies} exceeds min_parties {self.min_parties}")
-        if self.secagg_max_weight <= 0 or self.secagg_clipping_range <= 0:
-            raise ConfigError(
-                "secagg_max_weight and secagg_clipping_range must be > 0; got "
-                f"{self.secagg_max_weight}, {self.secagg_clipping_range}"
-            )
-        if not 0 < self.secagg_threshold <= 1:
-            raise ConfigError(f"secagg_threshold must be in (0, 1]; got {self.secagg_threshold}")
-        if self.max_examples < 0 or (self.local_epochs is not None and self.max_examples == 0):
-            raise ConfigError(
-                f"max_examples must be >= 1, or 0 for local_steps x batch_size without local_epochs; got "
-                f"{self.max_examples} with local_epochs {self.local_epochs} (a party's count then "
-                "depends on its data size, which the server does not know)"
-            )
-
-    @property
-    def examples_bound(self) -> int:
-        """The largest num-examples a party may report in a round."""
-        return self.max_examples or self.local_steps * self.batch_size
-
-    @classmethod
-    def from_flower(cls, run_config: FlowerConfig) -> FederationConfig:
-        """Fields from kebab-case run-config keys (`operator-server-url`, `num-rounds`, ...); "" means unset.
-
-        The operator's emulator, server URL, token and head are `operator-*` keys, because the
-        parties refuse a run config that sets their own (`PARTY_ONLY_KEYS`).
-        """
-        refuse_party_keys(run_config)
-        renamed = {
-            (k.removeprefix(OPERATOR_PREFIX) if k.removeprefix(OPERATOR_PREFIX) in OPERATOR_KEYS else k): v
-            for k, v in run_config.items()
-        }
-        required = {"emulator_dir", "server_url", "out_dir"}
-        values = config_fields(cls, renamed, required, "the run config (operator-emulator-dir, ...)")
-        return cls(**values)
 
 
 class PrefixFedAvg(FedAvg):
