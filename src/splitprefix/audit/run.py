@@ -237,12 +237,8 @@ def _noise_grid(k: int, num_layers: int, config: AuditConfig) -> list[tuple[int,
     return [(m, rho) for m in config.client_layers if k < num_layers - m for rho in config.grad_noise]
 
 
-def _noised(
-    target: _Target, bottom: Bottom, k: int, m: int, rho: float, config: AuditConfig
-) -> dict[str, Any]:
-    """Train a prefix through the U-split (M = m) with noised gradients; its utility and what its
-    final prefix's noised gradients give away (the privacy option on the states is off here)."""
-    model, top = target.model, LocalTop(target.model, k, "client", m)
+def _victim_prefix(model: PreTrainedModel, config: AuditConfig) -> tuple[Prefix, TrainConfig]:
+    """The data party's seeded starting prefix and its training settings, the same in every setting."""
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         prefix = Prefix(PrefixConfig.for_model(model.config, config.prefix_len))
@@ -253,6 +249,16 @@ def _noised(
         seed=config.seed,
         checkpoint_every=0,
     )
+    return prefix, train
+
+
+def _noised(
+    target: _Target, bottom: Bottom, k: int, m: int, rho: float, config: AuditConfig
+) -> dict[str, Any]:
+    """Train a prefix through the U-split (M = m) with noised gradients; its utility and what its
+    final prefix's noised gradients give away (the privacy option on the states is off here)."""
+    model, top = target.model, LocalTop(target.model, k, "client", m)
+    prefix, train = _victim_prefix(model, config)
     noiser = GradientNoiser(GradientNoise(rho))
     loss_fn = u_split_loss_fn(bottom, top, ClientTop(model, m), k, None, noiser)
     pad_id = resolve_pad_id(target.tokenizer)
@@ -305,16 +311,7 @@ def _utility(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Train a prefix through the privatised split; its kv and held-out loss and exact match."""
     model, top, head = target.model, LocalTop(target.model, k, "client"), Head(target.model)
-    with torch.random.fork_rng():
-        torch.manual_seed(config.seed)
-        prefix = Prefix(PrefixConfig.for_model(model.config, config.prefix_len))
-    train = TrainConfig(
-        steps=config.utility_steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        seed=config.seed,
-        checkpoint_every=0,
-    )
+    prefix, train = _victim_prefix(model, config)
     session = _session(privacy)
     loss_fn = split_loss_fn(bottom, top, head, k, session)
     history = train_prefix(
