@@ -42,6 +42,8 @@ def _default(param: click.Parameter) -> str:
         return ""
     if isinstance(param, click.Option) and param.is_flag and param.secondary_opts:
         return f"`{param.opts[0] if default else param.secondary_opts[0]}`"
+    if isinstance(param, click.Option) and param.is_flag:
+        return "on" if default else "off"
     if isinstance(default, (list, tuple)):
         return ", ".join(f"`{_cell(item)}`" for item in default)
     return f"`{_cell(default)}`"

@@ -48,12 +48,14 @@ def test_the_cli_page_follows_a_change_of_the_cli():
             click.Argument(["path"]),
             click.Option(["--rounds"], type=int, default=5, help="Rounds | all of them."),
             click.Option(["--secure/--no-secure"], default=False, help="SecAgg+."),
+            click.Option(["--quick"], is_flag=True, help="Small budgets."),
         ],
     )
     page = hook.render_cli(click.Group("splitprefix", commands={"toy": command}))
     assert "A &lt;toy&gt; command." in page
     assert "| `--rounds` | integer | `5` | Rounds \\| all of them. |" in page
     assert "| `--secure` / `--no-secure` | flag | `--no-secure` | SecAgg+. |" in page
+    assert "| `--quick` | flag | off | Small budgets. |" in page
     assert "| `PATH` | text | required |" in page
 
 
