@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+_UNSET = getattr(click.core, "UNSET", None)  # click 8.2+: the default of a parameter given none
+
 PAGE = "reference/cli.md"
 
 INTRO = """# CLI reference
@@ -38,7 +40,9 @@ def _default(param: click.Parameter) -> str:
     if param.required:
         return "required"
     default = param.default
-    if callable(default) or default is None or default == () or default == []:
+    if isinstance(param, click.Option) and param.is_flag:
+        default = default is True
+    if callable(default) or default is None or default == () or default == [] or default is _UNSET:
         return ""
     if isinstance(param, click.Option) and param.is_flag and param.secondary_opts:
         return f"`{param.opts[0] if default else param.secondary_opts[0]}`"
