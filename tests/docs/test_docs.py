@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -92,3 +93,23 @@ def test_every_relative_link_of_the_readme_resolves(link):
     if anchor:
         headings = re.findall(r"^#+ (.+)$", target.read_text(), re.M)
         assert anchor in {_slug(h) for h in headings}, f"{path} has no heading for #{anchor}"
+
+
+def _docs_text() -> str:
+    pages = sorted((ROOT / "docs").rglob("*.md"))
+    return "\n".join(page.read_text() for page in pages)
+
+
+def test_every_benchmark_command_in_the_docs_names_a_committed_script():
+    scripts = set(re.findall(r"(?:python|bash)\s+(benchmarks/[\w/]+\.(?:py|sh))", _docs_text()))
+    assert len(scripts) >= 8
+    for script in scripts:
+        assert (ROOT / script).is_file(), f"the docs run {script}, which is not committed"
+
+
+@pytest.mark.parametrize(
+    "result", sorted((ROOT / "docs" / "benchmarks" / "results").glob("*.json")), ids=lambda path: path.name
+)
+def test_every_committed_result_is_json_and_linked_from_the_docs(result):
+    json.loads(result.read_text())
+    assert f"results/{result.name}" in _docs_text(), f"no page links to {result.name}"
