@@ -1,7 +1,7 @@
 """Gaussian noise on the gradient the data party sends back with head=client (and the U-split).
 
 The model party can invert dL/dh into the target tokens (`audit.gradient_labels`). Keeping the top
-M layers at the data party does not stop that on its own (measured in docs/privacy.md), so the gradient
+M layers at the data party does not stop that on its own (measured in docs/privacy/audit.md), so the gradient
 can also be noised before it leaves. For each row, every real position's gradient g_t gets
 
     g_t <- g_t + N(0, (rho * r / sqrt(d))^2 I_d),    r = sqrt(mean over the row's real t of ||g_t||^2)

@@ -207,7 +207,7 @@ class FederationConfig:
     secure: bool = False
     """Aggregate with SecAgg+: the server learns only the weighted sum (parties run `secure_app`)."""
     secagg_max_weight: float = 1000.0
-    """SecAgg+: the largest num-examples a party reports in a round; keep it tight (docs/federation.md)."""
+    """SecAgg+: the largest num-examples a party reports in a round; keep it tight (docs/guides/federation-operator.md)."""
     secagg_clipping_range: float = 8.0
     """SecAgg+: prefix values are clipped to [-range, range] before quantisation."""
     secagg_threshold: float = 0.67

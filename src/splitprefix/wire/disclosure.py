@@ -22,7 +22,7 @@ HEAD_CLIENT_DISCLOSURE = (
     "where the prompt ends. It keeps labels from whoever sees only the wire, not from the model party. "
     "Keeping the top layers at the data party (client_layers M > 0, the U-shaped split) hides where the "
     "prompt ends but, measured, still lets 93-100% of the targets through; noise on the gradient sent "
-    "back (grad_noise) is what lowers that, at a cost in learning (docs/privacy.md, Labels)."
+    "back (grad_noise) is what lowers that, at a cost in learning (docs/privacy/audit.md, Labels)."
 )
 HEAD_DISCLOSURE: dict[Literal["server", "client"], str] = {
     "server": HEAD_SERVER_DISCLOSURE,
