@@ -43,7 +43,7 @@ from splitprefix.model.emulator import MANIFEST_FILE, EmulatorManifest
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig
 from splitprefix.model.split import Bottom, ClientTop, Head, check_split_at
-from splitprefix.model_party.corpus import python_topic_documents
+from splitprefix.pretraining.corpus import python_topic_documents
 from splitprefix.runtime import RuntimeSettings
 
 
