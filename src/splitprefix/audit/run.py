@@ -34,7 +34,7 @@ from splitprefix.data_party.accounting import held_out_releases, privacy_report,
 from splitprefix.data_party.gradient_noise import GradientNoise, GradientNoiser
 from splitprefix.data_party.offsite import split_held_out
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
-from splitprefix.data_party.session import bottom_device, run_split, split_loss_fn
+from splitprefix.data_party.split_forward import bottom_device, run_split, split_loss_fn
 from splitprefix.data_party.train import TrainConfig, train_prefix
 from splitprefix.data_party.u_split import u_split_loss_fn
 from splitprefix.errors import ConfigError

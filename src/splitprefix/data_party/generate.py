@@ -31,7 +31,8 @@ from splitprefix.data.batching import Batch, resolve_pad_id
 from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings, RemoteError, SplitClient
 from splitprefix.data_party.sampling import GenerationConfig, next_tokens
-from splitprefix.data_party.session import SplitSession, bottom_device, bottom_dtype, open_split
+from splitprefix.data_party.session import SplitSession, open_split
+from splitprefix.data_party.split_forward import bottom_device, bottom_dtype
 from splitprefix.data_party.steps import STEP_LOST, StepTransport, open_steps
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.evaluate import Scorer
