@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from splitprefix.data.batching import collate, encode_examples, resolve_pad_id
+from splitprefix.data.blocks import pack_blocks
 from splitprefix.data.synthetic import SyntheticTaskConfig, make_task
 from splitprefix.data_party.train import TrainConfig, fit_prefix
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
@@ -27,7 +28,6 @@ from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import PrefixConfig
 from splitprefix.model.prefixed import forward_with_prefix
 from splitprefix.model_party.compress import DistillConfig, build_emulator, distill, make_manifest
-from splitprefix.model_party.pretrain import pack_blocks
 from splitprefix.model_party.teacher import LoadedTeacher
 
 
@@ -60,7 +60,7 @@ def step_cost(model, batch, prefix_len: int, reps: int) -> dict[str, float]:
 
 def distill_corpus(tokenizer, max_chars: int) -> torch.Tensor:
     """General text for distillation: the pretraining corpus sources, or Python's docs without WordNet."""
-    from splitprefix.model_party import corpus
+    from splitprefix.pretraining import corpus
 
     try:
         documents = corpus.build_corpus(max_chars=max_chars, seed=1).train

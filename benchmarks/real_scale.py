@@ -36,7 +36,7 @@ from splitprefix.data_party.train import StepHooks, TrainConfig, local_loss_fn, 
 from splitprefix.model.builtin import builtin_dir
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig
-from splitprefix.model_party.corpus import python_topic_documents
+from splitprefix.pretraining.corpus import python_topic_documents
 
 GiB = 1 << 30
 KV_HEADS = 4

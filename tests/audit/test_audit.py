@@ -19,7 +19,7 @@ from splitprefix.data.batching import encode_examples, resolve_pad_id
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.split import Bottom
-from splitprefix.model_party.corpus import python_topic_documents
+from splitprefix.pretraining.corpus import python_topic_documents
 from splitprefix.runtime import RuntimeSettings
 
 runner = CliRunner()

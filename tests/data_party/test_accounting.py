@@ -12,7 +12,7 @@ import torch
 
 from split_helpers import EXAMPLES, write_jsonl
 from splitprefix.data.batching import encode_example, prompt_batch
-from splitprefix.data_party import session
+from splitprefix.data_party import split_forward
 from splitprefix.data_party.accounting import (
     evaluation_releases,
     gaussian_epsilon,
@@ -110,13 +110,13 @@ def test_a_training_run_records_epsilon_over_every_release(dirs, server, tmp_pat
 
 def spy_on_the_wire(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(input_ids, token_mask) of every batch whose layer-K states leave through `run_split`."""
-    seen, real = [], session.wire_activations
+    seen, real = [], split_forward.wire_activations
 
     def spy(bottom, input_ids, token_mask, *args, **kwargs):
         seen.append((input_ids.clone(), token_mask.clone()))
         return real(bottom, input_ids, token_mask, *args, **kwargs)
 
-    monkeypatch.setattr(session, "wire_activations", spy)
+    monkeypatch.setattr(split_forward, "wire_activations", spy)
     return seen
 
 

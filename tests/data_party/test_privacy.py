@@ -10,7 +10,8 @@ from split_helpers import SHORT_RUN, encoded_examples, seeded_prefix
 from splitprefix.data.batching import resolve_pad_id
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig, clip_tokens, os_normals, privatize
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.session import open_split, run_split
+from splitprefix.data_party.session import open_split
+from splitprefix.data_party.split_forward import run_split
 from splitprefix.data_party.train import train_prefix
 from splitprefix.errors import ConfigError
 from splitprefix.model.loading import load_causal_lm

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import email.utils
 import json
 import logging
 
@@ -19,6 +21,7 @@ from splitprefix.data_party.remote import (
     SplitClient,
     env_proxy,
 )
+from splitprefix.data_party.retry import parse_retry_after
 from splitprefix.data_party.session import open_split
 from splitprefix.errors import ConfigError
 from splitprefix.model.split import token_positions
@@ -80,11 +83,33 @@ def test_retries_are_bounded_and_the_error_says_what_to_check():
     assert client.traffic.requests == 3
 
 
-def test_429_waits_as_long_as_retry_after_says_within_the_cap():
-    settings = ClientSettings("http://x", backoff_s=0.001, backoff_max_s=0.5)
-    client = SplitClient(settings, scripted(httpx.Response(200))[0])
-    assert client.backoff_delay(1, httpx.Response(429, headers={"Retry-After": "30"})) == 0.5
-    assert client.backoff_delay(3, None) == pytest.approx(0.004)
+def test_429_and_503_wait_as_long_as_retry_after_says_within_the_cap():
+    # Prepare: a full server asks for 30 s (capped at 0.5), then 2 s, then gives no hint (backoff)
+    transport, seen = scripted(
+        httpx.Response(429, headers={"Retry-After": "30"}),
+        httpx.Response(503, headers={"Retry-After": "0.25"}),
+        httpx.Response(503),
+        httpx.Response(200, json={"status": "ok"}),
+    )
+    client = SplitClient(
+        ClientSettings("http://x", max_retries=3, backoff_s=0.001, backoff_max_s=0.5), transport
+    )
+    waits: list[float] = []
+    client.retry = dataclasses.replace(client.retry, sleep=waits.append)
+
+    # Execute
+    client.health()
+
+    # Assert
+    assert waits == [0.5, 0.25, pytest.approx(0.004)] and client.traffic.retries == 3 and len(seen) == 4
+
+
+def test_retry_after_reads_seconds_and_http_dates():
+    now = 1_000_000_000.0
+    date = email.utils.formatdate(now + 7, usegmt=True)
+    assert parse_retry_after("3", now) == 3.0
+    assert parse_retry_after(date, now) == pytest.approx(7.0)
+    assert parse_retry_after("soon", now) is None and parse_retry_after(None, now) is None
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -16,6 +17,8 @@ from splitprefix.data_party.remote import ClientSettings
 from splitprefix.model.loading import load_causal_lm
 from splitprefix.model.prefixed import generate_with_prefix
 from splitprefix.model_party.app import create_app
+from splitprefix.model_party.limits import RETRY_AFTER_S
+from splitprefix.model_party.validation import RequestError
 
 NEW_TOKENS = 6
 
@@ -108,6 +111,34 @@ def test_a_step_whose_answer_does_not_come_is_recovered_by_a_prefill(llama):
         # Assert: the session whose state was unknown was dropped and a new one opened
         assert model.recoveries == 1
         assert len(generation.sessions) == 0
+    assert torch.equal(generated, expected)
+
+
+def test_a_step_refused_by_a_full_server_waits_its_retry_after_and_is_sent_again(llama):
+    # Prepare: a server that answers the second step 503 server_full, as a full scheduler would
+    dirs, (ids, mask), expected = llama
+    app = create_app(server_settings(dirs))
+    generation = app.state.generation
+    run_step, calls = generation.step, []
+
+    def full_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RequestError(503, "server_full", "no room for another step now")
+        return run_step(*args, **kwargs)
+
+    generation.step = full_once
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+
+    # Execute
+    with LiveServer(app) as server, open_model(dirs, server.url, backoff_s=0.001, backoff_max_s=5) as model:
+        waits: list[float] = []
+        model.client.retry = dataclasses.replace(model.client.retry, sleep=waits.append)
+        generated = model.generate_ids(ids, mask, config)
+
+        # Assert: the client waited the server's Retry-After (1 s), not its own 1 ms backoff
+        assert waits == [float(RETRY_AFTER_S)] and model.client.traffic.retries == 1
+        assert model.recoveries == 0
     assert torch.equal(generated, expected)
 
 

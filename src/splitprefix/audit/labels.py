@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from splitprefix.audit.observe import LocalTop
 from splitprefix.data.batching import IGNORE_INDEX, EncodedExample, collate
 from splitprefix.data_party.privacy import HiddenPrivacy
-from splitprefix.data_party.session import split_loss_fn
+from splitprefix.data_party.split_forward import split_loss_fn
 from splitprefix.evaluation.metrics import next_token_targets
 from splitprefix.model.split import Bottom
 

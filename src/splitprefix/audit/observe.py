@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from splitprefix.data.batching import IGNORE_INDEX, EncodedExample
 from splitprefix.data_party.privacy import HiddenPrivacy
-from splitprefix.data_party.session import wire_activations
+from splitprefix.data_party.split_forward import wire_activations
 from splitprefix.model.prefix import prefix_cache
 from splitprefix.model.split import Activations, Bottom, Top
 from splitprefix.wire.schemas import HeadMode

@@ -34,7 +34,7 @@ from splitprefix.data_party.accounting import held_out_releases, privacy_report,
 from splitprefix.data_party.gradient_noise import GradientNoise, GradientNoiser
 from splitprefix.data_party.offsite import split_held_out
 from splitprefix.data_party.privacy import HiddenPrivacy, PrivacyConfig
-from splitprefix.data_party.session import bottom_device, run_split, split_loss_fn
+from splitprefix.data_party.split_forward import bottom_device, run_split, split_loss_fn
 from splitprefix.data_party.train import TrainConfig, train_prefix
 from splitprefix.data_party.u_split import u_split_loss_fn
 from splitprefix.errors import ConfigError
@@ -43,7 +43,7 @@ from splitprefix.model.emulator import MANIFEST_FILE, EmulatorManifest
 from splitprefix.model.loading import load_causal_lm, load_tokenizer
 from splitprefix.model.prefix import Prefix, PrefixConfig
 from splitprefix.model.split import Bottom, ClientTop, Head, check_split_at
-from splitprefix.model_party.corpus import python_topic_documents
+from splitprefix.pretraining.corpus import python_topic_documents
 from splitprefix.runtime import RuntimeSettings
 
 

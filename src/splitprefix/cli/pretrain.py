@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from splitprefix.model_party.corpus import DEFAULT_WORDNET_DIR
+from splitprefix.pretraining.corpus import DEFAULT_WORDNET_DIR
 
 
 def pretrain_command(
@@ -27,7 +27,7 @@ def pretrain_command(
     wordnet_dir: Path = typer.Option(DEFAULT_WORDNET_DIR, help="Folder with WordNet's data.* files."),
 ) -> None:
     """Pretrain a small Llama and its tokenizer on WordNet glosses and Python docs; writes a model folder."""
-    from splitprefix.model_party.pretrain import PretrainConfig, pretrain
+    from splitprefix.pretraining.recipe import PretrainConfig, pretrain
 
     config = PretrainConfig(
         out=out,

@@ -31,10 +31,12 @@ from splitprefix.data.batching import Batch, resolve_pad_id
 from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings, RemoteError, SplitClient
 from splitprefix.data_party.sampling import GenerationConfig, next_tokens
-from splitprefix.data_party.session import SplitSession, bottom_device, bottom_dtype, open_split
+from splitprefix.data_party.session import SplitSession, open_split
+from splitprefix.data_party.split_forward import bottom_device, bottom_dtype
 from splitprefix.data_party.steps import STEP_LOST, StepTransport, open_steps
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.evaluate import Scorer
+from splitprefix.model.decoding import decode
 from splitprefix.model.prefix import Prefix, prefix_cache
 from splitprefix.model.split import Activations, Bottom, Head, extend_mask, token_positions
 from splitprefix.runtime import RuntimeSettings
@@ -228,25 +230,23 @@ class SplitModel:
         answer = self._open(
             session, self._outgoing(x.hidden, token_mask), token_mask, positions, max_length, config
         )
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        next_position = positions[:, -1:] + 1  # (B, 1)
+        state = {"mask": bottom_mask, "position": positions[:, -1:] + 1}  # (B, P + T), (B, 1)
+
+        def advance(token: torch.Tensor) -> dict[str, torch.Tensor]:
+            ones = token_mask.new_ones(batch, 1)
+            state["mask"] = torch.cat([state["mask"], ones], dim=1)
+            x = self.bottom(token[:, None], state["mask"], state["position"], cache)
+            hidden = self._outgoing(x.hidden, ones)
+            answer = self._step(session, hidden, ones, state["position"], max_length, config)
+            state["position"] = state["position"] + 1
+            return answer
+
+        def choose(answer: dict[str, torch.Tensor]) -> torch.Tensor:
+            return next_tokens(*self._scores(answer, session), config, generator)
+
+        stop = eos if config.stop_at_eos and self.eos_ids else None
         try:
-            for step in range(config.max_new_tokens):
-                token = next_tokens(*self._scores(answer, session), config, generator).masked_fill(
-                    finished, self.pad_id
-                )
-                yield token
-                if config.stop_at_eos and self.eos_ids:
-                    finished |= torch.isin(token, eos)
-                if finished.all() or step == config.max_new_tokens - 1:
-                    break
-                ones = token_mask.new_ones(batch, 1)
-                bottom_mask = torch.cat([bottom_mask, ones], dim=1)
-                x = self.bottom(token[:, None], bottom_mask, next_position, cache)
-                answer = self._step(
-                    session, self._outgoing(x.hidden, ones), ones, next_position, max_length, config
-                )
-                next_position = next_position + 1
+            yield from decode(answer, advance, choose, config.max_new_tokens, self.pad_id, stop)
         finally:
             self._close(session)
 

@@ -1,6 +1,7 @@
 """The data party's link to the model party's server: the HTTP client `SplitClient`.
 
-Every call has a timeout and bounded retries with exponential backoff, all set in `ClientSettings`.
+Every call has a timeout and bounded retries with exponential backoff that honours `Retry-After`
+(`data_party.retry`), all set in `ClientSettings`.
 `data_party.remote_top` builds the server's layers into a local module on top of it.
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 import ssl
-import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ import httpx
 import torch
 from pydantic import ValidationError
 
+from splitprefix.data_party.retry import RetriesExhausted, RetryPolicy, Transient, parse_retry_after
 from splitprefix.errors import ConfigError, SplitPrefixError
 from splitprefix.model.emulator import EmulatorManifest
 from splitprefix.wire import schemas
@@ -103,6 +104,9 @@ class ClientSettings:
     def base_url(self) -> str:
         return self.server_url.rstrip("/")
 
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.max_retries, self.backoff_s, self.backoff_max_s)
+
 
 def _client_layer_diffs(m: int, info: ModelInfo, manifest: EmulatorManifest) -> list[str]:
     """What keeps a data party from keeping the top M layers against this server and emulator."""
@@ -163,6 +167,8 @@ class SplitClient:
         """`transport` replaces the network, for tests (e.g. `httpx.MockTransport`)."""
         self.settings = settings
         self.traffic = Traffic()
+        self.retry = settings.retry_policy()
+        """How every call of this client (and of its generation sockets) retries."""
         self._identity: dict[str, Any] | None = None
         self._info: ModelInfo | None = None
         self.auth_headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
@@ -348,36 +354,40 @@ class SplitClient:
     # --- transport ------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, content: bytes | None = None) -> httpx.Response:
-        """One call with bounded retries; 4xx other than 429 raise RemoteError at once."""
-        s, url = self.settings, self._url(path)
+        """One call with the client's retry policy; 4xx other than 429 raise RemoteError at once."""
+        url = self._url(path)
         headers = {"Content-Type": CONTENT_TYPE} if content is not None else {}
-        last, last_response = "no attempt", None
-        for attempt in range(s.max_retries + 1):
-            if attempt:
-                self.traffic.retries += 1
-                time.sleep(self.backoff_delay(attempt, last_response))
-            last_response = None
+
+        def attempt() -> httpx.Response:
             self.traffic.requests += 1
             self.traffic.bytes_sent += len(content or b"")
             try:
                 response = self._send(method, url, content, headers)
             except httpx.TransportError as error:  # refused, reset, timed out: the server may come back
-                last = f"{type(error).__name__}: {error}"
-                continue
+                raise Transient(f"{type(error).__name__}: {error}") from None
             self.traffic.bytes_received += len(response.content)
             if response.status_code < 400:
                 return response
             if response.status_code not in RETRY_STATUSES:
                 raise RemoteError(response.status_code, *_error_body(response), url)
-            last_response, last = response, "{} {}: {}".format(response.status_code, *_error_body(response))
-        raise ServerUnreachableError(
-            None,
-            "unreachable",
-            f"{s.max_retries + 1} attempts failed, the last with {last}. Check that `splitprefix serve` "
-            f"is running and reachable at {s.base_url} (host, port, http vs https, firewall), or raise "
-            "max_retries / timeout_s if it is overloaded.",
-            url,
-        )
+            last = "{} {}: {}".format(response.status_code, *_error_body(response))
+            raise Transient(last, parse_retry_after(response.headers.get("Retry-After")))
+
+        try:
+            return self.retry.call(attempt, self.count_retry)
+        except RetriesExhausted as error:
+            raise ServerUnreachableError(
+                None,
+                "unreachable",
+                f"{error}. Check that `splitprefix serve` is running and reachable at "
+                f"{self.settings.base_url} (host, port, http vs https, firewall), or raise "
+                "max_retries / timeout_s if it is overloaded.",
+                url,
+            ) from None
+
+    def count_retry(self) -> None:
+        """Counts a retry in `traffic` (the policy calls it before each wait)."""
+        self.traffic.retries += 1
 
     def _send(self, method: str, url: str, content: bytes | None, headers: dict[str, str]) -> httpx.Response:
         """One HTTP exchange on a pooled keep-alive connection, the answer read whole."""
@@ -390,15 +400,6 @@ class SplitClient:
         finally:
             response.close()
         return response
-
-    def backoff_delay(self, attempt: int, response: httpx.Response | None = None) -> float:
-        """Seconds to wait before retry `attempt` (1, 2, ...): exponential backoff, or the server's
-        Retry-After, both capped."""
-        s = self.settings
-        delay = s.backoff_s * 2 ** (attempt - 1)
-        if response is not None and response.headers.get("Retry-After", "").isdigit():
-            delay = float(response.headers["Retry-After"])
-        return min(delay, s.backoff_max_s)
 
     def _url(self, path: str) -> str:
         return self.settings.base_url + path

@@ -8,8 +8,9 @@ each token an HTTP request's work on both sides; `open_steps` picks it when the 
 - The server refuses a step: `RemoteError` with the HTTP route's status and code, so a lost session
   is `session_missing` and is reopened by a prefill, as over HTTP; 429 and 5xx are retried.
 - The socket cannot be opened, or is found closed before a step leaves (a dropped connection, a
-  server restart): it is reopened with the client's bounded retries and backoff, and the step sent
-  on the new one.
+  server restart): it is reopened with the client's retry policy (`data_party.retry`), and the step
+  sent on the new one. A full server's 429 or 503, on the upgrade or in a `StreamError`, is waited
+  out as its Retry-After asks (`retry_after_s` in the message), within the policy's cap.
 - The socket fails after a step left (dropped, or no answer within `timeout_s`): whether the
   server ran the step is unknown, so `StepLostError`, which the session logic treats as a lost
   session (a prefill with every token so far gives the same output either way).
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import time
 from typing import Any, Protocol
 
 import torch
@@ -41,6 +41,7 @@ from splitprefix.data_party.remote import (
     error_fields,
     tls_verify,
 )
+from splitprefix.data_party.retry import RetriesExhausted, Transient, parse_retry_after
 from splitprefix.wire import schemas
 from splitprefix.wire.tensors import WireFormatError, decode, encode, payload_bytes
 
@@ -113,36 +114,37 @@ class SocketSteps:
             self._socket = None
 
     def _step(self, tensors: Tensors, meta: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
-        s, traffic = self.client.settings, self.client.traffic
-        body = encode(tensors, meta, s.wire_dtype)
-        last = "no attempt"
-        for attempt in range(s.max_retries + 1):
-            if attempt:
-                traffic.retries += 1
-                time.sleep(self.client.backoff_delay(attempt))
+        traffic = self.client.traffic
+        body = encode(tensors, meta, self.client.settings.wire_dtype)
+
+        def attempt() -> tuple[Tensors, dict[str, Any]]:
             try:
                 socket = self._socket or self._connect()
                 self._socket = socket
                 socket.send(body)
             except (ConnectionClosed, OSError) as error:  # the step has not left: reopen, send again
-                self._socket, last = None, f"{type(error).__name__}: {error}"
-                continue
+                self._socket = None
+                raise Transient(f"{type(error).__name__}: {error}") from None
             traffic.requests += 1
             traffic.bytes_sent += len(body)
             answer = self._receive(socket)
             if isinstance(answer, bytes):
                 return self._decoded(answer, tensors)
-            refused = self._refusal(answer)
+            refused, retry_after = self._refusal(answer)
             if refused.status not in RETRY_STATUSES:
                 raise refused
-            last = str(refused)
-        raise ServerUnreachableError(
-            None,
-            "unreachable",
-            f"{s.max_retries + 1} attempts failed, the last with {last}. Check that `splitprefix serve` "
-            f"is running and reachable at {s.base_url}, or raise max_retries / timeout_s.",
-            self.url,
-        )
+            raise Transient(str(refused), retry_after)
+
+        try:
+            return self.client.retry.call(attempt, self.client.count_retry)
+        except RetriesExhausted as error:
+            raise ServerUnreachableError(
+                None,
+                "unreachable",
+                f"{error}. Check that `splitprefix serve` is running and reachable at "
+                f"{self.client.settings.base_url}, or raise max_retries / timeout_s.",
+                self.url,
+            ) from None
 
     def _connect(self) -> ClientConnection:
         """A new socket to the session; RemoteError when the server refuses this client or session."""
@@ -164,9 +166,10 @@ class SocketSteps:
             code, detail = error_fields(content, f"HTTP {status}")
             if status == 401 or code == schemas.SESSION_MISSING:
                 raise RemoteError(status, code, detail, self.url) from None
-            if status in RETRY_STATUSES:
-                raise ConnectionRefusedError(
-                    f"the upgrade was answered {status} ({code}): {detail}"
+            if status in RETRY_STATUSES:  # a full server: wait as long as it asks, within the policy
+                retry_after = parse_retry_after(error.response.headers.get("Retry-After"))
+                raise Transient(
+                    f"the upgrade was answered {status} ({code}): {detail}", retry_after
                 ) from None
             raise StreamUnavailable(f"{self.url} refused the WebSocket upgrade with HTTP {status}") from None
         except InvalidHandshake as error:
@@ -194,12 +197,13 @@ class SocketSteps:
         traffic.payload_received += payload_bytes(out, dtype)  # the server answers in our dtype
         return out, reply
 
-    def _refusal(self, answer: str) -> RemoteError:
+    def _refusal(self, answer: str) -> tuple[RemoteError, float | None]:
+        """The refused step's error, and how long the server asked to wait before a retry."""
         try:
             refused = schemas.StreamError.model_validate_json(answer)
         except ValidationError:
-            return RemoteError(200, "bad_response", f"not a StreamError: {answer[:500]!r}", self.url)
-        return RemoteError(refused.status, refused.code, refused.detail, self.url)
+            return RemoteError(200, "bad_response", f"not a StreamError: {answer[:500]!r}", self.url), None
+        return RemoteError(refused.status, refused.code, refused.detail, self.url), refused.retry_after_s
 
 
 def _ssl_context(verify: bool | ssl.SSLContext) -> ssl.SSLContext:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from splitprefix.data.batching import IGNORE_INDEX, Batch
 from splitprefix.data_party.gradient_noise import GradientNoiser
 from splitprefix.data_party.privacy import HiddenPrivacy
-from splitprefix.data_party.session import TopPart, wire_activations
+from splitprefix.data_party.split_forward import TopPart, wire_activations
 from splitprefix.data_party.train import LossFn
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.metrics import next_token_targets

@@ -24,6 +24,7 @@ from splitprefix.data.batching import (
 from splitprefix.data.formats import Example
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.metrics import exact_match, normalize_answer, perplexity, supervised_loss_sum
+from splitprefix.model.decoding import decode
 from splitprefix.model.prefixed import generate_with_prefix, hidden_with_prefix
 from splitprefix.model.split import Head
 from splitprefix.progress import Progress
@@ -78,18 +79,19 @@ def greedy_generate(
     Matches `generate_with_prefix`: rows that hit EOS are padded with `pad_token_id`, and the loop
     stops once every row has. The tokens lie on `input_ids`' device, wherever `logits_fn` computes.
     """
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    new: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
-        logits = logits_fn(input_ids, token_mask, kv)[:, -1]  # (B, V)
-        token = logits.argmax(dim=-1).to(input_ids.device).masked_fill(finished, pad_token_id)  # (B,)
-        new.append(token)
-        if eos_token_id is not None:
-            finished |= token == eos_token_id
-        input_ids = torch.cat([input_ids, token[:, None]], dim=1)
-        token_mask = torch.cat([token_mask, token_mask.new_ones(token.shape[0], 1)], dim=1)
-        if finished.all():
-            break
+    state = {"ids": input_ids, "mask": token_mask}
+
+    def advance(token: torch.Tensor) -> torch.Tensor:
+        state["ids"] = torch.cat([state["ids"], token[:, None]], dim=1)
+        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(token.shape[0], 1)], dim=1)
+        return logits_fn(state["ids"], state["mask"], kv)[:, -1]  # (B, V)
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=-1).to(input_ids.device)  # (B,)
+
+    eos = None if eos_token_id is None else torch.tensor([eos_token_id], device=input_ids.device)
+    first = logits_fn(input_ids, token_mask, kv)[:, -1]  # (B, V)
+    new = list(decode(first, advance, choose, max_new_tokens, pad_token_id, eos))
     return torch.stack(new, dim=1) if new else input_ids[:, :0]
 
 

@@ -283,8 +283,8 @@ def distill(
 
 def corpus_blocks(tokenizer: PreTrainedTokenizerBase, data: Path, block_size: int = 128) -> torch.Tensor:
     """A JSONL corpus (any supported record format) packed into token blocks (N, block_size)."""
+    from splitprefix.data.blocks import pack_blocks
     from splitprefix.data.formats import load_jsonl
-    from splitprefix.model_party.pretrain import pack_blocks
 
     documents = [e.prompt + e.completion for e in load_jsonl(data)]
     return pack_blocks(tokenizer, documents, block_size)  # type: ignore[arg-type]

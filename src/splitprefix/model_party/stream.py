@@ -13,7 +13,8 @@ closing and training stay on HTTP. The protocol, at `wire.schemas.SESSION_STREAM
 - Each binary message is one step: the body of `POST SESSION_STEP_PATH`, run by the same
   `GenerationBackend.step`. The answer is one binary message, the HTTP answer's body.
 - A refused step is answered by a text message, `StreamError` JSON: the status, code and detail
-  the HTTP route would give; the socket stays open. A text message from the client is refused
+  the HTTP route would give, and for 429 and 503 its Retry-After as `retry_after_s`; the socket
+  stays open. A text message from the client is refused
   the same way (400 `bad_message`).
 - Close codes: 1000 when the client closes; 1012 when the server shuts down (uvicorn); 1009 for a
   message over `--max-request-bytes` (`splitprefix serve` sets uvicorn's limit); 4408
@@ -34,6 +35,7 @@ from starlette.websockets import WebSocketDisconnect
 from splitprefix.model_party.auth import TokenAuth, Unauthorized
 from splitprefix.model_party.exchange import answer, refusal
 from splitprefix.model_party.generation import GenerationBackend
+from splitprefix.model_party.limits import RETRY_AFTER_S
 from splitprefix.model_party.validation import RequestError
 from splitprefix.wire import schemas
 
@@ -69,8 +71,9 @@ def add_stream_route(app: FastAPI, generation: GenerationBackend) -> None:
                     out = await answer(path, body, settings.max_request_bytes, step, client, inline)
                 except Exception as error:  # every refusal is an answer; the socket serves on
                     status, code, detail = refusal(error)
-                    refused = schemas.StreamError(status=status, code=code, detail=detail)
-                    await websocket.send_text(refused.model_dump_json())
+                    wait = float(RETRY_AFTER_S) if status in (429, 503) else None  # as the HTTP route's
+                    refused = schemas.StreamError(status=status, code=code, detail=detail, retry_after_s=wait)
+                    await websocket.send_text(refused.model_dump_json(exclude_none=True))
                     continue
                 await websocket.send_bytes(out)
         except WebSocketDisconnect:

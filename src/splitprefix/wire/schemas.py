@@ -198,3 +198,7 @@ class StreamError(ErrorBody):
     """A step refused on a generation stream: the HTTP route's status, code and detail."""
 
     status: int
+    retry_after_s: float | None = Field(
+        default=None,
+        description="The HTTP route's Retry-After: seconds to wait before sending the step again.",
+    )

@@ -1,6 +1,6 @@
 """The built-in base model, shipped as package data in `weights/`.
 
-The weights are produced by `splitprefix pretrain` (see `splitprefix.model_party.pretrain`) and copied here;
+The weights are produced by `splitprefix pretrain` (see `splitprefix.pretraining.recipe`) and copied here;
 the name `builtin` selects them wherever a model directory is expected.
 """
 

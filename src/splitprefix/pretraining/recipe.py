@@ -1,7 +1,7 @@
 """The recipe that pretrains the built-in base model from scratch, offline, on two CPU cores.
 
 `pretrain(config)` trains a byte-level BPE tokenizer and a small Llama (grouped-query attention, tied
-embeddings) on the corpus of `splitprefix.model_party.corpus`, and writes a standard Hugging Face
+embeddings) on the corpus of `splitprefix.pretraining.corpus`, and writes a standard Hugging Face
 model directory with `recipe.json` and `eval.json` beside the weights. Every `checkpoint_every` steps
 it stores a resumable checkpoint under `<out>/checkpoint/`; running the same config again resumes.
 The batches are a pure function of (seed, step), so a resumed run ends with the same weights as an
@@ -34,9 +34,10 @@ from transformers import (
 )
 
 from splitprefix.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from splitprefix.data.blocks import BlockSampler, pack_blocks
 from splitprefix.errors import ConfigError
 from splitprefix.files import write_json
-from splitprefix.model_party.corpus import DEFAULT_WORDNET_DIR, Corpus, build_corpus
+from splitprefix.pretraining.corpus import DEFAULT_WORDNET_DIR, Corpus, build_corpus
 
 # The trainer assigns ids in this order, so pad=0, bos=1, eos=2, unk=3.
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -220,38 +221,6 @@ def train_tokenizer(
         unk_token=UNK,
         model_max_length=model_max_length,
     )
-
-
-def pack_blocks(tokenizer: PreTrainedTokenizerFast, documents: list[str], block_size: int) -> torch.Tensor:
-    """Token ids of all documents, each followed by eos, cut into blocks; the ragged tail is dropped."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for encoding in tokenizer.backend_tokenizer.encode_batch(documents, add_special_tokens=False):
-        stream.extend(encoding.ids)
-        stream.append(eos)
-    usable = len(stream) // block_size * block_size
-    return torch.tensor(stream[:usable], dtype=torch.long).view(-1, block_size)  # (N, block_size)
-
-
-class BlockSampler:
-    """Batches as a pure function of the step: each epoch walks a fresh seeded permutation of the blocks."""
-
-    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
-        self._orders: dict[int, torch.Tensor] = {}
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._orders:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._orders = {epoch: torch.randperm(len(self.blocks), generator=generator)}
-        return self._orders[epoch]
-
-    def batch(self, step: int) -> torch.Tensor:
-        """The blocks of 0-based `step`, shape (batch_size, block_size)."""
-        count = len(self.blocks)
-        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
-        rows = [int(self._order(p // count)[p % count]) for p in positions]
-        return self.blocks[rows]
 
 
 def _lr_factor(config: PretrainConfig, step: int) -> float:

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from splitprefix.errors import ConfigError
-from splitprefix.model_party import pretrain as pretrain_module
-from splitprefix.model_party.corpus import WordNetMissingError, _wordnet_record, build_corpus
-from splitprefix.model_party.pretrain import PretrainConfig, pretrain
+from splitprefix.pretraining import recipe as pretrain_module
+from splitprefix.pretraining.corpus import WordNetMissingError, _wordnet_record, build_corpus
+from splitprefix.pretraining.recipe import PretrainConfig, pretrain
 
 WORDS = ("river", "stone", "quick", "light", "garden", "signal", "paper", "winter", "engine", "silver")
 
