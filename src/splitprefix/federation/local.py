@@ -22,6 +22,7 @@ from splitprefix.data.partition import dirichlet_partition
 from splitprefix.errors import ConfigError
 from splitprefix.federation.client_app import make_client_app, make_secure_client_app
 from splitprefix.federation.config import PARTY_ONLY_KEYS, FederationConfig, FlowerConfig, PartyConfig
+from splitprefix.federation.quiet import quiet_simulation
 from splitprefix.federation.server_app import ROUNDS_FILE, make_server_app
 from splitprefix.files import write_json
 from splitprefix.model.emulator import EmulatorManifest
@@ -132,6 +133,7 @@ def _federate(
     for k in range(len(files)):
         PartyConfig.from_flower({}, {"partition-id": k}, party)
     make_client = make_secure_client_app if federation.secure else make_client_app
+    quiet_simulation()
     start = time.perf_counter()
     run_simulation(
         server_app=make_server_app(server),
