@@ -2,8 +2,8 @@
 
 `settings_command` turns each field of the dataclasses a command takes into one option: its name
 is the field's in kebab case (`--max-batch-size`), its type and default are the field's, and its
-help is the docstring under the field. The command itself then receives the built dataclasses, so
-a field added to a settings class is on the command line at once, checked by its `__post_init__`.
+help is the docstring written under the field. The command receives the built dataclasses, so a
+field added to a settings class is on the command line at once, checked by its `__post_init__`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import inspect
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -26,6 +26,9 @@ from splitprefix.fields import default_of, field_docs, field_types, has_default,
 
 F = TypeVar("F", bound=Callable[..., Any])
 SCALARS = (bool, int, float, str, Path)
+KEYWORD = inspect.Parameter.KEYWORD_ONLY
+FIELD_NAME = re.compile(r"`(\w+)`")
+"""A name in backquotes in a docstring: shown as the option's flag when it names a field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Settings:
 
     cls: type
     """The settings dataclass; the command receives an instance of it."""
-    exclude: frozenset[str] = frozenset()
+    exclude: Collection[str] = ()
     """Fields the command sets itself (from other options, or nested settings): no option."""
     flags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """Option names other than `--<field-name>`, kept for compatibility (`{"ca_path": "--ca"}`)."""
@@ -46,43 +49,52 @@ class Settings:
     """Help texts that say more than the field's docstring in this command's terms."""
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Defaults of this command that differ from the dataclass's."""
+    none_unless: Collection[str] = ()
+    """When given, the command receives None unless one of these fields is set off its default."""
 
     def option_fields(self) -> list[dataclasses.Field[Any]]:
         """The fields that become options or arguments of the command."""
         return [f for f in dataclasses.fields(self.cls) if f.name not in self.exclude]
 
+    def flag(self, name: str) -> str:
+        """The option's flag(s) of field `name`, e.g. `--max-tokens` or `--keep-graph/--recompute`."""
+        return self.flags.get(name, "--" + kebab(name))
+
+    def build(self, values: dict[str, Any]) -> Any:
+        fields = {f.name: f for f in dataclasses.fields(self.cls)}
+        if self.none_unless and all(values[n] == default_of(fields[n]) for n in self.none_unless):
+            return None
+        return self.cls(**values)
+
 
 @dataclasses.dataclass
 class _Param:
     parameter: inspect.Parameter
-    targets: list[tuple[str, str]]  # (group, field) pairs this one option fills
+    targets: list[tuple[str, str]]
+    """(group, field) pairs this one option fills."""
     convert: Callable[[Any], Any]
 
 
-def _plain_type(hint: Any) -> tuple[Any, bool]:
-    """The type without None, and whether None was allowed."""
+def _plain_type(hint: Any) -> Any:
+    """The type without None."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True  # noqa: UP007
-    return hint, False
+        rest = tuple(a for a in args if a is not type(None))
+        return rest[0] if len(rest) == 1 else typing.Union[rest]  # noqa: UP007
+    return hint
 
 
 def _option_type(hint: Any, where: str) -> tuple[Any, click.ParamType | None, Callable[[Any], Any]]:
     """(annotation for typer, click type or None, converter to the field's value) of a field type."""
-    plain, _ = _plain_type(hint)
+    plain = _plain_type(hint)
     origin, args = typing.get_origin(plain), typing.get_args(plain)
     if origin is Literal:
         return str, click.Choice([str(a) for a in args]), _same
     if origin in (typing.Union, types.UnionType) and str in args:  # e.g. `str | Path`: a name or a path
         return str, None, _same
-    if (
-        origin in (list, tuple)
-        and args
-        and args[0] in SCALARS
-        and (origin is list or args[1:] in ((), (...,)))
-    ):
-        return list[args[0]], None, (tuple if origin is tuple else list)  # type: ignore[valid-type]
+    one_kind = origin is list or args[1:] in ((), (...,))
+    if origin in (list, tuple) and args and args[0] in SCALARS and one_kind:  # a repeated option
+        return list.__class_getitem__(args[0]), None, (tuple if origin is tuple else list)
     if plain in SCALARS:
         return plain, None, _same
     raise TypeError(
@@ -95,17 +107,6 @@ def _same(value: Any) -> Any:
     return value
 
 
-FIELD_NAME = re.compile(r"`(\w+)`")
-"""A name in backquotes in a docstring, which is an option's flag when it names a field."""
-
-
-def _flag_of(spec: Settings, name: str) -> str | None:
-    """`--flag` of field `name` when it is an option of this command (the docstring's `name`)."""
-    if name not in {f.name for f in spec.option_fields()} or name in spec.arguments:
-        return None
-    return "`" + spec.flags.get(name, "--" + kebab(name)).split("/")[0] + "`"
-
-
 def _with_choices(help_text: str, choice: click.Choice) -> str:
     words = set(re.findall(r"[\w:.-]+", help_text))
     if all(str(c) in words for c in choice.choices):
@@ -113,66 +114,92 @@ def _with_choices(help_text: str, choice: click.Choice) -> str:
     return f"{help_text} One of: {', '.join(map(str, choice.choices))}."
 
 
-def _build_param(group: str, spec: Settings, field: dataclasses.Field[Any]) -> _Param:
+def _help(spec: Settings, field: dataclasses.Field[Any], flags: Mapping[str, str]) -> str:
+    """The field's docstring (or the command's own text), with `field_name` shown as `--flag`."""
+    text = spec.helps.get(field.name) or field_docs(spec.cls).get(field.name)
+    if not text:
+        raise TypeError(
+            f"{spec.cls.__name__}.{field.name} has no docstring: write one under the field, it is the "
+            "option's help"
+        )
+    return FIELD_NAME.sub(lambda m: f"`{flags[m.group(1)]}`" if m.group(1) in flags else m.group(0), text)
+
+
+def _build_param(
+    group: str, spec: Settings, field: dataclasses.Field[Any], flags: Mapping[str, str]
+) -> _Param:
     where = f"{spec.cls.__name__}.{field.name}"
     annotation, click_type, convert = _option_type(field_types(spec.cls)[field.name], where)
-    help_text = spec.helps.get(field.name) or field_docs(spec.cls).get(field.name)
-    if not help_text:
-        raise TypeError(f"{where} has no docstring: write one under the field, it is the option's help")
-    help_text = FIELD_NAME.sub(lambda m: _flag_of(spec, m.group(1)) or m.group(0), help_text)
     default = spec.defaults.get(field.name, default_of(field) if has_default(field) else ...)
-    if default is not ... and annotation is not bool and isinstance(default, (list, tuple)):
+    if isinstance(default, tuple):
         default = list(default)
-    extra: dict[str, Any] = {"help": help_text}
+    extra: dict[str, Any] = {"help": _help(spec, field, flags)}
     if isinstance(click_type, click.Choice):
         # the choices in words, not as a metavar that would squeeze the help into a narrow column
-        extra |= {"click_type": click_type, "metavar": "TEXT", "help": _with_choices(help_text, click_type)}
+        extra |= {
+            "click_type": click_type,
+            "metavar": "TEXT",
+            "help": _with_choices(extra["help"], click_type),
+        }
     if field.name in spec.arguments:
         name = spec.arguments[field.name]
         info: Any = typer.Argument(default, **extra)
     else:
-        name = field.name
-        flag = spec.flags.get(field.name, "--" + kebab(field.name))
+        flag = spec.flag(field.name)
+        name = flag.split("/")[0].removeprefix("--").replace("-", "_")
         if annotation is bool and "/" not in flag:
             flag = f"{flag}/--no-{flag.removeprefix('--')}"
         info = typer.Option(default, flag, envvar=spec.envvars.get(field.name), **extra)
     if default is None:
         annotation = annotation | None
-    parameter = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
+    parameter = inspect.Parameter(name, KEYWORD, default=info, annotation=annotation)
     return _Param(parameter, [(group, field.name)], convert)
 
 
-def _generated(groups: Mapping[str, Settings]) -> dict[str, _Param]:
-    """One option per field name; a name in two groups (a shared Flower key) fills both."""
+def _generated(groups: Mapping[str, Settings], share: Collection[str]) -> dict[str, _Param]:
+    """One option per field; a field named in `share` and found in several groups fills them all."""
+    flags = {
+        f.name: spec.flag(f.name).split("/")[0]
+        for spec in groups.values()
+        for f in spec.option_fields()
+        if f.name not in spec.arguments
+    }
     params: dict[str, _Param] = {}
     for group, spec in groups.items():
         for field in spec.option_fields():
-            param = _build_param(group, spec, field)
+            param = _build_param(group, spec, field, flags)
             name = param.parameter.name
-            if name in params:
-                if params[name].parameter.annotation != param.parameter.annotation:
-                    raise TypeError(f"option {name} has two types in {list(groups)}: merge or exclude one")
+            if name not in params:
+                params[name] = param
+            elif name in share and params[name].parameter.annotation == param.parameter.annotation:
                 params[name].targets += param.targets
             else:
-                params[name] = param
+                where = [f"{groups[g].cls.__name__}.{f}" for g, f in (*params[name].targets, *param.targets)]
+                raise TypeError(f"option {name} would fill {where}: share it (same type) or rename one")
     return params
 
 
-def settings_command(**groups: Settings) -> Callable[[F], F]:
-    """A typer command whose keyword parameters `groups` (e.g. `settings=Settings(ServerSettings)`)
-    are given as options, one per field, and reach the function as built dataclasses."""
+def settings_command(*, share: Collection[str] = (), **groups: Settings) -> Callable[[F], F]:
+    """A typer command whose parameters named in `groups` (e.g. `settings=Settings(ServerSettings)`)
+    are given as options, one per field, and reach the function as built dataclasses.
+
+    A field name in `share` that several groups have is one option filling each (as one Flower key
+    is read by both the party's and the run's config); any other clash of names is an error.
+    """
 
     def wrap(func: F) -> F:
         hints = typing.get_type_hints(func)
-        own = [
-            p.replace(annotation=hints.get(p.name, p.annotation))
-            for p in inspect.signature(func).parameters.values()
-            if p.name not in groups
-        ]
-        generated = _generated(groups)
-        clash = {p.name for p in own} & set(generated)
-        if clash:
-            raise TypeError(f"{func.__name__}: parameters {sorted(clash)} are also settings fields")
+        generated = _generated(groups, share)
+        # the options stand where the function names its first settings group, arguments first
+        parameters: list[inspect.Parameter] = []
+        for p in inspect.signature(func).parameters.values():
+            if p.name not in groups:
+                parameters.append(p.replace(annotation=hints.get(p.name, p.annotation), kind=KEYWORD))
+            elif not any(g.parameter in parameters for g in generated.values()):
+                parameters += [g.parameter for g in generated.values()]
+        parameters.sort(key=lambda p: not isinstance(p.default, ArgumentInfo))
+        if len({p.name for p in parameters}) < len(parameters):
+            raise TypeError(f"{func.__name__}: a parameter of its own has the name of a settings field")
 
         @functools.wraps(func)
         def command(**kwargs: Any) -> Any:
@@ -180,14 +207,9 @@ def settings_command(**groups: Settings) -> Callable[[F], F]:
             for name, param in generated.items():
                 value = kwargs.pop(name)
                 for group, field_name in param.targets:
-                    values[group][field_name] = param.convert(value) if value is not None else None
-            built = {group: spec.cls(**values[group]) for group, spec in groups.items()}
-            return func(**kwargs, **built)
+                    values[group][field_name] = None if value is None else param.convert(value)
+            return func(**kwargs, **{group: spec.build(values[group]) for group, spec in groups.items()})
 
-        # positional arguments first (the fields', then the function's own), then the options likewise
-        made = [p.parameter for p in generated.values()]
-        parameters = sorted([*made, *own], key=lambda p: not isinstance(p.default, ArgumentInfo))
-        parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parameters]
         command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in parameters}
         command.settings_groups = dict(groups)  # type: ignore[attr-defined]  # read by the tests

@@ -10,6 +10,7 @@ from splitprefix.model_party.settings import ServerSettings
 
 @settings_command(settings=Settings(ServerSettings, arguments={"model_dir": "model"}))
 def serve_command(
+    *,
     settings: ServerSettings,
     access_log: bool = typer.Option(
         False, help="Log one line per request (off by default: a generation step is one request per token)."
