@@ -179,13 +179,17 @@ def _generated(groups: Mapping[str, Settings], share: Collection[str]) -> dict[s
     return params
 
 
-def settings_command(*, share: Collection[str] = (), **groups: Settings) -> Callable[[F], F]:
-    """A typer command whose parameters named in `groups` (e.g. `settings=Settings(ServerSettings)`)
+def settings_command(
+    named: Mapping[str, Settings] | None = None, /, *, share: Collection[str] = (), **more: Settings
+) -> Callable[[F], F]:
+    """A typer command whose parameters named in the groups (e.g. `settings=Settings(ServerSettings)`)
     are given as options, one per field, and reach the function as built dataclasses.
 
     A field name in `share` that several groups have is one option filling each (as one Flower key
     is read by both the party's and the run's config); any other clash of names is an error.
     """
+
+    groups = {**(named or {}), **more}
 
     def wrap(func: F) -> F:
         hints = typing.get_type_hints(func)

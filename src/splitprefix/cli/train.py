@@ -89,7 +89,7 @@ TRAIN_OPTIONS = {
 """The settings `train` takes, each field an option (old names kept: --server, --ca, --recompute)."""
 
 
-@settings_command(**TRAIN_OPTIONS)
+@settings_command(TRAIN_OPTIONS)
 def train_command(
     emulator: Path = typer.Argument(
         ..., help="Emulator directory from the model party (`splitprefix emulate`)."
