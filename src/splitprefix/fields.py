@@ -75,3 +75,9 @@ def from_kebab(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of `cls` found under their kebab-case keys in `config`; "" (unset) is left out."""
     known = {kebab(f.name): f.name for f in dataclasses.fields(cls)}
     return {known[k]: v for k, v in config.items() if k in known and v != ""}
+
+
+def shared_fields(*classes: type) -> frozenset[str]:
+    """The field names every one of `classes` has: one Flower key that each of them reads."""
+    names = [{f.name for f in dataclasses.fields(cls)} for cls in classes]
+    return frozenset(set.intersection(*names))

@@ -51,6 +51,9 @@ class Settings:
     """Defaults of this command that differ from the dataclass's."""
     none_unless: Collection[str] = ()
     """When given, the command receives None unless one of these fields is set off its default."""
+    as_config: bool = False
+    """The command receives the fields set off their defaults as a Flower config (kebab-case keys,
+    paths as text) rather than an instance: for settings read back by `from_flower`."""
 
     def option_fields(self) -> list[dataclasses.Field[Any]]:
         """The fields that become options or arguments of the command."""
@@ -61,9 +64,17 @@ class Settings:
         return self.flags.get(name, "--" + kebab(name))
 
     def build(self, values: dict[str, Any]) -> Any:
+        """The instance (or Flower config, or None) the command receives for these option values."""
         fields = {f.name: f for f in dataclasses.fields(self.cls)}
         if self.none_unless and all(values[n] == default_of(fields[n]) for n in self.none_unless):
             return None
+        if self.as_config:
+            changed = {
+                n: v for n, v in values.items() if not has_default(fields[n]) or v != default_of(fields[n])
+            }
+            return {
+                kebab(n): str(v) if isinstance(v, Path) else v for n, v in changed.items() if v is not None
+            }
         return self.cls(**values)
 
 
@@ -216,7 +227,7 @@ def settings_command(
 
         command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in parameters}
-        command.settings_groups = dict(groups)  # type: ignore[attr-defined]  # read by the tests
+        command.settings_options = {n: p.targets for n, p in generated.items()}  # type: ignore[attr-defined]
         return command  # type: ignore[return-value]
 
     return wrap

@@ -7,8 +7,11 @@ import typer
 from splitprefix.cli.options import Settings, settings_command
 from splitprefix.model_party.settings import ServerSettings
 
+SERVE_OPTIONS = {"settings": Settings(ServerSettings, arguments={"model_dir": "model"})}
+"""`serve`'s settings: every field of `ServerSettings` an option, MODEL its model directory."""
 
-@settings_command(settings=Settings(ServerSettings, arguments={"model_dir": "model"}))
+
+@settings_command(SERVE_OPTIONS)
 def serve_command(
     *,
     settings: ServerSettings,
