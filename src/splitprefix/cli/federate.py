@@ -50,6 +50,9 @@ def federate_command(*, run: LocalFederation, party: FlowerConfig, federation: F
     import logging
 
     from splitprefix import interrupts
+    from splitprefix.extras import require
+
+    require("flwr.simulation", "splitprefix federate")
     from splitprefix.federation.local import run_local_federation
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from splitprefix.errors import ConfigError
+from splitprefix.extras import check
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class PrivacyConfig:
             raise ConfigError(
                 f"noise_multiplier {self.noise_multiplier} needs clip_norm: the noise's scale is sigma * C"
             )
+        if self.noise_multiplier > 0:  # its (epsilon, delta) is reported at the end of the run
+            check("opacus", "the privacy accounting of noised states")
 
     @property
     def enabled(self) -> bool:
