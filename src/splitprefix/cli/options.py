@@ -49,6 +49,8 @@ class Settings:
     """Help texts that say more than the field's docstring in this command's terms."""
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Defaults of this command that differ from the dataclass's."""
+    prefix: str = ""
+    """Put before every option name of this group (`distill-` gives `--distill-steps`)."""
     none_unless: Collection[str] = ()
     """When given, the command receives None unless one of these fields is set off its default."""
     as_config: bool = False
@@ -61,7 +63,7 @@ class Settings:
 
     def flag(self, name: str) -> str:
         """The option's flag(s) of field `name`, e.g. `--max-tokens` or `--keep-graph/--recompute`."""
-        return self.flags.get(name, "--" + kebab(name))
+        return self.flags.get(name, "--" + self.prefix + kebab(name))
 
     def build(self, values: dict[str, Any]) -> Any:
         """The instance (or Flower config, or None) the command receives for these option values."""
@@ -228,6 +230,7 @@ def settings_command(
         command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in parameters}
         command.settings_options = {n: p.targets for n, p in generated.items()}  # type: ignore[attr-defined]
+        command.settings_groups = groups  # type: ignore[attr-defined]
         return command  # type: ignore[return-value]
 
     return wrap
