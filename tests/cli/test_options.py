@@ -19,7 +19,7 @@ from splitprefix.federation.config import FederationConfig, PartyConfig
 from splitprefix.fields import field_docs, kebab, to_kebab
 
 runner = CliRunner()
-GENERATED = ("serve", "train", "federate", "emulate", "train-offsite")
+GENERATED = ("serve", "train", "federate", "emulate", "train-offsite", "generate", "gateway")
 
 
 def click_command(name: str):

@@ -71,6 +71,13 @@ def privacy_config(clip: float | None, noise: float, seed: int | None) -> Privac
     return PrivacyConfig(clip_norm=clip, noise_multiplier=noise, seed=seed)
 
 
+PRIVACY_OPTIONS = Settings(
+    PrivacyConfig,
+    flags={"clip_norm": "--clip", "noise_multiplier": "--noise", "seed": "--noise-seed"},
+    none_unless={"clip_norm", "noise_multiplier"},
+)
+"""A data party's clipping and noise (None when both are off), as every data-party command takes them."""
+
 TRAIN_OPTIONS = {
     "client": Settings(
         ClientSettings,
@@ -79,11 +86,7 @@ TRAIN_OPTIONS = {
     ),
     "config": Settings(SplitTrainConfig, exclude={"train", "privacy"}),
     "train": Settings(TrainConfig, helps={"seed": "Seed of the prefix initialisation and the data order."}),
-    "privacy": Settings(
-        PrivacyConfig,
-        flags={"clip_norm": "--clip", "noise_multiplier": "--noise", "seed": "--noise-seed"},
-        none_unless={"clip_norm", "noise_multiplier"},
-    ),
+    "privacy": PRIVACY_OPTIONS,
     "runtime": Settings(RuntimeSettings),
 }
 """The settings `train` takes, each field an option (old names kept: --server, --ca, --recompute)."""
