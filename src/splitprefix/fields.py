@@ -48,6 +48,16 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 @functools.cache
+def has_source(cls: type) -> bool:
+    """Whether the source of `cls` can be read (not in a build without .py files)."""
+    try:
+        inspect.getsource(cls)
+    except (OSError, TypeError):
+        return False
+    return True
+
+
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved type of each field of dataclass `cls` (its annotations may be strings)."""
     hints = typing.get_type_hints(cls)

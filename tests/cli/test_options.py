@@ -19,7 +19,17 @@ from splitprefix.federation.config import FederationConfig, PartyConfig
 from splitprefix.fields import field_docs, kebab, to_kebab
 
 runner = CliRunner()
-GENERATED = ("serve", "train", "federate", "emulate", "train-offsite", "generate", "gateway")
+GENERATED = (
+    "serve",
+    "train",
+    "federate",
+    "emulate",
+    "train-offsite",
+    "generate",
+    "gateway",
+    "eval",
+    "privacy-audit",
+)
 
 
 def click_command(name: str):
@@ -176,11 +186,14 @@ def test_a_generated_command_builds_the_dataclass_and_checks_choices():
     assert bad.exit_code == 2 and "'c' is not one of" in bad.output
 
 
-def test_a_field_without_docstring_or_with_a_clashing_name_is_refused():
-    @dataclass
-    class Bare:
-        x: int = 0
+@dataclass
+class Bare:
+    """A settings class whose field has no docstring."""
 
+    x: int = 0
+
+
+def test_a_field_without_docstring_or_with_a_clashing_name_is_refused():
     with pytest.raises(TypeError, match="no docstring"):
         settings_command(b=Settings(Bare))(lambda *, b: None)
     with pytest.raises(TypeError, match="would fill"):

@@ -22,7 +22,7 @@ import click
 import typer
 from typer.models import ArgumentInfo
 
-from splitprefix.fields import default_of, field_docs, field_types, has_default, kebab
+from splitprefix.fields import default_of, field_docs, field_types, has_default, has_source, kebab
 
 F = TypeVar("F", bound=Callable[..., Any])
 SCALARS = (bool, int, float, str, Path)
@@ -68,7 +68,8 @@ class Settings:
     def build(self, values: dict[str, Any]) -> Any:
         """The instance (or Flower config, or None) the command receives for these option values."""
         fields = {f.name: f for f in dataclasses.fields(self.cls)}
-        if self.none_unless and all(values[n] == default_of(fields[n]) for n in self.none_unless):
+        unset = {n: self.defaults.get(n, default_of(fields[n])) for n in self.none_unless}
+        if unset and all(values[n] == unset[n] for n in unset):
             return None
         if self.as_config:
             changed = {
@@ -130,6 +131,8 @@ def _with_choices(help_text: str, choice: click.Choice) -> str:
 def _help(spec: Settings, field: dataclasses.Field[Any], flags: Mapping[str, str]) -> str:
     """The field's docstring (or the command's own text), with `field_name` shown as `--flag`."""
     text = spec.helps.get(field.name) or field_docs(spec.cls).get(field.name)
+    if not text and not has_source(spec.cls):  # a build without .py files: options without help
+        return ""
     if not text:
         raise TypeError(
             f"{spec.cls.__name__}.{field.name} has no docstring: write one under the field, it is the "
