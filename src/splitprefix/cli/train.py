@@ -16,60 +16,7 @@ from splitprefix.data_party.train import TrainConfig
 from splitprefix.runtime import RuntimeSettings
 
 TOKEN_ENV = "SPLITPREFIX_TOKEN"
-DEVICE_OPTION = typer.Option(
-    RuntimeSettings.device,
-    "--device",
-    help="Torch device of this party's model parts: cpu, cuda, cuda:N, mps.",
-)
-DTYPE_OPTION = typer.Option(
-    RuntimeSettings.dtype,
-    "--dtype",
-    help="Dtype of the frozen model parts: fp32, bf16, fp16 (the prefix stays fp32).",
-)
-
-
-def runtime_settings(device: str, dtype: str) -> RuntimeSettings:
-    """RuntimeSettings from --device and --dtype; the dataclass validates them."""
-    return RuntimeSettings(device=device, dtype=dtype)  # type: ignore[arg-type]
-
-
-def client_settings(
-    server: str,
-    token: str | None,
-    head: str,
-    wire_dtype: str,
-    recompute: bool = False,
-    timeout_s: float = ClientSettings.timeout_s,
-    max_retries: int = ClientSettings.max_retries,
-    ca_path: Path | None = None,
-    client_layers: int = 0,
-) -> ClientSettings:
-    """ClientSettings from command-line values; the dataclass validates them."""
-    return ClientSettings(
-        server_url=server,
-        token=token,
-        head=head,  # type: ignore[arg-type]
-        client_layers=client_layers,
-        wire_dtype=wire_dtype,  # type: ignore[arg-type]
-        keep_graph=not recompute,
-        timeout_s=timeout_s,
-        max_retries=max_retries,
-        ca_path=ca_path,
-    )
-
-
-NOISE_SEED_HELP = (
-    "Replay the noise from this seed, for tests only: whoever knows it can remove the noise. "
-    "Default: fresh noise from the OS's cryptographic source."
-)
-
-
-def privacy_config(clip: float | None, noise: float, seed: int | None) -> PrivacyConfig | None:
-    """The --clip/--noise options as a PrivacyConfig; None when both are off."""
-    if clip is None and noise == 0:
-        return None
-    return PrivacyConfig(clip_norm=clip, noise_multiplier=noise, seed=seed)
-
+"""The environment variable every data-party command reads its bearer token from."""
 
 PRIVACY_OPTIONS = Settings(
     PrivacyConfig,
