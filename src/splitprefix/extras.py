@@ -21,15 +21,16 @@ class MissingExtraError(SplitPrefixError, ImportError):
     """An optional dependency is not installed."""
 
 
-def require(module: str, purpose: str) -> ModuleType:
-    """Import `module`, or raise `MissingExtraError` naming the extra to install for `purpose`."""
+def require(module: str, purpose: str, extra: str | None = None) -> ModuleType:
+    """Import `module`, or raise `MissingExtraError` naming the extra to install for `purpose`
+    (`extra`, else the one that brings `module`)."""
     top = module.split(".")[0]
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as error:
         if error.name is None or error.name.split(".")[0] != top:
             raise  # something else is missing inside an installed package
-        raise MissingExtraError(_missing(top, purpose)) from None
+        raise MissingExtraError(_missing(top, purpose, extra)) from None
 
 
 def check(module: str, purpose: str) -> None:
@@ -39,5 +40,5 @@ def check(module: str, purpose: str) -> None:
         raise MissingExtraError(_missing(module.split(".")[0], purpose))
 
 
-def _missing(top: str, purpose: str) -> str:
-    return f'{purpose} needs {top}, which is not installed: pip install "splitprefix[{EXTRAS[top]}]"'
+def _missing(top: str, purpose: str, extra: str | None = None) -> str:
+    return f'{purpose} needs {top}, which is not installed: pip install "splitprefix[{extra or EXTRAS[top]}]"'

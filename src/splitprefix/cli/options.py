@@ -9,6 +9,7 @@ field added to a settings class is on the command line at once, checked by its `
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import inspect
 import re
@@ -18,7 +19,6 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import click
 import typer
 from typer.models import ArgumentInfo
 
@@ -98,34 +98,44 @@ def _plain_type(hint: Any) -> Any:
     return hint
 
 
-def _option_type(hint: Any, where: str) -> tuple[Any, click.ParamType | None, Callable[[Any], Any]]:
-    """(annotation for typer, click type or None, converter to the field's value) of a field type."""
+def _option_type(hint: Any, where: str) -> tuple[Any, Callable[[Any], Any]]:
+    """(annotation for typer, converter to the field's value) of a field type."""
     plain = _plain_type(hint)
     origin, args = typing.get_origin(plain), typing.get_args(plain)
-    if origin is Literal:
-        return str, click.Choice([str(a) for a in args]), _same
+    if origin is Literal:  # an Enum of its values: typer checks it against them, in every version
+        return _choices(tuple(str(a) for a in args)), _value
     if origin in (typing.Union, types.UnionType) and str in args:  # e.g. `str | Path`: a name or a path
-        return str, None, _same
+        return str, _same
     one_kind = origin is list or args[1:] in ((), (...,))
     if origin in (list, tuple) and args and args[0] in SCALARS and one_kind:  # a repeated option
-        return list.__class_getitem__(args[0]), None, (tuple if origin is tuple else list)
+        return list.__class_getitem__(args[0]), (tuple if origin is tuple else list)
     if plain in SCALARS:
-        return plain, None, _same
+        return plain, _same
     raise TypeError(
         f"{where} has type {hint!r}, which has no command-line option: give it a plain type "
         "(bool, int, float, str, Path, Literal, X | None, list/tuple of one of them) or exclude it"
     )
 
 
+@functools.cache
+def _choices(values: tuple[str, ...]) -> type[enum.Enum]:
+    """One Enum per set of values, so that two fields of the same Literal may share an option."""
+    return enum.Enum("Choice_" + "_".join(values), {v: v for v in values}, type=str)  # type: ignore[return-value]
+
+
 def _same(value: Any) -> Any:
     return value
 
 
-def _with_choices(help_text: str, choice: click.Choice) -> str:
-    words = set(re.findall(r"[\w:.-]+", help_text))
-    if all(str(c) in words for c in choice.choices):
+def _value(member: Any) -> Any:
+    return member.value if isinstance(member, enum.Enum) else member
+
+
+def _with_choices(help_text: str, choices: type[enum.Enum]) -> str:
+    words, values = set(re.findall(r"[\w:.-]+", help_text)), [m.value for m in choices]
+    if all(v in words for v in values):
         return help_text
-    return f"{help_text} One of: {', '.join(map(str, choice.choices))}."
+    return f"{help_text} One of: {', '.join(values)}."
 
 
 def _help(spec: Settings, field: dataclasses.Field[Any], flags: Mapping[str, str]) -> str:
@@ -145,18 +155,15 @@ def _build_param(
     group: str, spec: Settings, field: dataclasses.Field[Any], flags: Mapping[str, str]
 ) -> _Param:
     where = f"{spec.cls.__name__}.{field.name}"
-    annotation, click_type, convert = _option_type(field_types(spec.cls)[field.name], where)
+    annotation, convert = _option_type(field_types(spec.cls)[field.name], where)
     default = spec.defaults.get(field.name, default_of(field) if has_default(field) else ...)
     if isinstance(default, tuple):
         default = list(default)
     extra: dict[str, Any] = {"help": _help(spec, field, flags)}
-    if isinstance(click_type, click.Choice):
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         # the choices in words, not as a metavar that would squeeze the help into a narrow column
-        extra |= {
-            "click_type": click_type,
-            "metavar": "TEXT",
-            "help": _with_choices(extra["help"], click_type),
-        }
+        extra |= {"metavar": "TEXT", "help": _with_choices(extra["help"], annotation)}
+        default = annotation(default) if isinstance(default, str) else default
     if field.name in spec.arguments:
         name = spec.arguments[field.name]
         info: Any = typer.Argument(default, **extra)
