@@ -26,6 +26,10 @@ def demo_command(
 
     from splitprefix import interrupts
     from splitprefix.demo.config import DemoConfig
+    from splitprefix.extras import require
+
+    for module in ("flwr.simulation", "matplotlib"):
+        require(module, "splitprefix demo", extra="demo")
     from splitprefix.demo.run import run_demo
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # for the server child: idle threads must sleep

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import typer
 
-from splitprefix.cli.train import DEVICE_OPTION, DTYPE_OPTION, runtime_settings
+from splitprefix.cli.options import Settings, settings_command
 from splitprefix.data_party.offsite import OffsiteConfig
 from splitprefix.data_party.train import TrainConfig
 from splitprefix.model_party.compress import DistillConfig
+from splitprefix.runtime import RuntimeSettings
 
 
+@settings_command(distill=Settings(DistillConfig, prefix="distill-"))
 def emulate_command(
     model: str = typer.Argument(..., help="Full model directory, or 'builtin'."),
     split_at: int = typer.Option(..., "--split-at", help="K: the data party runs layers [0, K)."),
@@ -21,24 +24,22 @@ def emulate_command(
         ..., "--keep", help="N: upper layers kept by uniform layer drop (1 <= N < L - K)."
     ),
     out: Path = typer.Option(..., "--out", help="Emulator directory to write."),
-    distill: Path | None = typer.Option(
+    distill_data: Path | None = typer.Option(
         None, "--distill", help="JSONL general corpus: distil the kept layers on it."
     ),
-    distill_steps: int = typer.Option(DistillConfig.steps, help="Distillation steps."),
-    distill_lr: float = typer.Option(DistillConfig.lr, help="Distillation learning rate."),
-    distill_loss: str = typer.Option(DistillConfig.loss, help="Match 'hidden' states, 'logits', or 'both'."),
     client_layers: int = typer.Option(
         0,
         "--client-layers",
         help="M: ship the full model's last M layers exactly (of the N kept; never distilled), so that "
         "data parties may keep them (the U-shaped split, which hides the labels' gradient).",
     ),
+    *,
+    distill: DistillConfig,
 ) -> None:
     """Model party: build the emulator (bit-identical bottom K layers, N kept upper layers) and its manifest."""
     from splitprefix.model_party.compress import emulate
 
-    config = DistillConfig(steps=distill_steps, lr=distill_lr, loss=distill_loss)  # type: ignore[arg-type]
-    manifest = emulate(model, split_at, keep, out, distill, config, client_layers)
+    manifest = emulate(model, split_at, keep, out, distill_data, distill, client_layers)
     typer.echo(f"emulator written to {out}: kept layers {manifest.kept_layers} of L={manifest.num_layers}")
     if manifest.distillation:
         d = manifest.distillation
@@ -48,6 +49,11 @@ def emulate_command(
         )
 
 
+@settings_command(
+    config=Settings(OffsiteConfig, exclude={"train"}),
+    train=Settings(TrainConfig),
+    runtime=Settings(RuntimeSettings),
+)
 def train_offsite_command(
     emulator: Path = typer.Argument(..., help="Emulator directory from `splitprefix emulate`."),
     data: Path = typer.Option(..., "--data", help="Training JSONL."),
@@ -57,29 +63,16 @@ def train_offsite_command(
     eval_data: Path | None = typer.Option(
         None, "--eval-data", help="Held-out JSONL (default: a slice of --data)."
     ),
-    prefix_len: int = typer.Option(OffsiteConfig.prefix_len, help="Virtual tokens per layer."),
-    projection_dim: int | None = typer.Option(None, help="MLP reparameterisation width."),
-    steps: int = typer.Option(TrainConfig.steps, help="Optimiser steps."),
-    epochs: float | None = typer.Option(None, help="Passes over the data (overrides --steps)."),
-    lr: float = typer.Option(TrainConfig.lr, help="Peak learning rate."),
-    batch_size: int = typer.Option(TrainConfig.batch_size, help="Examples per step."),
-    checkpoint_every: int = typer.Option(TrainConfig.checkpoint_every, help="Steps between checkpoints."),
-    seed: int = typer.Option(TrainConfig.seed, help="Seed of the data order."),
-    device: str = DEVICE_OPTION,
-    dtype: str = DTYPE_OPTION,
+    *,
+    config: OffsiteConfig,
+    train: TrainConfig,
+    runtime: RuntimeSettings,
 ) -> None:
     """Data party: train a prefix on the emulator, offline, and evaluate it on held-out data."""
     from splitprefix.data_party.offsite import train_offsite
 
-    train = TrainConfig(
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        checkpoint_every=checkpoint_every,
-        seed=seed,
-    )
-    config = OffsiteConfig(prefix_len=prefix_len, projection_dim=projection_dim, epochs=epochs, train=train)
-    report = train_offsite(emulator, data, out, config, eval_data, runtime_settings(device, dtype))
+    config = replace(config, train=train)
+    report = train_offsite(emulator, data, out, config, eval_data, runtime)
     typer.echo(
         json.dumps(
             {k: v for k, v in report.items() if k != "held_out"}

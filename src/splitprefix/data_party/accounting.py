@@ -34,6 +34,7 @@ from splitprefix.data.formats import Example
 from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.errors import ConfigError
 from splitprefix.evaluation.evaluate import EvalConfig, generation_budget
+from splitprefix.extras import require
 
 if TYPE_CHECKING:
     from splitprefix.data_party.split_train import SplitTrainConfig
@@ -59,15 +60,14 @@ def gaussian_epsilon(noise_multiplier: float, token_releases: int, delta: float 
     Composes the releases as one Gaussian mechanism of noise multiplier sigma / (2 sqrt(R)) with
     opacus's RDP accountant (sample rate 1); infinite without noise, 0 for an example never sent.
     """
-    from opacus.accountants import RDPAccountant  # opacus pulls scipy: only load it when accounting
-
     if token_releases < 0 or not 0 < delta < 1:
         raise ConfigError(f"need token_releases >= 0 and 0 < delta < 1; got {token_releases}, {delta}")
     if token_releases == 0:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    accountant = RDPAccountant()
+    # opacus (and the scipy it pulls) only when there is noise to account for
+    accountant = require("opacus.accountants", "the privacy accounting of noised states").RDPAccountant()
     accountant.history.append((noise_multiplier / (2 * math.sqrt(token_releases)), 1.0, 1))
     return float(accountant.get_epsilon(delta, alphas=ORDERS))
 

@@ -34,11 +34,11 @@ class OffsiteConfig:
     prefix_len: int = 16
     """Virtual tokens P per layer."""
     projection_dim: int | None = None
-    """Hidden width of the MLP reparameterisation; None trains keys/values directly."""
+    """Hidden width of the MLP reparameterisation; unset trains keys/values directly."""
     max_length: int = 128
     """Tokens kept per training example."""
     epochs: float | None = None
-    """Passes over the data; when set, overrides `train.steps`."""
+    """Passes over the data; when set, overrides the step count (`steps`)."""
     eval_fraction: float = 0.1
     """Share of the training file held out for evaluation when no separate eval file is given."""
     train: TrainConfig = field(default_factory=TrainConfig)

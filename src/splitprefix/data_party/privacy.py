@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from splitprefix.errors import ConfigError
+from splitprefix.extras import check
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +41,14 @@ class PrivacyConfig:
     """How the data party privatises its layer-K hidden states; saved with the training run."""
 
     clip_norm: float | None = None
-    """C: each token's state is scaled down to L2 norm at most C; None = no clipping."""
+    """C: each token's layer-K state is scaled down to L2 norm at most C before it leaves; unset = no
+    clipping."""
     noise_multiplier: float = 0.0
-    """sigma: Gaussian noise of standard deviation sigma * C is added to every coordinate."""
+    """sigma: Gaussian noise of standard deviation sigma * C is added to every coordinate sent (needs
+    `clip_norm`)."""
     seed: int | None = None
-    """None = fresh noise from the OS's cryptographic source; an int replays a seeded stream (tests)."""
+    """Replay the noise from this seed, for tests only: whoever knows it can remove the noise. Unset:
+    fresh noise from the OS's cryptographic source."""
 
     def __post_init__(self) -> None:
         if self.clip_norm is not None and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
@@ -55,6 +59,8 @@ class PrivacyConfig:
             raise ConfigError(
                 f"noise_multiplier {self.noise_multiplier} needs clip_norm: the noise's scale is sigma * C"
             )
+        if self.noise_multiplier > 0:  # its (epsilon, delta) is reported at the end of the run
+            check("opacus", "the privacy accounting of noised states")
 
     @property
     def enabled(self) -> bool:

@@ -45,25 +45,27 @@ class ClientSettings:
     server_url: str
     """Base URL of `splitprefix serve`, e.g. http://127.0.0.1:8000."""
     token: str | None = None
-    """Bearer token the model party issued to this data party; None when the server has no tokens file."""
+    """Bearer token the model party issued to this data party; unset when the server has no tokens file."""
     head: HeadMode = "server"
-    """Where the final norm and LM head run; what each reveals of the targets: `wire.disclosure`."""
+    """Where the final norm and LM head run: 'server' sends the targets in clear; 'client' keeps them off
+    the wire, but the model party can still recover them from the gradients it is sent (`wire.disclosure`)."""
     client_layers: int = 0
-    """M: also keep the top M layers, the norm and the head here (the U-shaped split, head=client), so
-    that the gradient sent back is dL/dh_{L-M}; the emulator must ship them (`emulate --client-layers`)."""
+    """M: also keep the top M layers, the norm and the head here (the U-shaped split, head=client): the
+    server runs [K, L - M) and the gradient sent back is dL/dh_{L-M}; the emulator must ship them
+    (`emulate --client-layers` >= M)."""
     wire_dtype: WireDtype = "fp32"
     """Float dtype of tensors on the wire: fp32 is exact, bf16 and fp16 halve the traffic."""
     stream_steps: bool = True
-    """Send generation steps over a WebSocket when the server offers one; False: one HTTP request each."""
+    """Send generation steps over a WebSocket when the server offers one; off: one HTTP request each."""
     keep_graph: bool = True
-    """True: the server holds the forward's graph until the backward. False: stateless, every
+    """The server holds the forward's graph until the backward; off (recompute), it is stateless: every
     backward resends the forward inputs and the server recomputes."""
     timeout_s: float = 120.0
-    """Seconds to wait for an answer to one request."""
+    """Seconds to wait for the answer to one request."""
     connect_timeout_s: float = 5.0
     """Seconds to wait for a connection."""
     max_retries: int = 5
-    """Retries of one call after connection errors, timeouts, 429 and 5xx (0 = fail at once)."""
+    """Retries of one call on network errors, timeouts, 429 and 5xx (0 = fail at once)."""
     backoff_s: float = 0.5
     """Wait before the first retry; it doubles with every retry."""
     backoff_max_s: float = 10.0

@@ -46,17 +46,17 @@ class SplitTrainConfig:
     """Everything that defines a split training run; saved next to the prefix."""
 
     prefix_len: int | None = None
-    """Virtual tokens P per layer; None = the --init prefix's, else 16."""
+    """Virtual tokens P per layer; unset: the `init` prefix's, else 16."""
     init: Path | None = None
-    """Full-layout prefix to start from (e.g. from `splitprefix integrate`); None = random."""
+    """Full-layout prefix to start from (e.g. from `splitprefix integrate`); unset = random."""
     max_length: int = 128
     """Tokens kept per training example."""
     epochs: float | None = None
-    """Passes over the data; when set, overrides `train.steps`."""
+    """Passes over the data; when set, overrides the step count (`steps`)."""
     eval_fraction: float = 0.1
-    """Share of the training file held out for evaluation when no eval_data is given."""
+    """Share of the training file held out for evaluation when no `eval_data` is given."""
     eval_data: Path | None = None
-    """Held-out JSONL file."""
+    """Held-out JSONL file; unset: a slice (`eval_fraction`) of the training data."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation settings."""
     privacy: PrivacyConfig | None = None
@@ -65,7 +65,7 @@ class SplitTrainConfig:
     """Score exact match on the held-out prompts at the end (batched, KV-cached split generation)."""
     grad_noise: float = 0.0
     """rho (head=client): noise of rho x each row's RMS gradient norm on the gradient sent back,
-    against the label inversion (`gradient_noise`); 0 = off."""
+    against the model party's label inversion (measured by `privacy-audit --grad-noise`); 0 = off."""
 
     def __post_init__(self) -> None:
         if self.prefix_len is not None and self.prefix_len < 1:

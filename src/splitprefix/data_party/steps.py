@@ -160,6 +160,8 @@ class SocketSteps:
                 max_size=None,  # an answer is at most (B, V) logits, which the server bounds
                 proxy=env_proxy(s.base_url),
                 ssl=_ssl_context(tls_verify(s)) if secure else None,
+                # a socket held across steps, closed by `close`: not a `with` block (websockets >= 17.1)
+                legacy=True,
             )
         except InvalidStatus as error:
             status, content = error.response.status_code, bytes(error.response.body or b"")

@@ -45,7 +45,7 @@ class TrainConfig:
     steps: int = 200
     """Optimiser steps."""
     batch_size: int = 16
-    """Examples per step."""
+    """Examples per micro-batch (a step takes `grad_accum` of them)."""
     lr: float = 0.1
     """Peak learning rate of AdamW (suits plain keys/values; use ~1e-3 with projection_dim)."""
     warmup_steps: int = 10

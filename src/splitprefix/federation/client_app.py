@@ -30,9 +30,11 @@ from splitprefix.data_party.session import open_split
 from splitprefix.data_party.train import LossFn, TrainConfig, train_prefix
 from splitprefix.errors import ConfigError, ShapeMismatchError
 from splitprefix.federation.config import FlowerConfig, PartyConfig
+from splitprefix.federation.quiet import quiet_flower
 from splitprefix.model.prefix import Prefix
 
 logger = logging.getLogger(__name__)
+quiet_flower()  # Ray's actors import this module to run a party: the filter must live there too
 
 KV_KEY = "kv"
 """Name of the prefix kv (L, 2, n_kv, P, head_dim) in the ArrayRecord, both ways."""

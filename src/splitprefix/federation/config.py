@@ -8,13 +8,14 @@ options from these dataclasses cheaply.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.train import TrainConfig
 from splitprefix.errors import ConfigError
+from splitprefix.fields import from_kebab
 from splitprefix.runtime import DtypeName, RuntimeSettings
 from splitprefix.wire.schemas import HeadMode
 
@@ -60,8 +61,7 @@ def config_fields(cls: type, config: FlowerConfig, required: set[str], what: str
 
     Raises `ConfigError` naming `what` when a field of `required` has no value.
     """
-    known = {f.name for f in fields(cls)}
-    values = {k.replace("-", "_"): v for k, v in config.items() if k.replace("-", "_") in known and v != ""}
+    values = from_kebab(cls, config)
     missing = sorted(required - set(values))
     if missing:
         raise ConfigError(f"{what} lacks {[m.replace('_', '-') for m in missing]}")
@@ -79,21 +79,22 @@ class PartyConfig:
     data_file: str
     """This party's training JSONL file."""
     head: HeadMode = "client"
-    """Where the final norm and LM head run ('client', the default, keeps the targets off the wire)."""
+    """Where the final norm and LM head run: 'client' keeps the targets off the wire (the model party can
+    still recover them from the gradients it is sent); 'server' sends them."""
     client_layers: int = 0
     """M: also keep the top M layers here (the U-shaped split; head=client, an emulator that ships them)."""
     token: str | None = None
     """Bearer token the model party issued to this party."""
     clip_norm: float | None = None
-    """C: each token's layer-K state is clipped to this L2 norm before it leaves; None = off."""
+    """C: each token's layer-K state is clipped to this L2 norm before it leaves; unset = off."""
     noise_multiplier: float = 0.0
-    """sigma: Gaussian noise of std sigma * C on every sent coordinate (needs clip_norm)."""
+    """sigma: Gaussian noise of std sigma * C on every sent coordinate (needs `clip_norm`)."""
     noise_seed: int | None = None
-    """None = fresh noise from the OS's cryptographic source; an int replays it (tests only)."""
+    """Unset = fresh noise from the OS's cryptographic source; an int replays it (tests only)."""
     local_steps: int = 10
-    """Optimiser steps per round (ignored when local_epochs is set)."""
+    """Optimiser steps per round (ignored when `local_epochs` is set)."""
     local_epochs: float | None = None
-    """Passes over the party's data per round; overrides local_steps."""
+    """Passes over the party's data per round; overrides `local_steps`."""
     batch_size: int = 8
     """Examples per step."""
     lr: float = 0.1
@@ -187,11 +188,11 @@ class FederationConfig:
     min_replies: int = 1
     """Successful replies a round needs to change the joint prefix; fewer keep the old one."""
     prefix_len: int = 16
-    """Virtual tokens P of a fresh prefix (ignored with init)."""
+    """Virtual tokens P of a fresh prefix (ignored with `init`)."""
     init: str | None = None
-    """Full-layout prefix directory to start from; None = seeded random."""
+    """Full-layout prefix directory to start from; unset = seeded random."""
     eval_data: str | None = None
-    """Operator's held-out JSONL, evaluated after every round; None = no evaluation."""
+    """Operator's held-out JSONL, evaluated after every round; unset = no evaluation."""
     exact_match: bool = False
     """Also generate and score exact match in each evaluation (slower)."""
     max_length: int = 128
@@ -219,7 +220,7 @@ class FederationConfig:
     local_epochs: float | None = None
     """The parties' passes over their data per round, when the run config sets it."""
     max_examples: int = 0
-    """Largest num-examples a party may report per round; 0 = local_steps x batch_size."""
+    """Largest num-examples a party may report per round; 0 = `local_steps` x `batch_size`."""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1 or self.min_parties < 1 or self.min_replies < 1:

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ from splitprefix.data.partition import dirichlet_partition
 from splitprefix.errors import ConfigError
 from splitprefix.federation.client_app import make_client_app, make_secure_client_app
 from splitprefix.federation.config import PARTY_ONLY_KEYS, FederationConfig, FlowerConfig, PartyConfig
+from splitprefix.federation.local_settings import LocalFederation
+from splitprefix.federation.quiet import quiet_simulation
 from splitprefix.federation.server_app import ROUNDS_FILE, make_server_app
 from splitprefix.files import write_json
 from splitprefix.model.emulator import EmulatorManifest
@@ -31,46 +32,6 @@ logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 OPERATOR = "operator"
-
-
-@dataclass(frozen=True)
-class LocalFederation:
-    """Where the parties' data and the model party come from, for a local run."""
-
-    emulator_dir: str
-    """The emulator every party (and the operator's evaluation) runs."""
-    data_files: tuple[str, ...]
-    """One JSONL per party, or a single file to cut into `parties` parts."""
-    out_dir: str
-    """Receives the joint prefix, rounds.jsonl, results.json and the parties' files."""
-    parties: int | None = None
-    """Number of parties when one file is cut; None = one party per file."""
-    alpha: float = 100.0
-    """Label skew of the cut (Dirichlet over labels): small = non-IID, large = about IID."""
-    model: str | None = None
-    """Full model to serve in a child process; None = use `server_url`."""
-    server_url: str | None = None
-    """A running model-party server; None = start one from `model`."""
-    token: str | None = None
-    """Bearer token for `server_url`, used by every party and the operator."""
-    party_cpus: float = 1.0
-    """CPUs the simulation reserves per party (how many train at once)."""
-    flower: dict[str, bool | float | int | str] = field(default_factory=dict)
-    """Run config for both apps (kebab-case: num-rounds, local-steps, secure, ...)."""
-
-    def __post_init__(self) -> None:
-        if (self.model is None) == (self.server_url is None):
-            raise ConfigError("give exactly one of model (start a server) and server_url (use one)")
-        if not self.data_files:
-            raise ConfigError("give at least one data file")
-        if len(self.data_files) > 1 and self.parties not in (None, len(self.data_files)):
-            raise ConfigError(f"{len(self.data_files)} data files but parties={self.parties}")
-        if self.num_parties < 1:
-            raise ConfigError(f"a federation needs at least one party; got {self.num_parties}")
-
-    @property
-    def num_parties(self) -> int:
-        return self.parties if len(self.data_files) == 1 and self.parties else len(self.data_files)
 
 
 def party_files(run: LocalFederation) -> list[Path]:
@@ -132,6 +93,7 @@ def _federate(
     for k in range(len(files)):
         PartyConfig.from_flower({}, {"partition-id": k}, party)
     make_client = make_secure_client_app if federation.secure else make_client_app
+    quiet_simulation()
     start = time.perf_counter()
     run_simulation(
         server_app=make_server_app(server),

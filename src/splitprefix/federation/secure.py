@@ -61,6 +61,8 @@ class SecureFedAvg(LegacyFedAvg):
             evaluate_fn=self._evaluate,
             on_fit_config_fn=lambda server_round: {SERVER_ROUND: rounds_before + server_round},
             accept_failures=True,
+            # the round's record is the keeper's; without a function Flower warns in every run
+            fit_metrics_aggregation_fn=lambda metrics: {},
         )
         self.keeper = keeper
         self.dtype = kv.numpy().dtype

@@ -141,7 +141,7 @@ class DistillConfig:
     """Settings of the model party's distillation of the kept upper layers."""
 
     steps: int = 200
-    """Optimiser steps."""
+    """Distillation steps."""
     lr: float = 3e-4
     """AdamW learning rate (constant after a short warm-up)."""
     batch_size: int = 16

@@ -23,13 +23,16 @@ class ServerSettings:
     split_at: int
     """K: the data party runs layers [0, K); this server runs layers [K, L)."""
     head: HeadSetting = "both"
-    """Head modes offered: what each reveals of the targets is in `wire.disclosure` (and /v1/info)."""
+    """Head modes offered: server (targets sent in clear), client (targets off the wire, still recoverable
+    by this server from the gradients), or both; what each reveals: `wire.disclosure` and /v1/info."""
     host: str = "127.0.0.1"
-    """Interface to bind; anything but loopback needs a tokens file (or `insecure`) and should have TLS."""
+    """Interface to bind, loopback by default; any other needs `tokens_file` (or `insecure`) and should
+    have TLS."""
     port: int = 8000
     """TCP port to listen on (0 lets the OS choose)."""
     tokens_file: Path | None = None
-    """Bearer tokens per data party (see `model_party.auth`); None turns authentication off."""
+    """Bearer tokens per data party: JSON {name: token} or 'name token' lines (`model_party.auth`);
+    none turns authentication off."""
     insecure: bool = False
     """Allow a non-loopback host without a tokens file: anyone who reaches it may use the model."""
     tls_cert: Path | None = None
@@ -69,8 +72,9 @@ class ServerSettings:
     dtype: ComputeDtype = "auto"
     """Compute dtype of the top's weights and activations; 'auto' is the checkpoint's own dtype."""
     max_client_layers: int = 0
-    """Largest M a data party may keep at its end (the U-shaped split: this server then runs layers
-    [K, L - M) only, head=client); 0 = every request runs [K, L)."""
+    """Largest M a data party may keep at its end (the U-shaped split, head=client): this server then
+    runs layers [K, L - M) for it; 0 = every request runs [K, L). Ship those layers with
+    `emulate --client-layers M`."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.split_at, int) or self.split_at < 1:
