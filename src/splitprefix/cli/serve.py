@@ -59,6 +59,12 @@ def serve_command(
     max_connections: int = typer.Option(
         ServerSettings.max_connections, help="Connections served at once, all parties (503 beyond)."
     ),
+    max_merged_rows: int = typer.Option(
+        ServerSettings.max_merged_rows, help="Most rows of one merged generation forward, all parties."
+    ),
+    max_merged_keys: int = typer.Option(
+        ServerSettings.max_merged_keys, help="Most rows x padded keys of one merged generation forward."
+    ),
     device: str = typer.Option(ServerSettings.device, help="Torch device: cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option(
         ServerSettings.dtype, help="Compute dtype: auto (the checkpoint's own), fp32, bf16 or fp16."
@@ -105,6 +111,8 @@ def serve_command(
         max_streams_per_session=max_streams_per_session,
         max_streams_per_client=max_streams_per_client,
         max_connections=max_connections,
+        max_merged_rows=max_merged_rows,
+        max_merged_keys=max_merged_keys,
         device=device,
         dtype=dtype,  # type: ignore[arg-type]
         max_client_layers=max_client_layers,

@@ -191,8 +191,7 @@ def _add_generation_routes(app: FastAPI, generation: GenerationBackend) -> None:
 
     @app.post(schemas.SESSION_STEP_PATH, **step_doc)
     async def step_session(session_id: str, request: Request, client: Client) -> Response:
-        step, inline = partial(generation.step, session_id), partial(generation.step, session_id, wait=False)
-        return await _serve(request, limit, step, client, inline)
+        return await _serve(request, limit, partial(generation.step, session_id), client)
 
     @app.delete(
         schemas.SESSION_PATH, summary="Close a generation session and free its cache.", responses=_ERRORS
