@@ -10,6 +10,7 @@ k best logits travel back, so a greedy step answers a few bytes per row.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from functools import partial
 from typing import Any
@@ -23,10 +24,6 @@ from splitprefix.model_party.session_cache import SessionCache
 from splitprefix.model_party.sessions import Session, SessionStore, cache_bytes
 from splitprefix.model_party.validation import RequestError, StepMeta, check_meta, check_names
 from splitprefix.wire import schemas
-
-
-class ModelBusy(Exception):
-    """A request that was not to wait found the model busy; nothing was changed."""
 
 
 class GenerationBackend:
@@ -83,12 +80,38 @@ class GenerationBackend:
 
         A step with the step_id of the session's last step is answered with that step's answer and
         not run again, so that a client may retry a request whose answer it lost."""
+        job, step = self._step_job(session_id, tensors, meta, client_id)
+        (out, length), queued = self.scheduler.submit(job)
+        return out, step.reply(session_id=session_id, length=length, queue_ms=_ms(queued))
+
+    async def step_async(
+        self, session_id: str, tensors: Tensors, meta: dict[str, Any], client_id: str
+    ) -> tuple[Tensors, dict[str, Any]]:
+        """`step` for the event loop: the loop waits for the worker without a thread of its own,
+        which spares a small step two thread switches (a large share of its time on 2 cores)."""
+        job, step = self._step_job(session_id, tensors, meta, client_id)
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(_resolve, finished)
+
+        job.on_done = wake
+        self.scheduler.enqueue(job)
+        await finished
+        if job.error is not None:
+            raise job.error
+        out, length = job.result
+        return out, step.reply(session_id=session_id, length=length, queue_ms=_ms(job.queue_s))
+
+    def _step_job(
+        self, session_id: str, tensors: Tensors, meta: dict[str, Any], client_id: str
+    ) -> tuple[Job, StepMeta]:
         step = check_meta(meta, self.backend.shape, forward=False)
         if set(tensors) != {"hidden"}:  # hidden alone: one real token per row, right after the last
             check_names(tensors, list(schemas.GENERATE_INPUTS), "generation step request")
         prepare = partial(self._prepare, session_id, tensors, step, client_id)
-        (out, length), queued = self.scheduler.submit(Job(client_id, urgent=True, prepare=prepare))
-        return out, step.reply(session_id=session_id, length=length, queue_ms=_ms(queued))
+        return Job(client_id, urgent=True, prepare=prepare), step
 
     def _prepare(self, session_id: str, tensors: Tensors, step: StepMeta, client_id: str) -> StepWork:
         """The step checked against the session as it is now (on the scheduler's thread)."""
@@ -209,6 +232,11 @@ class GenerationBackend:
                 422, "invalid_meta", "top_k applies to head=server; with head=client you apply the head"
             )
         return max_length, top_k
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # a request cancelled meanwhile has no one to wake
+        future.set_result(None)
 
 
 def _ms(seconds: float) -> float:

@@ -60,6 +60,8 @@ class Job:
     queued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    on_done: Callable[[], None] | None = None
+    """Called on the worker once the job is finished (an event loop's wake-up)."""
 
     @property
     def queue_s(self) -> float:
@@ -68,6 +70,8 @@ class Job:
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
         self.done.set()
+        if self.on_done is not None:
+            self.on_done()
 
 
 Merge = Callable[[list[Any]], list[Any]]
@@ -95,6 +99,16 @@ class Scheduler:
         """Run `job` on the worker; its result and its queue time in seconds. Raises its error, or
         ClientGone once this thread's client disconnects before the job started."""
         job.gone = cancel.current()
+        queues = self.enqueue(job)
+        while not job.done.wait(0.05):
+            if job.gone is not None and job.gone.is_set() and self._withdraw(job, queues):
+                raise cancel.ClientGone
+        if job.error is not None:
+            raise job.error
+        return job.result, job.queue_s
+
+    def enqueue(self, job: Job) -> dict[str, deque[Job]]:
+        """Queue `job` without waiting for it (see `on_done`); the queues it joined."""
         queues = self._urgent if job.urgent else self._training
         with self._cond:
             queues.setdefault(job.party, deque()).append(job)
@@ -102,12 +116,7 @@ class Scheduler:
                 self._worker = threading.Thread(target=self._loop, name="model-scheduler", daemon=True)
                 self._worker.start()
             self._cond.notify()
-        while not job.done.wait(0.05):
-            if job.gone is not None and job.gone.is_set() and self._withdraw(job, queues):
-                raise cancel.ClientGone
-        if job.error is not None:
-            raise job.error
-        return job.result, job.queue_s
+        return queues
 
     def _withdraw(self, job: Job, queues: dict[str, deque[Job]]) -> bool:
         """Take a job that has not started out of its queue; False if it already left it."""

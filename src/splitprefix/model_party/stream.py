@@ -57,6 +57,7 @@ def add_stream_route(app: FastAPI, generation: GenerationBackend) -> None:
         await websocket.accept()
         path = websocket.url.path
         step = partial(generation.step, session_id)
+        inline = partial(generation.step_async, session_id)
         try:
             while (body := await _next_message(websocket, settings.session_ttl_s)) is not None:
                 try:
@@ -65,7 +66,7 @@ def add_stream_route(app: FastAPI, generation: GenerationBackend) -> None:
                             400, "bad_message", "send each step as a binary message (a safetensors blob)"
                         )
                     app.state.admission.check(schemas.SESSION_STEP_PATH, body)  # before decoding
-                    out = await answer(path, body, settings.max_request_bytes, step, client)
+                    out = await answer(path, body, settings.max_request_bytes, step, client, inline)
                 except Exception as error:  # every refusal is an answer; the socket serves on
                     status, code, detail = refusal(error)
                     refused = schemas.StreamError(status=status, code=code, detail=detail)
