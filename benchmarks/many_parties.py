@@ -201,10 +201,51 @@ def _goals(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return goals
 
 
+def training_merge_probe(args: argparse.Namespace, reps: int = 5) -> dict[str, Any]:
+    """Would merging two parties' training requests pay? Seconds of the server's forward and backward
+    for two requests of `train_batch` rows, run one after the other, against one of twice the rows."""
+    from splitprefix.model_party.backend import TopBackend
+    from splitprefix.model_party.settings import ServerSettings
+    from splitprefix.model_party.validation import ForwardInputs
+
+    backend = TopBackend(ServerSettings(args.model, args.split_at))
+    d, length = backend.dims, args.train_length
+
+    def inputs(rows: int) -> ForwardInputs:
+        kv = torch.randn(d.num_layers - args.split_at, 2, d.num_kv_heads, 16, d.head_dim)
+        mask = torch.ones(rows, 16 + length, dtype=torch.long)
+        positions = torch.arange(16, 16 + length).repeat(rows, 1)
+        return ForwardInputs(torch.randn(rows, length, d.hidden_size), mask, positions, kv)
+
+    def seconds(batches: list[ForwardInputs]) -> float:
+        start = time.perf_counter()
+        for x in batches:
+            out, leaves = backend._run(x, requires_grad=True)
+            torch.autograd.grad(out.float().square().mean(), leaves)
+        return time.perf_counter() - start
+
+    apart, merged = [inputs(args.train_batch), inputs(args.train_batch)], [inputs(2 * args.train_batch)]
+    seconds(apart + merged)  # warm-up
+    times: dict[str, list[float]] = {"apart": [], "merged": []}
+    for _ in range(reps):  # interleaved against drift
+        times["apart"].append(seconds(apart))
+        times["merged"].append(seconds(merged))
+    apart_s, merged_s = statistics.median(times["apart"]), statistics.median(times["merged"])
+    return {
+        "rows_each": args.train_batch,
+        "positions": length,
+        "two_requests_s": round(apart_s, 4),
+        "one_merged_request_s": round(merged_s, 4),
+        "saved": round(1 - merged_s / apart_s, 3),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from splitprefix.model.loading import describe_model
     from splitprefix.model_party.compress import emulate
 
+    load_before = os.getloadavg()
     emulator = work / "emulator"
     emulate(args.model, args.split_at, 1, emulator)
     counts = [int(n) for n in args.parties.split(",")]
@@ -227,7 +268,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "generation": {"batch": 1, "head": "server", "new_tokens_per_session": args.new_tokens},
         "training": {"batch": args.train_batch, "max_length": args.train_length, "prefix_len": 16},
         "cpu_count": os.cpu_count(),
-        "load_before": os.getloadavg(),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "training_merge_probe": training_merge_probe(args),
         "goals": _goals(rows) if "generating/1" in rows and "training/1" in rows else {},
         "runs": rows,
     }

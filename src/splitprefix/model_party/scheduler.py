@@ -92,6 +92,7 @@ class Scheduler:
         self._deficit: dict[str, int] = {}
         self._worker: threading.Thread | None = None
         self._preempting = False
+        """True while generation work runs: only training work is preempted."""
         self.merged_rows: list[int] = []
         """Rows of recent merged forwards (the last 1000), for tests and the log."""
 
@@ -136,11 +137,7 @@ class Scheduler:
         with self._cond:
             batch = self._take_urgent()
         if batch:
-            self._preempting = True
-            try:
-                self._run_urgent(batch)
-            finally:
-                self._preempting = False
+            self._run_urgent(batch)
 
     def _loop(self) -> None:
         while True:
@@ -253,6 +250,15 @@ class Scheduler:
             job.finish(error=error)
 
     def _run_urgent(self, batch: list[tuple[Job, Any]]) -> None:
+        """Run generation work; its own layers do not preempt it (a session's next step would run
+        inside its current one)."""
+        outer, self._preempting = self._preempting, True
+        try:
+            self._run_batch(batch)
+        finally:
+            self._preempting = outer
+
+    def _run_batch(self, batch: list[tuple[Job, Any]]) -> None:
         if batch[0][1] is None:
             self._run_alone(batch[0][0])
             return
