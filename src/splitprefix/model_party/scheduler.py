@@ -173,6 +173,7 @@ class Scheduler:
                         blocked.add(party)
                         continue
                     self._pop(self._urgent, party)
+                    self._rotate(self._urgent, party)
                     return [(job, None)]
                 work = self._prepared(job)
                 if work is None:  # answered already
