@@ -93,7 +93,7 @@ class Scheduler:
         self._worker: threading.Thread | None = None
         self._preempting = False
         """True while generation work runs: only training work is preempted."""
-        self.merged_rows: list[int] = []
+        self.merged_rows: deque[int] = deque(maxlen=1000)
         """Rows of recent merged forwards (the last 1000), for tests and the log."""
 
     def submit(self, job: Job) -> tuple[Any, float]:
@@ -266,7 +266,7 @@ class Scheduler:
         now = time.perf_counter()
         for job, _ in batch:
             job.started_at = now
-        self.merged_rows = [*self.merged_rows[-999:], sum(work.rows for _, work in batch)]
+        self.merged_rows.append(sum(work.rows for _, work in batch))
         assert self.merge is not None
         try:
             with cancel.cancelled_by(None):  # one party gone does not stop the others' step
