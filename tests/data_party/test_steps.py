@@ -93,7 +93,7 @@ def test_a_step_whose_answer_does_not_come_is_recovered_by_a_prefill(llama):
     dirs, (ids, mask), expected = llama
     app = create_app(server_settings(dirs))
     generation = app.state.generation
-    run_step, calls = generation.step, []
+    run_step, calls = generation._prepare, []  # every step, over HTTP or the socket, is prepared here
 
     def slow_third(*args, **kwargs):
         calls.append(1)
@@ -101,7 +101,7 @@ def test_a_step_whose_answer_does_not_come_is_recovered_by_a_prefill(llama):
             time.sleep(1.5)  # the step is run, but its answer comes too late
         return run_step(*args, **kwargs)
 
-    generation.step = slow_third
+    generation._prepare = slow_third
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
 
     # Execute

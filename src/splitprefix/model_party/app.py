@@ -44,7 +44,7 @@ from splitprefix.exposure import check_exposure
 from splitprefix.model_party.admission import Admission
 from splitprefix.model_party.auth import TokenAuth, Unauthorized
 from splitprefix.model_party.backend import TopBackend
-from splitprefix.model_party.exchange import Handler, InternalError, answer, refusal
+from splitprefix.model_party.exchange import AsyncHandler, Handler, InternalError, answer, refusal
 from splitprefix.model_party.generation import GenerationBackend
 from splitprefix.model_party.limits import PartyLimits
 from splitprefix.model_party.settings import ServerSettings
@@ -191,7 +191,7 @@ def _add_generation_routes(app: FastAPI, generation: GenerationBackend) -> None:
 
     @app.post(schemas.SESSION_STEP_PATH, **step_doc)
     async def step_session(session_id: str, request: Request, client: Client) -> Response:
-        step, inline = partial(generation.step, session_id), partial(generation.step, session_id, wait=False)
+        step, inline = partial(generation.step, session_id), partial(generation.step_async, session_id)
         return await _serve(request, limit, step, client, inline)
 
     @app.delete(
@@ -204,7 +204,7 @@ def _add_generation_routes(app: FastAPI, generation: GenerationBackend) -> None:
 
 
 async def _serve(
-    request: Request, limit: int, handler: Handler, client: str, inline: Handler | None = None
+    request: Request, limit: int, handler: Handler, client: str, inline: AsyncHandler | None = None
 ) -> Response:
     """Read the body and answer it with `handler` (see `exchange.answer`), which stops if the
     client disconnects meanwhile."""

@@ -2,14 +2,15 @@
 
 `TopBackend` knows nothing about HTTP. It takes decoded wire tensors and metadata, checks them,
 runs layers [K, L) (and the head and the loss for head=server) exactly as the whole model does, and returns the
-tensors to send back. Requests are served one at a time: torch already uses every core, and a
-lock keeps the graph store consistent.
+tensors to send back. Every request's compute is a job of the `model_party.scheduler`, whose one
+worker thread owns the model (torch already uses every core) and so keeps the graph store
+consistent; training jobs give way to generation steps before each layer.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+from collections.abc import Callable
 from dataclasses import astuple
 from typing import Any
 
@@ -24,6 +25,7 @@ from splitprefix.model.registry import architecture_of, model_dims
 from splitprefix.model.split import Activations, LayerStack
 from splitprefix.model_party.cancel import check
 from splitprefix.model_party.graphs import GraphStore, HeldGraph, SavedBytes
+from splitprefix.model_party.scheduler import Job, Scheduler
 from splitprefix.model_party.settings import ServerSettings
 from splitprefix.model_party.top_loader import LoadedTop, load_top
 from splitprefix.model_party.validation import (
@@ -74,9 +76,10 @@ class TopBackend:
             settings.graph_ttl_s, settings.max_graph_bytes, settings.max_graphs_per_client
         )
         self._weights = [*self.top.stack.parameters(), *self.top.head.parameters()]
+        self.scheduler = Scheduler(settings.max_merged_rows, settings.max_merged_keys)
+        self._lock = self.scheduler.busy  # held while the worker computes (tests hold it to wait)
         for layer in self.top.stack.layers:  # a request whose client is gone stops between layers
-            layer.register_forward_pre_hook(lambda *_: check())
-        self._lock = threading.Lock()
+            layer.register_forward_pre_hook(self._before_layer)
 
     def _stacks(self, max_client_layers: int) -> dict[int, LayerStack]:
         """Layers [K, L - M) for each allowed M (views of the loaded layers; M = 0 is the whole top)."""
@@ -146,17 +149,18 @@ class TopBackend:
         check_head(step, "client", schemas.FORWARD_PATH)
         check_names(tensors, forward_names(step.head), "forward request")
         inputs = check_forward_inputs(tensors, self.shape, step.client_layers)
-        with self._lock:
-            check()  # a client that went away while waiting for the model gets nothing
-            held = False
-            if step.keep_graph:
-                graph = self._forward_with_graph(inputs, step.client_layers)
-                held = self.graphs.put(client_id, step.step_id, graph)
-                output = graph.output.detach()
-            else:
+
+        def run() -> tuple[Tensors, bool]:
+            if not step.keep_graph:
                 with torch.no_grad():
                     output, _ = self._run(inputs, requires_grad=False, client_layers=step.client_layers)
-        return {schemas.OUTPUT: output.float().cpu()}, step.reply(graph_held=held)
+                return {schemas.OUTPUT: output.float().cpu()}, False
+            graph = self._forward_with_graph(inputs, step.client_layers)
+            held = self.graphs.put(client_id, step.step_id, graph)
+            return {schemas.OUTPUT: graph.output.detach().float().cpu()}, held
+
+        (out, held), queued = self._submit(client_id, inputs, run)
+        return out, step.reply(graph_held=held, queue_ms=queued)
 
     def backward(
         self, tensors: Tensors, meta: dict[str, Any], client_id: str
@@ -172,8 +176,8 @@ class TopBackend:
         expected = [*forward_names(step.head), schemas.GRAD_OUTPUT] if recompute else [schemas.GRAD_OUTPUT]
         check_names(tensors, expected, "backward request")
         inputs = check_forward_inputs(tensors, self.shape, step.client_layers) if recompute else None
-        with self._lock:
-            check()
+
+        def run() -> Tensors:
             graph = self.graphs.get(client_id, step.step_id)
             if graph is None and inputs is None:
                 raise _graph_missing(step)
@@ -182,8 +186,10 @@ class TopBackend:
                 graph = self._forward_with_graph(inputs, step.client_layers)
             grad_output = check_grad_output(tensors, tuple(graph.output.shape))
             self.graphs.discard(client_id, step.step_id)
-            grads = self._grads(graph.output, graph.inputs, grad_output)
-        return grads, step.reply(graph_held=False)
+            return self._grads(graph.output, graph.inputs, grad_output)
+
+        grads, queued = self._submit(client_id, inputs, run)
+        return grads, step.reply(graph_held=False, queue_ms=queued)
 
     def loss(self, tensors: Tensors, meta: dict[str, Any], client_id: str) -> tuple[Tensors, dict[str, Any]]:
         """head=server, one round trip: `loss_sum` over the supervised targets and, unless meta `grad`
@@ -198,15 +204,39 @@ class TopBackend:
         inputs = check_forward_inputs(tensors, self.shape)
         targets = check_targets(tensors, inputs, self.dims.vocab_size).to(self.settings.device)
         supervised = targets != schemas.IGNORE_TARGET  # (B, T)
-        with self._lock, torch.set_grad_enabled(step.grad):
-            check()
-            last, leaves = self._run(inputs, requires_grad=step.grad)  # (B, T, d)
-            logits = self.top.head(last[supervised])  # (N, V)
-            loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
-            out = {schemas.LOSS_SUM: loss.detach().float().cpu()}
-            if step.grad:
-                out |= self._grads(loss, leaves, torch.ones_like(loss))
-        return out, step.reply(n_tokens=int(supervised.sum()))
+
+        def run() -> Tensors:
+            with torch.set_grad_enabled(step.grad):
+                last, leaves = self._run(inputs, requires_grad=step.grad)  # (B, T, d)
+                logits = self.top.head(last[supervised])  # (N, V)
+                loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+                out = {schemas.LOSS_SUM: loss.detach().float().cpu()}
+                if step.grad:
+                    out |= self._grads(loss, leaves, torch.ones_like(loss))
+            return out
+
+        out, queued = self._submit(client_id, inputs, run)
+        return out, step.reply(n_tokens=int(supervised.sum()), queue_ms=queued)
+
+    def _submit(
+        self, client_id: str, inputs: ForwardInputs | None, run: Callable[[], Any]
+    ) -> tuple[Any, float]:
+        """`run()` as a training job of the scheduler, costing its tokens; its result and queue time (ms)."""
+        cost = 1 if inputs is None else int(inputs.attention_mask.shape[0] * inputs.hidden.shape[1])
+        result, queued_s = self.scheduler.submit(Job(client_id, urgent=False, cost=cost, run=run))
+        return result, round(1000 * queued_s, 3)
+
+    def _before_layer(self, _: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        """Before each layer: stop for a client that is gone, and let waiting generation steps run
+        (here, and again when the backward reaches this layer)."""
+        check()
+        self.scheduler.preempt()
+        hidden = args[0] if args else None
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(self._before_layer_backward)
+
+    def _before_layer_backward(self, _: torch.Tensor) -> None:
+        self.scheduler.preempt()
 
     def _forward_with_graph(self, inputs: ForwardInputs, client_layers: int = 0) -> HeldGraph:
         """A forward whose graph waits for its backward: each layer keeps only its input (B, T, d)

@@ -21,16 +21,25 @@ class ClientGone(Exception):
 
 @contextmanager
 def cancelled_by(event: threading.Event | None) -> Iterator[None]:
-    """Within this block, `check()` in this thread raises ClientGone once `event` is set."""
+    """Within this block, `check()` in this thread raises ClientGone once `event` is set.
+
+    Blocks nest: the scheduler serves generation steps (no event) inside a training request's
+    layers, and that request's event holds again once they are done."""
+    outer = current()
     _current.event = event
     try:
         yield
     finally:
-        _current.event = None
+        _current.event = outer
+
+
+def current() -> threading.Event | None:
+    """The event of the request this thread serves, if any."""
+    return getattr(_current, "event", None)
 
 
 def check() -> None:
     """Raise ClientGone if the client of this thread's request has gone away."""
-    event = getattr(_current, "event", None)
+    event = current()
     if event is not None and event.is_set():
         raise ClientGone

@@ -1,7 +1,8 @@
 """The model party's side of split generation: prefill and one step per token on a session's cache.
 
 Kept apart from the training paths of `TopBackend`, but it runs the same loaded layers [K, L), norm
-and head, under the same lock. A session is opened by a prefill that carries the prefix for the
+and head, on the same scheduler (`model_party.scheduler`), which merges concurrent steps of
+different sessions into one forward (`model_party.merged`). A session is opened by a prefill that carries the prefix for the
 server's layers, which seeds its cache once; each step then sends only the new tokens' layer-K
 hidden states. Only the last position of each row goes through the head, and with `top_k` only the
 k best logits travel back, so a greedy step answers a few bytes per row.
@@ -9,25 +10,24 @@ k best logits travel back, so a greedy step answers a few bytes per row.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from functools import partial
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
-from splitprefix.model.prefix import prefix_cache
-from splitprefix.model.split import Activations
 from splitprefix.model_party.backend import Tensors, TopBackend
+from splitprefix.model_party.merged import StepWork, prefill, run_steps
+from splitprefix.model_party.scheduler import Done, Job
+from splitprefix.model_party.session_cache import SessionCache
 from splitprefix.model_party.sessions import Session, SessionStore, cache_bytes
 from splitprefix.model_party.validation import RequestError, StepMeta, check_meta, check_names
 from splitprefix.wire import schemas
 
 
-class ModelBusy(Exception):
-    """A request that was not to wait found the model busy; nothing was changed."""
-
-
 class GenerationBackend:
-    """Generation sessions over the layers a `TopBackend` loaded."""
+    """Generation sessions over the layers a `TopBackend` loaded, run by its scheduler."""
 
     def __init__(self, backend: TopBackend) -> None:
         self.backend = backend
@@ -35,6 +35,8 @@ class GenerationBackend:
         self.sessions = SessionStore(
             s.session_ttl_s, s.max_sessions, s.max_sessions_per_client, s.max_session_bytes
         )
+        self.scheduler = backend.scheduler
+        self.scheduler.merge = self._merge
 
     def open(self, tensors: Tensors, meta: dict[str, Any], client_id: str) -> tuple[Tensors, dict[str, Any]]:
         """Prefill: seed a new session with `prefix_kv`, run the prompts, answer for their last position."""
@@ -56,110 +58,114 @@ class GenerationBackend:
             )
         d = b.dims
         nbytes = cache_bytes(batch, max_length, layers, d.num_kv_heads, d.head_dim, b.dtype.itemsize)
-        with b._lock:
+
+        def run() -> tuple[Tensors, Session]:
             self.sessions.check_room(client_id, nbytes)
-            kv = kv.to(b.settings.device, b.dtype)
-            cache = (
-                prefix_cache(kv, b.config, batch, b.settings.split_at)
-                if prefix_len
-                else DynamicCache(config=b.config)
-            )
-            prefix_mask = mask.new_ones(batch, prefix_len)
-            session = Session(client_id, step.head, top_k, cache, prefix_mask, max_length, nbytes)
+            device = b.settings.device
+            cache = SessionCache(d, b.settings.split_at, layers, (batch, max_length), b.dtype, device)
+            session = Session(client_id, step.head, top_k, cache, cache.mask, max_length, nbytes)
             session.client_layers = step.client_layers
-            out = self._run(session, hidden, mask, positions)
+            out = prefill(b, session, kv.to(device, b.dtype), StepWork(session, hidden, mask, positions))
             self.sessions.add(session)
-        return out, step.reply(session_id=session.session_id, length=session.length)
+            return out, session
+
+        (out, session), queued = self.scheduler.submit(Job(client_id, urgent=True, run=run))
+        return out, step.reply(session_id=session.session_id, length=session.length, queue_ms=_ms(queued))
 
     def step(
-        self, session_id: str, tensors: Tensors, meta: dict[str, Any], client_id: str, wait: bool = True
+        self, session_id: str, tensors: Tensors, meta: dict[str, Any], client_id: str
     ) -> tuple[Tensors, dict[str, Any]]:
-        """One decoding step (or a chunk of tokens) on the client's session.
+        """One decoding step (or a chunk of tokens) on the client's session, merged by the scheduler
+        with other sessions' steps.
 
         A step with the step_id of the session's last step is answered with that step's answer and
-        not run again, so that a client may retry a request whose answer it lost. With `wait=False`
-        it raises `ModelBusy`, having changed nothing, when another request holds the model, instead
-        of waiting for it."""
+        not run again, so that a client may retry a request whose answer it lost."""
+        job, step = self._step_job(session_id, tensors, meta, client_id)
+        (out, length), queued = self.scheduler.submit(job)
+        return out, step.reply(session_id=session_id, length=length, queue_ms=_ms(queued))
+
+    async def step_async(
+        self, session_id: str, tensors: Tensors, meta: dict[str, Any], client_id: str
+    ) -> tuple[Tensors, dict[str, Any]]:
+        """`step` for the event loop: the loop waits for the worker without a thread of its own,
+        which spares a small step two thread switches (a large share of its time on 2 cores)."""
+        job, step = self._step_job(session_id, tensors, meta, client_id)
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(_resolve, finished)
+
+        job.on_done = wake
+        self.scheduler.enqueue(job)
+        await finished
+        if job.error is not None:
+            raise job.error
+        out, length = job.result
+        return out, step.reply(session_id=session_id, length=length, queue_ms=_ms(job.queue_s))
+
+    def _step_job(
+        self, session_id: str, tensors: Tensors, meta: dict[str, Any], client_id: str
+    ) -> tuple[Job, StepMeta]:
         step = check_meta(meta, self.backend.shape, forward=False)
-        implicit = set(tensors) == {"hidden"}  # one real token per row, right after the last
-        if not implicit:
+        if set(tensors) != {"hidden"}:  # hidden alone: one real token per row, right after the last
             check_names(tensors, list(schemas.GENERATE_INPUTS), "generation step request")
-        if not self.backend._lock.acquire(blocking=wait):
-            raise ModelBusy("the model is serving another request")
+        prepare = partial(self._prepare, session_id, tensors, step, client_id)
+        return Job(client_id, urgent=True, prepare=prepare), step
+
+    def _prepare(self, session_id: str, tensors: Tensors, step: StepMeta, client_id: str) -> StepWork:
+        """The step checked against the session as it is now (on the scheduler's thread)."""
+        session = self.sessions.get(client_id, session_id)
+        if session.last_step is not None and session.last_step[0] == step.step_id:
+            # a retry of a step whose answer was lost on the way: running it again would extend
+            # the cache twice, so the same answer is sent again
+            raise Done((session.last_step[1], session.length))
+        if set(tensors) == {"hidden"}:
+            assert session.next_positions is not None  # set by the prefill
+            ones = torch.ones(session.batch_size, 1, dtype=torch.long)
+            tensors = tensors | {"token_mask": ones, "positions": session.next_positions}
+        hidden, mask, positions = self._check_tokens(tensors)
+        if step.head != session.head:
+            raise RequestError(
+                422, "invalid_meta", f"session {session_id!r} was opened with head={session.head}"
+            )
+        if mask.shape[0] != session.batch_size:
+            raise RequestError(
+                422,
+                "bad_tensor",
+                f"session {session_id!r} holds {session.batch_size} rows; this step sends {mask.shape[0]}",
+            )
+        if session.length + mask.shape[1] > session.max_length:
+            raise RequestError(
+                413,
+                "limit_exceeded",
+                f"session {session_id!r} may hold {session.max_length} keys per row (its max_length); it "
+                f"holds {session.length} and this step adds {mask.shape[1]}. Open a longer session",
+            )
+        return StepWork(session, hidden, mask, positions, step.step_id)
+
+    def _merge(self, works: list[StepWork]) -> list[tuple[Tensors, int]]:
+        """Run the prepared steps as one forward; each one's answer and its session's new length."""
         try:
-            session = self.sessions.get(client_id, session_id)
-            if session.last_step is not None and session.last_step[0] == step.step_id:
-                # a retry of a step whose answer was lost on the way: running it again would extend
-                # the cache twice, so the same answer is sent again
-                return session.last_step[1], step.reply(session_id=session.session_id, length=session.length)
-            if implicit:
-                assert session.next_positions is not None  # set by the prefill
-                ones = torch.ones(session.batch_size, 1, dtype=torch.long)
-                tensors = tensors | {"token_mask": ones, "positions": session.next_positions}
-            hidden, mask, positions = self._check_tokens(tensors)
-            if step.head != session.head:
-                raise RequestError(
-                    422, "invalid_meta", f"session {session_id!r} was opened with head={session.head}"
-                )
-            if mask.shape[0] != session.batch_size:
-                raise RequestError(
-                    422,
-                    "bad_tensor",
-                    f"session {session_id!r} holds {session.batch_size} rows; this step sends {mask.shape[0]}",
-                )
-            if session.length + mask.shape[1] > session.max_length:
-                raise RequestError(
-                    413,
-                    "limit_exceeded",
-                    f"session {session_id!r} may hold {session.max_length} keys per row (its max_length); it "
-                    f"holds {session.length} and this step adds {mask.shape[1]}. Open a longer session",
-                )
-            try:
-                out = self._run(session, hidden, mask, positions)
-            except Exception:
-                self.sessions.close(client_id, session_id)  # its cache may be half extended
-                raise
-            session.last_step = (step.step_id, out)
-        finally:
-            self.backend._lock.release()
-        return out, step.reply(session_id=session.session_id, length=session.length)
+            outs = run_steps(self.backend, works)
+        except Exception:
+            for work in works:  # their caches may be half extended
+                with contextlib.suppress(RequestError):
+                    self.sessions.close(work.session.owner, work.session.session_id)
+            raise
+        for work, out in zip(works, outs, strict=True):
+            work.session.last_step = (work.step_id, out)
+        return [(out, work.session.length) for work, out in zip(works, outs, strict=True)]
 
     def check_session(self, session_id: str, client_id: str) -> None:
         """404 `session_missing` unless the client holds this live session (as a step would check)."""
-        with self.backend._lock:
-            self.sessions.get(client_id, session_id)
+        run = partial(self.sessions.get, client_id, session_id)
+        self.scheduler.submit(Job(client_id, urgent=True, run=run))
 
     def close(self, session_id: str, client_id: str) -> dict[str, Any]:
-        with self.backend._lock:
-            self.sessions.close(client_id, session_id)
+        run = partial(self.sessions.close, client_id, session_id)
+        self.scheduler.submit(Job(client_id, urgent=True, run=run))
         return {"session_id": session_id, "closed": True}
-
-    @torch.inference_mode()
-    def _run(
-        self, session: Session, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
-    ) -> Tensors:
-        """Extend the session by the new tokens; the answer for each row's last position (for every
-        new position, with client layers: `output` (B, T, d) after layer L - M).
-
-        Inference mode (no autograd bookkeeping at all) because a session's tensors never meet a
-        backward; it saves a little on each of the step's many small operations."""
-        b = self.backend
-        device = b.settings.device
-        full_mask = torch.cat([session.mask, mask], dim=1)  # (B, S + T)
-        x = Activations(hidden.to(device, b.dtype), full_mask.to(device), positions.to(device))
-        hidden = b.stacks[session.client_layers](x, session.cache)  # (B, T, d)
-        session.mask = full_mask
-        session.next_positions = positions[:, -1:] + 1  # (B, 1)
-        if session.client_layers:
-            return {schemas.OUTPUT: hidden}
-        last = hidden[:, -1]  # (B, d)
-        if session.head == "client":
-            return {schemas.LAST_HIDDEN: last}
-        logits = b.top.head(last)  # (B, V)
-        if session.top_k == 0:
-            return {schemas.LOGITS: logits}
-        values, indices = torch.topk(logits, min(session.top_k, logits.shape[-1]), dim=-1)  # (B, k)
-        return {schemas.TOP_VALUES: values, schemas.TOP_INDICES: indices}
 
     def _check_prefix(self, kv: torch.Tensor, layers: int) -> int:
         d = self.backend.dims
@@ -226,6 +232,15 @@ class GenerationBackend:
                 422, "invalid_meta", "top_k applies to head=server; with head=client you apply the head"
             )
         return max_length, top_k
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # a request cancelled meanwhile has no one to wake
+        future.set_result(None)
+
+
+def _ms(seconds: float) -> float:
+    return round(1000 * seconds, 3)
 
 
 def _floating(tensors: Tensors, name: str) -> torch.Tensor:

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
+from splitprefix.model_party.session_cache import SessionCache
 from splitprefix.model_party.validation import RequestError
 from splitprefix.wire.schemas import SESSION_MISSING, HeadMode
 
@@ -33,10 +33,11 @@ class Session:
     """What each step returns: logits or top-k (server), or the last hidden state (client)."""
     top_k: int
     """head=server: 0 returns full logits, k > 0 only the k best."""
-    cache: DynamicCache
-    """Keys and values of layers [K, L): the prefix, then every token so far."""
+    cache: SessionCache
+    """Keys and values of layers [K, L): the prefix, then every token so far (preallocated)."""
     mask: torch.Tensor
-    """(B, S): 1 for every cached key that tokens may attend to (prefix and real tokens)."""
+    """(B, S): 1 for every cached key that tokens may attend to (prefix and real tokens); a view
+    of the cache's mask."""
     max_length: int
     """Most keys per row the session may hold (prefix included); its memory is reserved for this."""
     reserved_bytes: int

@@ -67,6 +67,11 @@ class ServerSettings:
     """Generation WebSockets one data party may hold open at once (429 beyond)."""
     max_connections: int = 128
     """Connections and requests the server serves at once, all parties together (503 beyond)."""
+    max_merged_rows: int = 64
+    """Most rows of one merged generation forward, all sessions of all parties together."""
+    max_merged_keys: int = 65536
+    """Most rows x keys per row (prefix, past and new tokens, padded to the longest row) of one merged
+    generation forward: bounds the padded cache it builds."""
     device: str = "cpu"
     """Torch device that runs the top ('cpu', 'cuda', 'cuda:1', ...)."""
     dtype: ComputeDtype = "auto"
@@ -96,6 +101,8 @@ class ServerSettings:
             "max_streams_per_session",
             "max_streams_per_client",
             "max_connections",
+            "max_merged_rows",
+            "max_merged_keys",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")

@@ -59,7 +59,7 @@ def add_stream_route(app: FastAPI, generation: GenerationBackend) -> None:
         await websocket.accept()
         path = websocket.url.path
         step = partial(generation.step, session_id)
-        inline = partial(generation.step, session_id, wait=False)
+        inline = partial(generation.step_async, session_id)
         try:
             while (body := await _next_message(websocket, settings.session_ttl_s)) is not None:
                 try:

@@ -1,0 +1,305 @@
+"""Many data parties on one model server: aggregate tokens/s, each party's share, step latency.
+
+One `splitprefix serve` and N data parties (N = 1, 2, 4, 8), each party a separate process with its
+own token, as separate vendors' clients would be. Three mixes:
+
+- `generating`: every party generates greedily, batch 1, over the session's WebSocket;
+- `training`: every party runs head=server training steps (forward, loss, backward) of one batch;
+- `mixed`: party 0 trains, the others generate (N >= 2).
+
+Every party loads, warms up, then waits; all start together and run for `--seconds`. Tokens are
+generated tokens (generating) or real tokens of the trained batch (training); a step is one token
+(generating) or one training step. Prints JSON.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/many_parties.py --seconds 8
+
+- `aggregate_tokens_per_s`, per mix and role; `speedup` against the same mix with one party;
+- `share`: each party's tokens/s over the mean of its role (1.0 = a fair share);
+- `p50_ms`, `p95_ms`: step latency over every step of the role's parties;
+- `mixed_p95_vs_generating`: the generating parties' p95 in `mixed` over their p95 in `generating`
+  with the same N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from harness import print_run
+
+from splitprefix.model_party.child import serve_in_child
+
+PROMPTS = ["happiness: the state of", "a tool used for cutting wood", "river: a large natural stream of"]
+MIXES = ("generating", "training", "mixed")
+
+
+def _generating_party(args: argparse.Namespace, settings: Any, emulator: Path) -> dict[str, Any]:
+    from splitprefix.data_party.generate import GenerationConfig, SplitModel
+
+    config = GenerationConfig(max_new_tokens=args.new_tokens, stop_at_eos=False)
+    with SplitModel.open(emulator, settings) as model:
+        ids, mask = model.encode([PROMPTS[args.index % len(PROMPTS)]])
+        for _ in model.iter_tokens(ids, mask, GenerationConfig(max_new_tokens=4, stop_at_eos=False)):
+            pass  # warm-up
+        _wait_for_go()
+        steps: list[float] = []
+        tokens, deadline = 0, time.perf_counter() + args.seconds
+        while time.perf_counter() < deadline:
+            last = None
+            for _ in model.iter_tokens(ids, mask, config):
+                now = time.perf_counter()
+                if now >= deadline:
+                    break
+                tokens += 1
+                if last is not None:  # the first token's time is the prefill's
+                    steps.append(now - last)
+                last = now
+    return {"role": "generating", "tokens": tokens, "steps_s": steps}
+
+
+def _training_party(args: argparse.Namespace, settings: Any, emulator: Path) -> dict[str, Any]:
+    from splitprefix.data.batching import collate, encode_examples, resolve_pad_id
+    from splitprefix.data.synthetic import SyntheticTaskConfig, make_task
+    from splitprefix.data_party.session import open_split
+
+    session = open_split(emulator, settings)
+    examples, _ = make_task(SyntheticTaskConfig(n_train=args.train_batch, n_test=0, seed=args.index))
+    batch = collate(
+        encode_examples(session.tokenizer, examples, args.train_length), resolve_pad_id(session.tokenizer)
+    )
+    shape = session.prefix_config(16).kv_shape
+    kv = torch.zeros(shape).normal_(0, 0.02).requires_grad_(True)
+    loss_fn = session.loss_fn()
+
+    def step() -> None:
+        kv.grad = None
+        loss, n = loss_fn(batch, kv)
+        (loss / n).backward()
+
+    step()  # warm-up
+    _wait_for_go()
+    steps: list[float] = []
+    tokens, deadline = 0, time.perf_counter() + args.seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        step()
+        end = time.perf_counter()
+        if end >= deadline:
+            break
+        steps.append(end - start)
+        tokens += int(batch.attention_mask.sum())
+    session.close()
+    return {"role": "training", "tokens": tokens, "steps_s": steps}
+
+
+def _wait_for_go() -> None:
+    print("ready", flush=True)
+    sys.stdin.readline()
+
+
+def party_main(args: argparse.Namespace) -> None:
+    """One data party: load, warm up, say ready, run on 'go' for `seconds`, print its JSON."""
+    from splitprefix.data_party.remote import ClientSettings
+
+    torch.set_num_threads(1)  # the parties share the server's cores
+    logging.disable(logging.WARNING)  # each party would repeat the head mode's disclosure
+    settings = ClientSettings(args.url, token=args.token, head="server", max_retries=50, backoff_max_s=1.0)
+    run = _generating_party if args.party == "generating" else _training_party
+    print(json.dumps(run(args, settings, Path(args.emulator))), flush=True)
+
+
+def _roles(mix: str, n: int) -> list[str]:
+    if mix == "mixed":
+        return ["training"] + ["generating"] * (n - 1)
+    return [mix] * n
+
+
+def run_parties(
+    args: argparse.Namespace, url: str, tokens: dict[str, str], emulator: Path, roles: list[str]
+) -> list[dict[str, Any]]:
+    """Start one process per role, start them together, and collect their results."""
+    procs = []
+    for i, role in enumerate(roles):
+        command = [sys.executable, __file__, "--party", role, "--index", str(i), "--url", url]
+        command += [f"--token={tokens[f'p{i}']}", "--emulator", str(emulator), "--seconds", str(args.seconds)]
+        command += ["--new-tokens", str(args.new_tokens), "--train-batch", str(args.train_batch)]
+        command += ["--train-length", str(args.train_length)]
+        procs.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    for proc in procs:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"a party failed to start: {line!r}")
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=args.seconds + 120)
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def summarise(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for role in ("generating", "training"):
+        mine = [r for r in results if r["role"] == role]
+        if not mine:
+            continue
+        rates = [r["tokens"] / seconds for r in mine]
+        mean = statistics.mean(rates)
+        steps = [s for r in mine for s in r["steps_s"]]
+        out[role] = {
+            "parties": len(mine),
+            "aggregate_tokens_per_s": round(sum(rates), 1),
+            "tokens_per_s": [round(r, 1) for r in rates],
+            "share": [round(r / mean, 3) if mean else 0.0 for r in rates],
+            "p50_ms": round(1000 * _percentile(steps, 0.5), 2),
+            "p95_ms": round(1000 * _percentile(steps, 0.95), 2),
+            "steps": len(steps),
+        }
+    return out
+
+
+def _goals(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The issue's goals, from the rows of each (mix, N)."""
+    one_gen, one_train = rows["generating/1"]["generating"], rows["training/1"]["training"]
+    goals: dict[str, Any] = {}
+    if "generating/8" in rows:
+        g8 = rows["generating/8"]["generating"]
+        goals["generating_8_speedup"] = round(
+            g8["aggregate_tokens_per_s"] / one_gen["aggregate_tokens_per_s"], 3
+        )
+        goals["generating_8_share_range"] = [min(g8["share"]), max(g8["share"])]
+        goals["generating_8_p95_vs_lone"] = round(g8["p95_ms"] / one_gen["p95_ms"], 3)
+    if "training/8" in rows:
+        t8 = rows["training/8"]["training"]
+        goals["training_8_speedup"] = round(
+            t8["aggregate_tokens_per_s"] / one_train["aggregate_tokens_per_s"], 3
+        )
+        goals["training_8_share_range"] = [min(t8["share"]), max(t8["share"])]
+    for key, row in rows.items():
+        mix, n = key.split("/")
+        if mix == "mixed" and f"generating/{n}" in rows:
+            base = rows[f"generating/{n}"]["generating"]["p95_ms"]
+            goals[f"mixed_{n}_p95_vs_generating"] = round(row["generating"]["p95_ms"] / base, 3)
+    return goals
+
+
+def training_merge_probe(args: argparse.Namespace, reps: int = 5) -> dict[str, Any]:
+    """Would merging two parties' training requests pay? Seconds of the server's forward and backward
+    for two requests of `train_batch` rows, run one after the other, against one of twice the rows."""
+    from splitprefix.model_party.backend import TopBackend
+    from splitprefix.model_party.settings import ServerSettings
+    from splitprefix.model_party.validation import ForwardInputs
+
+    backend = TopBackend(ServerSettings(args.model, args.split_at))
+    d, length = backend.dims, args.train_length
+
+    def inputs(rows: int) -> ForwardInputs:
+        kv = torch.randn(d.num_layers - args.split_at, 2, d.num_kv_heads, 16, d.head_dim)
+        mask = torch.ones(rows, 16 + length, dtype=torch.long)
+        positions = torch.arange(16, 16 + length).repeat(rows, 1)
+        return ForwardInputs(torch.randn(rows, length, d.hidden_size), mask, positions, kv)
+
+    def seconds(batches: list[ForwardInputs]) -> float:
+        start = time.perf_counter()
+        for x in batches:
+            out, leaves = backend._run(x, requires_grad=True)
+            torch.autograd.grad(out.float().square().mean(), leaves)
+        return time.perf_counter() - start
+
+    apart, merged = [inputs(args.train_batch), inputs(args.train_batch)], [inputs(2 * args.train_batch)]
+    seconds(apart + merged)  # warm-up
+    times: dict[str, list[float]] = {"apart": [], "merged": []}
+    for _ in range(reps):  # interleaved against drift
+        times["apart"].append(seconds(apart))
+        times["merged"].append(seconds(merged))
+    apart_s, merged_s = statistics.median(times["apart"]), statistics.median(times["merged"])
+    return {
+        "rows_each": args.train_batch,
+        "positions": length,
+        "two_requests_s": round(apart_s, 4),
+        "one_merged_request_s": round(merged_s, 4),
+        "saved": round(1 - merged_s / apart_s, 3),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from splitprefix.model.loading import describe_model
+    from splitprefix.model_party.compress import emulate
+
+    load_before = os.getloadavg()
+    emulator = work / "emulator"
+    emulate(args.model, args.split_at, 1, emulator)
+    counts = [int(n) for n in args.parties.split(",")]
+    names = [f"p{i}" for i in range(max(counts))]
+    rows: dict[str, dict[str, Any]] = {}
+    with serve_in_child(args.model, args.split_at, work / "server", names) as child:
+        url, tokens = child.url, child.tokens
+        for mix in args.mixes.split(","):
+            for n in counts:
+                if mix == "mixed" and n < 2:
+                    continue
+                results = run_parties(args, url, tokens, emulator, _roles(mix, n))
+                rows[f"{mix}/{n}"] = summarise(results, args.seconds)
+                print(f"{mix}/{n}: {json.dumps(rows[f'{mix}/{n}'])}", file=sys.stderr, flush=True)
+    return {
+        "model": args.model,
+        "model_info": describe_model(args.model),
+        "split_at": args.split_at,
+        "seconds_per_run": args.seconds,
+        "generation": {"batch": 1, "head": "server", "new_tokens_per_session": args.new_tokens},
+        "training": {"batch": args.train_batch, "max_length": args.train_length, "prefix_len": 16},
+        "cpu_count": os.cpu_count(),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "training_merge_probe": training_merge_probe(args),
+        "goals": _goals(rows) if "generating/1" in rows and "training/1" in rows else {},
+        "runs": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="builtin", help="Full model directory, or 'builtin'.")
+    parser.add_argument("--split-at", type=int, default=2)
+    parser.add_argument("--parties", default="1,2,4,8", help="Party counts, comma-separated.")
+    parser.add_argument("--mixes", default=",".join(MIXES), help="Mixes, comma-separated.")
+    parser.add_argument("--seconds", type=float, default=8.0, help="Length of each timed run.")
+    parser.add_argument("--new-tokens", type=int, default=32, help="Tokens per generation session.")
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--train-length", type=int, default=64)
+    # the party processes' own arguments
+    parser.add_argument("--party", choices=["generating", "training"], help=argparse.SUPPRESS)
+    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--token", help=argparse.SUPPRESS)
+    parser.add_argument("--emulator", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.party:
+        party_main(args)
+    else:
+        print_run(run, args)
+
+
+if __name__ == "__main__":
+    main()
