@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 
 from splitprefix.cli.main import app
 from splitprefix.data.synthetic import ANSWERS
+from splitprefix.demo import report
 from splitprefix.demo.config import DemoConfig
+from splitprefix.demo.measure import per_intent
 from splitprefix.demo.stages import DemoStageError, StageClock
 from splitprefix.errors import ConfigError
 
@@ -65,6 +67,43 @@ def test_demo_config_rejects_too_few_examples_for_the_parties():
         DemoConfig(n_train=300, parties=50)
 
 
+def test_accuracy_per_intent_and_the_samples_shown_are_counted_not_picked():
+    # Prepare: 3 held-out answers of one intent (1 right), 2 of another (both right)
+    rows = [
+        {"prompt": f"m{k}", "intent": intent, "expected": answer, "generated": said, "match": answer == said}
+        for k, (intent, answer, said) in enumerate(
+            [("refund", "refund", "bill"), ("refund", "refund", "refund"), ("track_order", "track", "track"),
+             ("refund", "refund", "bill"), ("track_order", "track", "track")]
+        )
+    ]  # fmt: skip
+    results = {"generation": {"rows": rows}, "config": {"generation_prompts": 2}}
+
+    # Execute
+    intents = per_intent(rows)
+    shown = report._shown_samples(results)
+
+    # Assert
+    assert intents == [
+        {
+            "intent": "refund",
+            "answer": "refund",
+            "examples": 3,
+            "right": 1,
+            "top_wrong": "bill",
+            "top_wrong_count": 2,
+        },
+        {
+            "intent": "track_order",
+            "answer": "track",
+            "examples": 2,
+            "right": 2,
+            "top_wrong": None,
+            "top_wrong_count": 0,
+        },
+    ]
+    assert [g["prompt"] for g in shown] == ["m0", "m1"]  # the first wrong and the first right, in order
+
+
 def test_quick_demo_runs_end_to_end_and_writes_a_consistent_report(tmp_path):
     # Prepare
     out = tmp_path / "report"
@@ -107,9 +146,13 @@ def test_quick_demo_runs_end_to_end_and_writes_a_consistent_report(tmp_path):
     split = wire["split training (party 0)"]
     assert split["bytes_sent"] > 0 and split["bytes_received"] > 0 and split["tokens"] > 0
     assert wire["federation: prefixes to and from the Flower server"]["bytes"] > 0
-    rows = results["generation"]["rows"]
-    assert len(rows) == config.generation_prompts
+    generation = results["generation"]
+    rows = generation["rows"]
+    assert len(rows) == config.n_test  # every held-out prompt, through the split
     assert all(r["expected"] in ANSWERS.values() and isinstance(r["generated"], str) for r in rows)
+    assert sum(i["examples"] for i in generation["per_intent"]) == config.n_test
+    assert generation["exact_match"] == pytest.approx(sum(r["match"] for r in rows) / config.n_test, abs=1e-4)
+    assert "| intent | answer | held-out | right | accuracy |" in markdown
     assert [r["batch"] for r in results["speed"]] == [1, config.generation_prompts]
     assert all(r["split_tokens_per_s"] > 0 and r["whole_tokens_per_s"] > 0 for r in results["speed"])
     stages = ["model party", "offsite", "split training", "federation", "central reference", "evaluation"]

@@ -39,8 +39,9 @@ class DemoConfig:
     """Federation rounds."""
     local_steps: int = 10
     """Steps per party per round; the single party trains rounds x local_steps through the split."""
-    generation_prompts: int = 6
-    """Held-out prompts generated through the split, shown beside their expected answers."""
+    generation_prompts: int = 10
+    """Answers shown in the report (the first right and wrong ones; every held-out prompt is generated
+    through the split and counted), and the batch of the tokens/s measurement."""
     speed_new_tokens: int = 32
     """New tokens per row in the tokens/s measurement."""
     speed_reps: int = 3
@@ -87,7 +88,7 @@ class DemoConfig:
             offsite_steps=30,
             rounds=2,
             local_steps=5,
-            generation_prompts=3,
+            generation_prompts=6,
             speed_new_tokens=8,
             speed_reps=1,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from typing import Any, cast
 
 import torch
@@ -23,30 +24,59 @@ def score(
     return {"loss": round(report["loss"], 4), "exact_match": round(report["exact_match"], 4)}
 
 
+GENERATION_CHUNK = 25
+"""Held-out prompts per split generation call: one server session of this many rows at a time."""
+
+
 def generate_samples(split: SplitModel, examples: list[Example]) -> dict[str, Any]:
-    """Greedy split generation of each example's answer; the rows and the bytes it took."""
+    """Greedy split generation of every example's answer: the rows, the accuracy per intent, and the
+    bytes it took."""
     before = split.client.traffic.snapshot()
     config = GenerationConfig(max_new_tokens=8, stop=("\n",))
-    done = split.generate([e.prompt for e in examples], config)
+    done = []
+    for start in range(0, len(examples), GENERATION_CHUNK):
+        done += split.generate([e.prompt for e in examples[start : start + GENERATION_CHUNK]], config)
     after = split.client.traffic.snapshot()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for example, completion in zip(examples, done, strict=True):
         expected, generated = normalize_answer(example.completion), normalize_answer(completion.text)
         rows.append(
             {
                 "prompt": example.prompt.strip().splitlines()[0],
+                "intent": str(example.label),
                 "expected": expected,
                 "generated": generated,
                 "match": expected == generated,
             }
         )
-    tokens = sum(len(c.token_ids) for c in done)
     return {
         "rows": rows,
-        "new_tokens": tokens,
+        "exact_match": round(sum(r["match"] for r in rows) / max(len(rows), 1), 4),
+        "per_intent": per_intent(rows),
+        "new_tokens": sum(len(c.token_ids) for c in done),
         "bytes_sent": after["bytes_sent"] - before["bytes_sent"],
         "bytes_received": after["bytes_received"] - before["bytes_received"],
     }
+
+
+def per_intent(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per intent (alphabetical): held-out examples, answers right, and the most frequent wrong answer."""
+    out = []
+    for intent in sorted({r["intent"] for r in rows}):
+        mine = [r for r in rows if r["intent"] == intent]
+        wrong = Counter(r["generated"] for r in mine if not r["match"])
+        top = wrong.most_common(1)
+        out.append(
+            {
+                "intent": intent,
+                "answer": mine[0]["expected"],
+                "examples": len(mine),
+                "right": sum(r["match"] for r in mine),
+                "top_wrong": top[0][0] if top else None,
+                "top_wrong_count": top[0][1] if top else 0,
+            }
+        )
+    return out
 
 
 @torch.no_grad()

@@ -217,13 +217,13 @@ def _measure(
         results["scores"] = scores
     with clock.stage(
         "generation",
-        f"split generation of {config.generation_prompts} held-out answers with the federated prefix; tokens/s",
+        f"split generation of all {len(task.test)} held-out answers with the federated prefix; tokens/s",
         "the server may have stopped: see the lines above; rerun the demo",
     ):
         settings = ClientSettings(url, token=token, head="client")
         with SplitModel.open(work / "emulator", settings) as split:
             split.kv = prefixes["federated"]
-            results["generation"] = measure.generate_samples(split, task.test[: config.generation_prompts])
+            results["generation"] = measure.generate_samples(split, task.test)
             split.kv = split.split.empty_kv()
             prompts = [e.prompt for e in task.test[: config.generation_prompts]]
             results["speed"] = measure.tokens_per_second(
