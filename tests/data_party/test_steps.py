@@ -119,7 +119,7 @@ def test_a_step_refused_by_a_full_server_waits_its_retry_after_and_is_sent_again
     dirs, (ids, mask), expected = llama
     app = create_app(server_settings(dirs))
     generation = app.state.generation
-    run_step, calls = generation.step, []
+    run_step, calls = generation._prepare, []  # every step, over HTTP or the socket, is prepared here
 
     def full_once(*args, **kwargs):
         calls.append(1)
@@ -127,7 +127,7 @@ def test_a_step_refused_by_a_full_server_waits_its_retry_after_and_is_sent_again
             raise RequestError(503, "server_full", "no room for another step now")
         return run_step(*args, **kwargs)
 
-    generation.step = full_once
+    generation._prepare = full_once
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
 
     # Execute
