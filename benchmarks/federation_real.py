@@ -300,11 +300,16 @@ def run_setting(args: argparse.Namespace, corpus_name: str, cut: str, seed: int)
     loss: dict[str, Any] = {}
     wall: dict[str, float] = {}
     t = time.perf_counter()
-    if args.baselines:
+    rows = set(args.baseline_rows) if args.baselines else set()
+    if "no_prefix" in rows:
         loss["no_prefix"] = s.score(s.start[:, :, :, :0])
-        loss["alone"] = [s.score(s.solo(part, steps, b)) for part in s.encoded]
+    for k, part in enumerate(s.encoded):
+        if f"alone{k}" in rows or "alone" in rows:
+            loss.setdefault("alone", [None] * n)[k] = s.score(s.solo(part, steps, b))
+            _log_row(corpus_name, cut, seed, f"alone{k}", loss["alone"][k])
+    if "central" in rows:
         loss["central"] = s.score(s.solo(s.union, steps, n * b))
-        wall["alone+central"] = round(time.perf_counter() - t, 1)
+    wall["baselines"] = round(time.perf_counter() - t, 1)
     if args.equal_examples:
         t = time.perf_counter()
         loss["central_examples"] = s.score(s.solo(s.union, steps * n, b))
@@ -363,8 +368,13 @@ def union(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
             continue
         into = joined[key]
+        n = len(into["party_sizes"])
+        mine, theirs = into["loss"].get("alone", [None] * n), r["loss"].get("alone", [None] * n)
+        alone = [a if a is not None else b for a, b in zip(mine, theirs, strict=True)]
         for field in ("loss", "federated", "wall_s"):
             into[field] |= r[field]
+        if any(a is not None for a in alone):
+            into["loss"]["alone"] = alone
     out = list(joined.values())
     for r in out:
         r["gain_share"] = gain_shares(r)
@@ -457,6 +467,12 @@ def main() -> None:
         help="Score no prefix, each party alone and central (off: another run of the "
         "same settings does; --merge joins them).",
     )
+    parser.add_argument(
+        "--baseline-rows",
+        nargs="+",
+        default=["no_prefix", "alone", "central"],
+        help="Which baselines this run scores (alone0, alone1, ... for single parties).",
+    )
     parser.add_argument("--equal-examples", action="store_true", help="Also central at equal examples.")
     parser.add_argument(
         "--alone-examples", action="store_true", help="And each party alone at equal examples."
@@ -478,10 +494,10 @@ def main() -> None:
     reports = [
         run_setting(args, c, cut, seed) for c in args.corpus for cut in args.cut for seed in args.seeds
     ]
-    if args.baselines:
+    if args.baselines and set(args.baseline_rows) >= {"no_prefix", "alone", "central"}:
         reports = union(reports)
     settings = {k: v for k, v in vars(args).items() if k not in ("merge", "cache")}
-    summary = summarize(reports) if args.baselines else {}
+    summary = summarize(reports) if "gain_share" in reports[0] else {}
     print(json.dumps({"settings": settings, "summary": summary, "per_setting": reports}, indent=2))
 
 

@@ -30,8 +30,12 @@ def test_the_run_schedule_spreads_one_warm_up_and_decay_over_the_rounds():
     assert [m for r in rounds for m in multipliers(r)] == pytest.approx(multipliers(whole))
 
 
+def test_the_run_schedule_is_the_default():
+    assert party().lr_schedule == "run"
+
+
 def test_the_round_schedule_starts_again_each_round():
-    config = party(local_steps=4, warmup_steps=2)
+    config = party(local_steps=4, warmup_steps=2, lr_schedule="round")
 
     first, second = config.train_config(1), config.train_config(2)
 

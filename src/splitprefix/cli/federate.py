@@ -48,6 +48,10 @@ def federate_command(
     server_momentum: float = typer.Option(FederationConfig.server_momentum, help="FedAvgM's momentum."),
     server_tau: float = typer.Option(FederationConfig.server_tau, help="FedAdam/FedYogi/FedAdagrad's tau."),
     local_optimizer: str = typer.Option(PartyConfig.optimizer, help="The parties' optimiser: adamw or sgd."),
+    keep_optimizer_state: bool = typer.Option(
+        PartyConfig.keep_optimizer_state,
+        help="Each party keeps its AdamW moments from round to round (they never leave it).",
+    ),
     lr_schedule: str = typer.Option(
         PartyConfig.lr_schedule,
         help="round: the lr decays within each round; run: one decay over all rounds.",
@@ -100,6 +104,7 @@ def federate_command(
         "server-tau": server_tau,
         "optimizer": local_optimizer,
         "lr-schedule": lr_schedule,
+        "keep-optimizer-state": keep_optimizer_state,
         "prefix-len": prefix_len,
         "head": head,
         "secure": secure,
