@@ -22,7 +22,13 @@ def test_federate_help_lists_the_options():
     assert result.exit_code == 0
     for option in ("--data", "--parties", "--model", "--server", "--token", "--rounds", "--secure", "--out"):
         assert option in result.output
-    for option in ("--strategy", "--server-lr", "--local-optimizer", "--lr-schedule", "--keep-optimizer-state"):
+    for option in (
+        "--strategy",
+        "--server-lr",
+        "--local-optimizer",
+        "--lr-schedule",
+        "--keep-optimizer-state",
+    ):
         assert option in result.output
 
 
