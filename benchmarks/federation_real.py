@@ -92,6 +92,8 @@ VARIANTS = {
     "fedavg-run": Variant(lr_schedule="run"),
     "fedavg-run-state": Variant(lr_schedule="run", keep_state=True),
     "fedavg-state": Variant(keep_state=True),
+    "fedavg-r25": Variant(rounds=25),
+    "fedavg-r10": Variant(rounds=10),
     "fedavg-run-r10": Variant(lr_schedule="run", rounds=10),
     "fedavg-run-r25": Variant(lr_schedule="run", rounds=25),
     "fedavgm-lr2": Variant("fedavgm", server_lr=2.0),

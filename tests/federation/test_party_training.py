@@ -30,8 +30,8 @@ def test_the_run_schedule_spreads_one_warm_up_and_decay_over_the_rounds():
     assert [m for r in rounds for m in multipliers(r)] == pytest.approx(multipliers(whole))
 
 
-def test_the_run_schedule_is_the_default():
-    assert party().lr_schedule == "run"
+def test_the_round_schedule_is_the_default():
+    assert party().lr_schedule == "round"
 
 
 def test_the_round_schedule_starts_again_each_round():

@@ -107,9 +107,9 @@ class PartyConfig:
     keep_optimizer_state: bool = False
     """Keep the optimiser's moments from round to round (in the party's Flower context, never sent);
     False starts AdamW afresh every round."""
-    lr_schedule: LrSchedule = "run"
-    """'run' (the default, best measured: docs/federation-strategies.md): one warm-up and cosine over all
-    rounds, each round taking its slice; 'round': each round warms up and decays from the peak lr."""
+    lr_schedule: LrSchedule = "round"
+    """'round' (the default, best measured: docs/federation-strategies.md): each round warms up and decays
+    from the peak lr; 'run': one warm-up and cosine over all rounds, each round taking its slice."""
     num_rounds: int = 3
     """Rounds in the run (from the run config's num-rounds): the length of the 'run' schedule."""
     warmup_steps: int = 0
