@@ -6,7 +6,7 @@ import pytest
 
 from splitprefix.data_party.train import TrainConfig, lr_at
 from splitprefix.errors import ConfigError
-from splitprefix.federation.config import PartyConfig
+from splitprefix.federation.config import FederationConfig, PartyConfig
 
 
 def party(**fields: object) -> PartyConfig:
@@ -30,8 +30,11 @@ def test_the_run_schedule_spreads_one_warm_up_and_decay_over_the_rounds():
     assert [m for r in rounds for m in multipliers(r)] == pytest.approx(multipliers(whole))
 
 
-def test_the_round_schedule_is_the_default():
-    assert party().lr_schedule == "round"
+def test_the_defaults_are_the_best_measured_federation():
+    # FedAvg by count, AdamW afresh each round, many rounds of few local steps
+    server = FederationConfig("emu", "http://x", "o")
+    assert (server.strategy, server.num_rounds, server.local_steps) == ("fedavg", 15, 2)
+    assert (party().lr_schedule, party().optimizer, party().keep_optimizer_state) == ("round", "adamw", False)
 
 
 def test_the_round_schedule_starts_again_each_round():

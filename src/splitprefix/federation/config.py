@@ -94,8 +94,9 @@ class PartyConfig:
     """sigma: Gaussian noise of std sigma * C on every sent coordinate (needs clip_norm)."""
     noise_seed: int | None = None
     """None = fresh noise from the OS's cryptographic source; an int replays it (tests only)."""
-    local_steps: int = 10
-    """Optimiser steps per round (ignored when local_epochs is set)."""
+    local_steps: int = 2
+    """Optimiser steps per round (ignored when local_epochs is set). Few steps in many rounds came
+    closest to the central prefix (docs/federation-strategies.md)."""
     local_epochs: float | None = None
     """Passes over the party's data per round; overrides local_steps."""
     batch_size: int = 8
@@ -110,7 +111,7 @@ class PartyConfig:
     lr_schedule: LrSchedule = "round"
     """'round' (the default, best measured: docs/federation-strategies.md): each round warms up and decays
     from the peak lr; 'run': one warm-up and cosine over all rounds, each round taking its slice."""
-    num_rounds: int = 3
+    num_rounds: int = 15
     """Rounds in the run (from the run config's num-rounds): the length of the 'run' schedule."""
     warmup_steps: int = 0
     """Linear warm-up steps at the start of each round ('round') or of the run ('run')."""
@@ -212,8 +213,8 @@ class FederationConfig:
     """Base URL of the model party's server."""
     out_dir: str
     """Where the joint prefix, `state.json` and `rounds.jsonl` go."""
-    num_rounds: int = 3
-    """Rounds in all, counting those of a resumed run."""
+    num_rounds: int = 15
+    """Rounds in all, counting those of a resumed run (15 rounds of 2 local steps by default)."""
     min_parties: int = 2
     """Parties that must be connected before a round starts; all of them are sampled."""
     min_replies: int = 1
