@@ -22,9 +22,17 @@ runner = CliRunner()
 
 
 def test_federate_help_lists_the_options():
-    result = runner.invoke(app, ["federate", "--help"])
+    result = runner.invoke(app, ["federate", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for option in ("--data", "--parties", "--model", "--server", "--token", "--rounds", "--secure", "--out"):
+        assert option in result.output
+    for option in (
+        "--strategy",
+        "--server-lr",
+        "--local-optimizer",
+        "--lr-schedule",
+        "--keep-optimizer-state",
+    ):
         assert option in result.output
 
 

@@ -10,7 +10,14 @@ import torch
 from conftest import TOKENIZER_VOCAB, build_tiny_model, build_tiny_tokenizer
 from splitprefix.data.batching import encode_examples, resolve_pad_id
 from splitprefix.data.formats import Example
-from splitprefix.data_party.train import StepHooks, TrainConfig, local_loss_fn, lr_at, train_prefix
+from splitprefix.data_party.train import (
+    StepHooks,
+    TrainConfig,
+    local_loss_fn,
+    lr_at,
+    make_optimizer,
+    train_prefix,
+)
 from splitprefix.errors import ConfigError
 from splitprefix.model.prefix import Prefix, PrefixConfig
 
@@ -111,3 +118,52 @@ def test_held_out_evaluation_runs_every_n_steps():
         Prefix(PrefixConfig.for_model(model.config, 2)), local_loss_fn(model), data, 0, config, hooks=hooks
     )
     assert [e["step"] for e in history.evals] == [2, 4, 5]
+
+
+def _quadratic(batch, kv):
+    """A loss of the prefix alone, 0.5 * sum(kv^2) over one 'token': its gradient is kv."""
+    return 0.5 * (kv**2).sum(), 1
+
+
+def _one_example():
+    tok = build_tiny_tokenizer()
+    return encode_examples(tok, [Example("Customer: hi\nIntent:", " refund")], 16), resolve_pad_id(tok)
+
+
+def test_sgd_takes_plain_gradient_steps():
+    # Prepare: without clipping, one SGD step at lr 0.1 gives kv - 0.1 * kv
+    data, pad = _one_example()
+    prefix = Prefix(PrefixConfig(1, 1, 2, 2), torch.ones(1, 2, 1, 2, 2))
+    config = TrainConfig(steps=1, batch_size=1, lr=0.1, warmup_steps=0, max_grad_norm=0, optimizer="sgd")
+
+    # Execute
+    train_prefix(prefix, _quadratic, data, pad, config)
+
+    # Assert
+    torch.testing.assert_close(prefix(), torch.full((1, 2, 1, 2, 2), 0.9))
+
+
+def test_a_run_in_pieces_with_one_optimiser_equals_the_whole_run():
+    # Prepare: 3 + 3 steps of one 6-step schedule, the AdamW state carried over, against 6 steps
+    data, pad = _one_example()
+    start = torch.randn(1, 2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    whole = Prefix(PrefixConfig(1, 1, 2, 2), start)
+    pieces = Prefix(PrefixConfig(1, 1, 2, 2), start)
+    base = {"batch_size": 1, "lr": 0.1, "warmup_steps": 2, "checkpoint_every": 0}
+    train_prefix(whole, _quadratic, data, pad, TrainConfig(steps=6, **base))
+
+    # Execute
+    optimizer = make_optimizer(pieces, TrainConfig(**base))
+    for start_step in (0, 3):
+        piece = TrainConfig(steps=3, schedule_steps=6, schedule_start=start_step, **base)
+        train_prefix(pieces, _quadratic, data, pad, piece, optimizer=optimizer)
+
+    # Assert
+    torch.testing.assert_close(pieces(), whole())
+
+
+def test_a_piece_must_lie_within_its_schedule():
+    with pytest.raises(ConfigError, match=r"steps \[4, 7\) must lie within the schedule's 6 steps"):
+        TrainConfig(steps=3, schedule_steps=6, schedule_start=4)
+    with pytest.raises(ConfigError, match="optimizer must be 'adamw' or 'sgd'"):
+        TrainConfig(optimizer="adam")  # type: ignore[arg-type]

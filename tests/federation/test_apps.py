@@ -16,6 +16,7 @@ from splitprefix.data_party.remote import ClientSettings
 from splitprefix.data_party.session import open_split
 from splitprefix.errors import ConfigError
 from splitprefix.federation.client_app import (
+    MOMENTS,
     SECAGG_STATE,
     _SecureParty,
     check_weight,
@@ -24,7 +25,8 @@ from splitprefix.federation.client_app import (
     secagg_max_weight,
 )
 from splitprefix.federation.config import FederationConfig, PartyConfig
-from splitprefix.federation.server_app import PREFIX_DIR, STATE_FILE, PrefixFedAvg, resume_or_init
+from splitprefix.federation.server_app import PREFIX_DIR, STATE_FILE, resume_or_init
+from splitprefix.federation.strategies import make_strategy
 from splitprefix.model.loading import load_causal_lm
 from splitprefix.model.prefix import Prefix, PrefixConfig
 
@@ -77,6 +79,36 @@ def test_client_app_replies_with_its_prefix_and_example_count(
     assert not torch.equal(returned, kv)  # it trained
     assert metrics["num-examples"] == expected_examples
     assert math.isfinite(metrics["train-loss"])
+
+
+def test_a_party_that_keeps_its_optimiser_state_carries_it_over_in_its_context_only(
+    dirs, server, tmp_path, as_superlink
+):
+    # Prepare: two rounds of 2 AdamW steps in one party context (Flower keeps it between rounds)
+    data = write_jsonl(tmp_path / "party.jsonl", EXAMPLES[:4])
+    own = {"emulator-dir": str(dirs.emulator), "server-url": server.url, "data-file": str(data)}
+    run = {
+        "batch-size": 2,
+        "local-steps": 2,
+        "keep-optimizer-state": True,
+        "lr-schedule": "run",
+        "num-rounds": 2,
+    }
+    context = party_context(run, own)
+    app = make_client_app()
+
+    # Execute
+    first = app(train_message(joint_kv(dirs), 1), context)
+    after_first = context.state.array_records[MOMENTS]["0.step"].numpy().item()
+    second = app(train_message(joint_kv(dirs), 2), context)
+
+    # Assert: AdamW counted on across rounds; the moments stayed in the context, off the reply
+    assert not first.has_error() and not second.has_error()
+    assert (after_first, context.state.array_records[MOMENTS]["0.step"].numpy().item()) == (2, 4)
+    assert list(second.content["arrays"].keys()) == ["kv"]
+    plain = party_context(run | {"keep-optimizer-state": False}, own)
+    assert not app(train_message(joint_kv(dirs), 1), plain).has_error()
+    assert MOMENTS not in plain.state.array_records
 
 
 OWN = {"emulator-dir": "emu", "server-url": "http://127.0.0.1:1", "data-file": "a.jsonl"}
@@ -235,8 +267,10 @@ def test_the_examples_bound_defaults_to_local_steps_times_batch_size():
 
 def test_a_report_of_too_many_examples_is_refused_and_recorded(as_superlink, caplog):
     # Prepare: the bound is 3 x 2 = 6; party 2 claims 10,000 examples to dominate the average
-    strategy = PrefixFedAvg(
-        FederationConfig("emu", "http://x", "o", min_parties=3, local_steps=3, batch_size=2)
+    strategy = make_strategy(
+        FederationConfig(
+            "emu", "http://x", "o", min_parties=3, local_steps=3, batch_size=2, strategy="fedavg"
+        )
     )
     asked = [train_message(torch.zeros(1, 2, 1, 1, 1)) for _ in range(3)]
     replies = [
@@ -259,7 +293,7 @@ def test_a_report_of_too_many_examples_is_refused_and_recorded(as_superlink, cap
 
 @pytest.mark.parametrize("count", [0, -3, 2.5, 81])
 def test_a_count_that_is_no_int_in_range_is_refused(as_superlink, count):
-    strategy = PrefixFedAvg(FederationConfig("emu", "http://x", "o", min_parties=1))
+    strategy = make_strategy(FederationConfig("emu", "http://x", "o", min_parties=1, strategy="fedavg"))
     reply = Message(
         trained(torch.ones(1, 2, 1, 1, 1), count), reply_to=train_message(torch.zeros(1, 2, 1, 1, 1))
     )
@@ -270,7 +304,9 @@ def test_a_count_that_is_no_int_in_range_is_refused(as_superlink, count):
 
 def test_a_failed_party_is_logged_and_the_round_averages_the_others(as_superlink, caplog):
     # Prepare: three parties were asked; the second one raised mid-round
-    strategy = PrefixFedAvg(FederationConfig("emu", "http://127.0.0.1:1", "out", min_parties=3))
+    strategy = make_strategy(
+        FederationConfig("emu", "http://127.0.0.1:1", "out", min_parties=3, strategy="fedavg")
+    )
     asked = [train_message(torch.zeros(1, 2, 1, 1, 1)) for _ in range(3)]
     replies = [
         Message(trained(torch.full((1, 2, 1, 1, 1), 1.0), 1), reply_to=asked[0]),
@@ -290,8 +326,8 @@ def test_a_failed_party_is_logged_and_the_round_averages_the_others(as_superlink
 
 
 def test_too_few_replies_keep_the_joint_prefix(as_superlink):
-    strategy = PrefixFedAvg(
-        FederationConfig("emu", "http://127.0.0.1:1", "out", min_parties=2, min_replies=2)
+    strategy = make_strategy(
+        FederationConfig("emu", "http://127.0.0.1:1", "out", min_parties=2, min_replies=2, strategy="fedavg")
     )
     asked = [train_message(torch.zeros(1, 2, 1, 1, 1)) for _ in range(2)]
     replies = [

@@ -167,6 +167,29 @@ def test_secure_aggregation_gives_the_plain_weighted_average(dirs, tmp_path):
     assert (record["parties"], record["failed"]) == (3, 0)
 
 
+def test_secure_aggregation_runs_a_server_optimiser_on_the_unmasked_mean(dirs, tmp_path):
+    # Prepare: SecAgg+ with FedAdam: one round steps from the start towards the weighted mean
+    files = [write_jsonl(tmp_path / f"party{i}.jsonl", EXAMPLES[:n]) for i, n in enumerate(SIZES)]
+    out = tmp_path / "federation"
+    with LiveServer(create_app(server_settings(dirs))) as live:
+        adam = {"strategy": "fedadam", "server-lr": 0.05, "server-tau": 1e-3}
+        secure = {"num-rounds": 1, "secure": True, "secagg-max-weight": float(max(SIZES)), **adam}
+        party, server = configs(dirs, live.url, files, out, **secure)
+
+        # Execute
+        simulate(server, party, 3, secure=True)
+        start = _starting_kv(dirs, live.url, tmp_path)
+        mean = replay_round(party, start, 1)
+
+    # Assert: Flower's first FedAdam step, m = 0.1 d, v = 0.01 d^2, on the mean's step d
+    step = mean.double() - start.double()
+    eta = 0.05 * (1 - 0.99**2) ** 0.5 / (1 - 0.9**2)
+    expected = start.double() + eta * 0.1 * step / ((0.01 * step**2).sqrt() + 1e-3)
+    joint = Prefix.load(out / "prefix")().detach()
+    torch.testing.assert_close(joint.double(), expected, atol=2e-4, rtol=0)
+    assert not torch.allclose(joint, mean, atol=1e-3)  # not the plain mean
+
+
 def _starting_kv(dirs, url: str, tmp_path) -> torch.Tensor:
     """The fresh joint prefix the server starts from (same seed and length)."""
     config = FederationConfig(str(dirs.emulator), url, str(tmp_path / "unused"), prefix_len=2)

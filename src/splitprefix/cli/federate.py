@@ -28,7 +28,7 @@ FEDERATE_OPTIONS = {
     "party": Settings(
         PartyConfig,
         exclude=set(CONNECTION),
-        flags={"clip_norm": "--clip", "noise_multiplier": "--noise"},
+        flags={"clip_norm": "--clip", "noise_multiplier": "--noise", "optimizer": "--local-optimizer"},
         helps={"seed": "Seed of the prefix, the data order (round r: seed + r) and the cut."},
         as_config=True,
     ),

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -36,6 +36,7 @@ from splitprefix.progress import Progress
 
 LossFn = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, int]]
 """(batch, prefix kv) -> (summed token loss, supervised token count)."""
+OptimizerName = Literal["adamw", "sgd"]
 
 
 @dataclass(frozen=True)
@@ -62,16 +63,35 @@ class TrainConfig:
     """Micro-batches per optimiser step; the loss is the token mean over all of them."""
     eval_every: int = 0
     """Steps between held-out evaluations, when an evaluation function is given; 0 = only at the end."""
+    optimizer: OptimizerName = "adamw"
+    """'adamw', or 'sgd' (plain, no momentum: its steps scale with the gradient, so it needs a larger lr)."""
+    schedule_steps: int | None = None
+    """Length of the warm-up and cosine schedule; None = `steps`. A run that is one piece of a longer
+    schedule (a federation round) sets it to the whole length."""
+    schedule_start: int = 0
+    """Step of that schedule this run starts at (a federation's round r starts at (r-1) x its steps)."""
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.grad_accum) < 1:
             raise ConfigError(
                 f"steps, batch_size and grad_accum must be >= 1; got {self.steps}, {self.batch_size}, {self.grad_accum}"
             )
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be 'adamw' or 'sgd'; got {self.optimizer!r}")
+        if self.schedule_start < 0 or self.schedule_start + self.steps > self.schedule_length:
+            raise ConfigError(
+                f"steps [{self.schedule_start}, {self.schedule_start + self.steps}) must lie within the "
+                f"schedule's {self.schedule_length} steps (schedule_start, schedule_steps)"
+            )
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0; got {self.lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
+
+    @property
+    def schedule_length(self) -> int:
+        """Steps of the whole warm-up and cosine schedule this run is part of."""
+        return self.steps if self.schedule_steps is None else self.schedule_steps
 
 
 @dataclass
@@ -96,12 +116,21 @@ class StepHooks(NamedTuple):
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning-rate multiplier: linear warm-up, then cosine decay to 10% of the peak."""
-    warmup = min(config.warmup_steps, config.steps)  # short runs warm up for their whole length
+    """Learning-rate multiplier at step `step` of the schedule: linear warm-up, then cosine decay to
+    10% of the peak. The schedule lasts `config.schedule_length` steps."""
+    length = config.schedule_length
+    warmup = min(config.warmup_steps, length)  # short runs warm up for their whole length
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, config.steps - warmup)
+    progress = (step - warmup) / max(1, length - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(prefix: Prefix, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser `config.optimizer` over the prefix's parameters, at the peak lr."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(prefix.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(prefix.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
 def batches_forever(
@@ -117,6 +146,23 @@ def batches_forever(
         epoch += 1
 
 
+def optimizer_moments(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimiser's per-parameter state as flat tensors, `"<param index>.<name>"` (AdamW: step,
+    exp_avg, exp_avg_sq; plain SGD has none), to carry from one run to the next."""
+    state = optimizer.state_dict()["state"]
+    return {f"{i}.{k}": torch.as_tensor(v).detach().clone() for i, s in state.items() for k, v in s.items()}
+
+
+def load_moments(optimizer: torch.optim.Optimizer, moments: Mapping[str, torch.Tensor]) -> None:
+    """Put `optimizer_moments`'s tensors back into a fresh `optimizer` over a prefix of the same layout."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in moments.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value.clone()
+    saved = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
 def train_prefix(
     prefix: Prefix,
     loss_fn: LossFn,
@@ -126,15 +172,21 @@ def train_prefix(
     checkpoint_root: Path | None = None,
     desc: str = "train",
     hooks: StepHooks | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainHistory:
     """Train `prefix` in place for `config.steps` steps and return the history.
 
     With `checkpoint_root`, a checkpoint is written every `config.checkpoint_every` steps and a rerun
     of the same job resumes from the newest one, with the same batches as an uninterrupted run.
+    `optimizer` (over `prefix`'s parameters, from `make_optimizer`) carries its state in from an
+    earlier run, as a federation's party that keeps its AdamW moments across rounds does.
     """
     hooks = hooks or StepHooks()
-    optimizer = torch.optim.AdamW(prefix.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config))
+    optimizer = optimizer or make_optimizer(prefix, config)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr  # LambdaLR scales from this peak, whatever an earlier run left
+    first = config.schedule_start
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(first + s, config))
     history, start = TrainHistory(), 0
     if checkpoint_root is not None:
         check_resumable(checkpoint_root, {**asdict(config), "prefix": asdict(prefix.config)})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,9 +26,15 @@ from flwr.clientapp import ClientApp
 from splitprefix.data.batching import Batch, encode_examples, resolve_pad_id
 from splitprefix.data.formats import load_jsonl
 from splitprefix.data_party.accounting import privacy_report, training_releases
-from splitprefix.data_party.offsite import steps_for
 from splitprefix.data_party.session import open_split
-from splitprefix.data_party.train import LossFn, TrainConfig, train_prefix
+from splitprefix.data_party.train import (
+    LossFn,
+    TrainConfig,
+    load_moments,
+    make_optimizer,
+    optimizer_moments,
+    train_prefix,
+)
 from splitprefix.errors import ConfigError, ShapeMismatchError
 from splitprefix.federation.config import FlowerConfig, PartyConfig
 from splitprefix.federation.quiet import quiet_flower
@@ -45,6 +52,10 @@ TRAIN_LOSS = "train-loss"
 SERVER_ROUND = "server-round"
 """ConfigRecord key of the round number the server sends with the joint prefix."""
 
+MOMENTS = "optimizer-moments"
+"""ArrayRecord in the party's Context state where it keeps its optimiser's moments between rounds
+(with keep_optimizer_state); they never leave the party."""
+
 SECAGG_STATE = "secaggplus_state"
 """ConfigRecord in the party's Context where Flower's `secaggplus_mod` keeps its state."""
 
@@ -58,10 +69,19 @@ class PartyRound(NamedTuple):
     """Examples the loss saw this round, counted once per step they were drawn in."""
     train_loss: float
     """Mean of the round's per-step token losses."""
+    moments: Mapping[str, torch.Tensor] = MappingProxyType({})
+    """The optimiser's state after the round, with keep_optimizer_state (else empty): kept here."""
 
 
-def train_round(config: PartyConfig, kv: torch.Tensor, server_round: int) -> PartyRound:
+def train_round(
+    config: PartyConfig,
+    kv: torch.Tensor,
+    server_round: int,
+    moments: Mapping[str, torch.Tensor] | None = None,
+) -> PartyRound:
     """Refine the joint prefix `kv` (L, 2, n_kv, P, head_dim) through the split on this party's data.
+
+    `moments` (an earlier round's `PartyRound.moments`) start the optimiser where that round left it.
 
     `num_examples` is the number of examples drawn into this round's batches: steps x batch_size,
     less the short last batch of an epoch. With local_epochs it is about epochs x the data size, so
@@ -74,17 +94,38 @@ def train_round(config: PartyConfig, kv: torch.Tensor, server_round: int) -> Par
     session = open_split(config.emulator_dir, config.client_settings(), config.privacy(), config.runtime())
     try:
         prefix = Prefix(session.prefix_config(kv.shape[3]), kv)  # raises on a wrong layout
-        train = steps_for(config.train_config(server_round), config.local_epochs, len(examples))
+        train = config.train_config(server_round, len(examples))
         encoded = encode_examples(session.tokenizer, examples, config.max_length)
         seen = [0]
         loss_fn = _counting(session.loss_fn(), seen)
+        optimizer = make_optimizer(prefix, train)
+        if moments:
+            load_moments(optimizer, moments)
         history = train_prefix(
-            prefix, loss_fn, encoded, resolve_pad_id(session.tokenizer), train, desc=f"round {server_round}"
+            prefix,
+            loss_fn,
+            encoded,
+            resolve_pad_id(session.tokenizer),
+            train,
+            desc=f"round {server_round}",
+            optimizer=optimizer,
         )
     finally:
         session.close()
     _log_privacy(config, [len(e) for e in encoded], train, server_round)
-    return PartyRound(prefix().detach(), seen[0], sum(history.losses) / len(history.losses))
+    kept = optimizer_moments(optimizer) if config.keep_optimizer_state else {}
+    return PartyRound(prefix().detach(), seen[0], sum(history.losses) / len(history.losses), kept)
+
+
+def stored_moments(config: PartyConfig, context: Context) -> dict[str, torch.Tensor] | None:
+    """The moments this party kept in its Context after its last round; None when it keeps none."""
+    record = context.state.array_records.get(MOMENTS) if config.keep_optimizer_state else None
+    return None if record is None else {k: torch.from_numpy(a.numpy().copy()) for k, a in record.items()}
+
+
+def store_moments(config: PartyConfig, context: Context, result: PartyRound) -> None:
+    if config.keep_optimizer_state:
+        context.state.array_records[MOMENTS] = ArrayRecord(dict(result.moments))
 
 
 def _log_privacy(config: PartyConfig, lengths: list[int], train: TrainConfig, server_round: int) -> None:
@@ -128,7 +169,10 @@ def make_client_app(defaults: FlowerConfig | None = None) -> ClientApp:
             raise ConfigError(f"the train message must carry one ArrayRecord with '{KV_KEY}'")
         kv = next(iter(arrays.values()))[KV_KEY].numpy()
         server_round = round_number(msg.content.config_records.get("config") or {})
-        result = train_round(config, torch.from_numpy(kv.copy()), server_round)
+        result = train_round(
+            config, torch.from_numpy(kv.copy()), server_round, stored_moments(config, context)
+        )
+        store_moments(config, context, result)
         _log_round(server_round, result)
         reply = RecordDict(
             {
@@ -174,7 +218,9 @@ class _SecureParty(NumPyClient):
         if len(parameters) != 1:
             raise ConfigError(f"expected one array (the joint prefix); got {len(parameters)}")
         server_round = round_number(config)
-        result = train_round(self.config, torch.from_numpy(parameters[0].copy()), server_round)
+        kv = torch.from_numpy(parameters[0].copy())
+        result = train_round(self.config, kv, server_round, stored_moments(self.config, self.context))
+        store_moments(self.config, self.context, result)
         _log_round(server_round, result)
         check_weight(result.num_examples, secagg_max_weight(self.context))  # before the mod masks it
         return [result.kv.numpy()], result.num_examples, {TRAIN_LOSS: result.train_loss}

@@ -7,19 +7,23 @@ options from these dataclasses cheaply.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from splitprefix.data_party.privacy import PrivacyConfig
 from splitprefix.data_party.remote import ClientSettings
-from splitprefix.data_party.train import TrainConfig
+from splitprefix.data_party.train import OptimizerName, TrainConfig
 from splitprefix.errors import ConfigError
 from splitprefix.fields import from_kebab
 from splitprefix.runtime import DtypeName, RuntimeSettings
 from splitprefix.wire.schemas import HeadMode
 
 FlowerConfig = Mapping[str, bool | float | int | str]
+LrSchedule = Literal["round", "run"]
+StrategyName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+STRATEGY_NAMES: tuple[StrategyName, ...] = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 PARTY_ONLY_KEYS = frozenset(
     {
@@ -91,16 +95,27 @@ class PartyConfig:
     """sigma: Gaussian noise of std sigma * C on every sent coordinate (needs `clip_norm`)."""
     noise_seed: int | None = None
     """Unset = fresh noise from the OS's cryptographic source; an int replays it (tests only)."""
-    local_steps: int = 10
-    """Optimiser steps per round (ignored when `local_epochs` is set)."""
+    local_steps: int = 2
+    """Optimiser steps per round (ignored when `local_epochs` is set). Few steps in many rounds came
+    closest to the central prefix (docs/guides/federation-strategies.md)."""
     local_epochs: float | None = None
     """Passes over the party's data per round; overrides `local_steps`."""
     batch_size: int = 8
     """Examples per step."""
     lr: float = 0.1
-    """Peak AdamW learning rate of each round."""
+    """Peak learning rate of the party's optimiser."""
+    optimizer: OptimizerName = "adamw"
+    """The party's local optimiser: 'adamw', or plain 'sgd' (its steps scale with the gradient)."""
+    keep_optimizer_state: bool = False
+    """Keep the optimiser's moments from round to round (in the party's Flower context, never sent);
+    False starts AdamW afresh every round."""
+    lr_schedule: LrSchedule = "round"
+    """'round' (the default, best measured: docs/guides/federation-strategies.md): each round warms up and decays
+    from the peak lr; 'run': one warm-up and cosine over all rounds, each round taking its slice."""
+    num_rounds: int = 15
+    """Rounds in the run (from the run config's num-rounds): the length of the 'run' schedule."""
     warmup_steps: int = 0
-    """Linear warm-up steps at the start of each round."""
+    """Linear warm-up steps at the start of each round ('round') or of the run ('run')."""
     max_length: int = 128
     """Tokens kept per example."""
     seed: int = 0
@@ -113,6 +128,10 @@ class PartyConfig:
     def __post_init__(self) -> None:
         if self.local_epochs is not None and self.local_epochs <= 0:
             raise ConfigError(f"local_epochs must be > 0; got {self.local_epochs}")
+        if self.lr_schedule not in ("round", "run") or self.num_rounds < 1:
+            raise ConfigError(
+                f"lr_schedule must be 'round' or 'run' and num_rounds >= 1; got {self.lr_schedule!r}, {self.num_rounds}"
+            )
         self.train_config(1)  # validates steps, batch size and lr
         self.privacy()  # validates clip and noise
         self.runtime()  # validates the device and dtype
@@ -155,14 +174,28 @@ class PartyConfig:
             return None
         return PrivacyConfig(self.clip_norm, self.noise_multiplier, self.noise_seed)
 
-    def train_config(self, server_round: int) -> TrainConfig:
+    def train_config(self, server_round: int, n_train: int | None = None) -> TrainConfig:
+        """Round `server_round`'s training on `n_train` examples (needed with local_epochs).
+
+        With lr_schedule 'run', round r (1-based) takes steps [(r-1) S, r S) of one schedule of
+        num_rounds x S steps, S this round's steps; a round past num_rounds keeps the last lr.
+        """
+        steps = self.local_steps
+        if self.local_epochs is not None and n_train is not None:
+            steps = max(1, math.ceil(self.local_epochs * n_train / self.batch_size))
+        schedule: dict[str, int] = {}
+        if self.lr_schedule == "run":
+            done = min(max(server_round, 1), self.num_rounds) - 1
+            schedule = {"schedule_steps": self.num_rounds * steps, "schedule_start": done * steps}
         return TrainConfig(
-            steps=self.local_steps,
+            steps=steps,
             batch_size=self.batch_size,
             lr=self.lr,
             warmup_steps=self.warmup_steps,
             seed=self.seed + server_round,
             checkpoint_every=0,
+            optimizer=self.optimizer,
+            **schedule,
         )
 
 
@@ -181,8 +214,8 @@ class FederationConfig:
     """Base URL of the model party's server."""
     out_dir: str
     """Where the joint prefix, `state.json` and `rounds.jsonl` go."""
-    num_rounds: int = 3
-    """Rounds in all, counting those of a resumed run."""
+    num_rounds: int = 15
+    """Rounds in all, counting those of a resumed run (15 rounds of 2 local steps by default)."""
     min_parties: int = 2
     """Parties that must be connected before a round starts; all of them are sampled."""
     min_replies: int = 1
@@ -221,8 +254,24 @@ class FederationConfig:
     """The parties' passes over their data per round, when the run config sets it."""
     max_examples: int = 0
     """Largest num-examples a party may report per round; 0 = `local_steps` x `batch_size`."""
+    strategy: StrategyName = "fedavg"
+    """Aggregation: 'fedavg' (the example-weighted mean, the reference), or a Flower server optimiser
+    on that mean's step: 'fedavgm', 'fedadam', 'fedyogi', 'fedadagrad' (docs/guides/federation-strategies.md)."""
+    server_lr: float = 1.0
+    """The server optimiser's learning rate (FedAvgM's server_learning_rate, FedOpt's eta)."""
+    server_momentum: float = 0.0
+    """FedAvgM's server momentum."""
+    server_tau: float = 1e-3
+    """FedAdam/FedYogi/FedAdagrad's tau, the floor under their adaptive denominators."""
 
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGY_NAMES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGY_NAMES)}; got {self.strategy!r}")
+        if not (self.server_lr > 0 and self.server_tau > 0 and 0 <= self.server_momentum < 1):
+            raise ConfigError(
+                "server_lr and server_tau must be > 0 and server_momentum in [0, 1); got "
+                f"{self.server_lr}, {self.server_tau}, {self.server_momentum}"
+            )
         if self.num_rounds < 1 or self.min_parties < 1 or self.min_replies < 1:
             raise ConfigError(
                 "num_rounds, min_parties and min_replies must be >= 1; got "

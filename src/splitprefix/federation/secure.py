@@ -1,8 +1,8 @@
 """Secure aggregation with Flower's SecAgg+: the server learns the example-weighted sum of the
 parties' prefixes, never one party's prefix.
 
-SecAgg+ runs only on Flower's legacy API: `SecAggPlusWorkflow` inside `DefaultWorkflow`, with the
-legacy `FedAvg`, and parties that are legacy clients behind `secaggplus_mod`
+SecAgg+ runs only on Flower's legacy API: `SecAggPlusWorkflow` inside `DefaultWorkflow`, with a
+legacy strategy (FedAvg, or the legacy twin of the chosen server optimiser), and parties that are legacy clients behind `secaggplus_mod`
 (`client_app.secure_app`). Each party uploads `[n, n * kv]`, quantised and masked with pairwise
 and private masks; the masks cancel only in the sum over parties, which the server divides by the
 summed `n`. So the num-examples weighting of claim 9 holds, up to the quantisation step
@@ -22,14 +22,19 @@ from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_paramete
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAdagrad as LegacyFedAdagrad
+from flwr.server.strategy import FedAdam as LegacyFedAdam
 from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.strategy import FedAvgM as LegacyFedAvgM
+from flwr.server.strategy import FedYogi as LegacyFedYogi
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from splitprefix.federation.client_app import KV_KEY, SERVER_ROUND
+from splitprefix.federation.strategies import server_settings
 
 if TYPE_CHECKING:
-    from splitprefix.federation.config import FederationConfig
+    from splitprefix.federation.config import FederationConfig, StrategyName
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +51,17 @@ class RoundKeeper(Protocol):
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None: ...
 
 
-class SecureFedAvg(LegacyFedAvg):
-    """Legacy FedAvg that records each round's parties and failures; SecAgg+ gives it only the sum."""
+class SecureRounds(LegacyFedAvg):
+    """A legacy strategy that records each round's parties and failures; SecAgg+ gives it only the
+    sum. Put it first among the bases, before the legacy strategy whose server optimiser it runs."""
 
     def __init__(
-        self, config: FederationConfig, kv: torch.Tensor, keeper: RoundKeeper, rounds_before: int = 0
+        self,
+        config: FederationConfig,
+        kv: torch.Tensor,
+        keeper: RoundKeeper,
+        rounds_before: int = 0,
+        **server: Any,
     ) -> None:
         super().__init__(
             fraction_fit=1.0,
@@ -63,6 +74,7 @@ class SecureFedAvg(LegacyFedAvg):
             accept_failures=True,
             # the round's record is the keeper's; without a function Flower warns in every run
             fit_metrics_aggregation_fn=lambda metrics: {},
+            **server,
         )
         self.keeper = keeper
         self.dtype = kv.numpy().dtype
@@ -83,7 +95,8 @@ class SecureFedAvg(LegacyFedAvg):
         for error in errors:
             logger.warning("round %d: %s", server_round, error)
         self.last_round = {"parties": len(results), "failed": len(failures), "errors": errors}
-        # every result carries the unmasked joint prefix already: SecAgg+ replaced each party's
+        # every result carries the unmasked mean already (SecAgg+ replaced each party's), so the
+        # legacy FedAvg below returns it and a server optimiser steps from it
         parameters, metrics = super().aggregate_fit(server_round, results, failures)
         if parameters is None:
             return None, metrics
@@ -102,6 +115,43 @@ class SecureFedAvg(LegacyFedAvg):
         return float(values.get("eval-loss", 0.0)), values  # type: ignore[return-value]
 
 
+class SecureFedAvg(SecureRounds):
+    """Legacy FedAvg under SecAgg+: the joint prefix is the unmasked example-weighted mean."""
+
+
+class SecureFedAvgM(SecureRounds, LegacyFedAvgM):
+    """Legacy FedAvgM on the unmasked mean."""
+
+
+class SecureFedAdam(SecureRounds, LegacyFedAdam):
+    """Legacy FedAdam on the unmasked mean."""
+
+
+class SecureFedYogi(SecureRounds, LegacyFedYogi):
+    """Legacy FedYogi on the unmasked mean."""
+
+
+class SecureFedAdagrad(SecureRounds, LegacyFedAdagrad):
+    """Legacy FedAdagrad on the unmasked mean."""
+
+
+SECURE_STRATEGIES: dict[StrategyName, type[SecureRounds]] = {
+    "fedavg": SecureFedAvg,
+    "fedavgm": SecureFedAvgM,
+    "fedadam": SecureFedAdam,
+    "fedyogi": SecureFedYogi,
+    "fedadagrad": SecureFedAdagrad,
+}
+"""The legacy twin of each of `strategies.STRATEGIES`: SecAgg+ runs only on Flower's legacy API."""
+
+
+def make_secure_strategy(
+    config: FederationConfig, kv: torch.Tensor, keeper: RoundKeeper, rounds_before: int = 0
+) -> SecureRounds:
+    """The legacy twin of `strategies.make_strategy(config)`, starting from the joint prefix `kv`."""
+    return SECURE_STRATEGIES[config.strategy](config, kv, keeper, rounds_before, **server_settings(config))
+
+
 def run_secure_rounds(
     grid: Grid,
     config: FederationConfig,
@@ -115,7 +165,7 @@ def run_secure_rounds(
     `keeper` is called with each round's joint prefix, and its `last_round` is pointed at the
     strategy's record of the round. The parties are told round numbers after `rounds_before`.
     """
-    strategy = SecureFedAvg(config, kv, keeper, rounds_before)
+    strategy = make_secure_strategy(config, kv, keeper, rounds_before)
     keeper.last_round = lambda: strategy.last_round
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(

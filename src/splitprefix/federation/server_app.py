@@ -1,4 +1,5 @@
-"""The federation's server as a Flower ServerApp: FedAvg of the parties' prefixes, weighted by examples.
+"""The federation's server as a Flower ServerApp: the parties' prefixes aggregated by `strategy`
+(FedAvg weighted by examples, or a Flower server optimiser on top of it; `strategies.py`).
 
 After every round the joint prefix is saved (`out_dir/prefix`, with `state.json` naming the round),
 evaluated on the operator's held-out data when given, and its metrics appended to
@@ -15,15 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from splitprefix.data.formats import Example, load_jsonl
 from splitprefix.data_party.generate import split_scorer
@@ -32,9 +32,10 @@ from splitprefix.data_party.session import SplitSession, open_split
 from splitprefix.data_party.split_train import SplitTrainConfig, initial_prefix
 from splitprefix.data_party.train import TrainConfig
 from splitprefix.evaluation.evaluate import EvalConfig, evaluate
-from splitprefix.federation.client_app import KV_KEY, NUM_EXAMPLES
+from splitprefix.federation.client_app import KV_KEY
 from splitprefix.federation.config import FederationConfig, FlowerConfig
 from splitprefix.federation.secure import run_secure_rounds
+from splitprefix.federation.strategies import make_strategy
 from splitprefix.federation.traffic import CountingGrid
 from splitprefix.model.prefix import Prefix
 
@@ -44,77 +45,6 @@ logger = logging.getLogger(__name__)
 PREFIX_DIR = "prefix"
 STATE_FILE = "state.json"
 ROUNDS_FILE = "rounds.jsonl"
-
-
-class PrefixFedAvg(FedAvg):
-    """Flower's FedAvg weighted by `num-examples`, which records each round's replies and failures."""
-
-    def __init__(self, config: FederationConfig, rounds_before: int = 0) -> None:
-        super().__init__(
-            fraction_train=1.0,
-            min_train_nodes=config.min_parties,
-            min_available_nodes=config.min_parties,
-            weighted_by_key=NUM_EXAMPLES,
-        )
-        self.min_replies = config.min_replies
-        self.examples_bound = config.examples_bound
-        self.rounds_before = rounds_before
-        self.last_round: dict[str, Any] = {}
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        # the operator evaluates; parties only train (said here rather than by fraction_evaluate=0,
-        # which Flower answers with a warning at every start)
-        return []
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        # the parties get the run's round number, counting a resumed run's earlier rounds, so that
-        # their data order (seed + round) goes on as in an uninterrupted run
-        return super().configure_train(self.rounds_before + server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies, round_number = list(replies), self.rounds_before + server_round
-        errors = [f"party {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
-        refusals = {id(m): self.refusal(m) for m in replies if not m.has_error()}
-        ok = [m for m in replies if not m.has_error() and refusals[id(m)] is None]
-        refused = [reason for reason in refusals.values() if reason is not None]
-        for error in errors + refused:
-            logger.warning("round %d: %s", round_number, error)
-        self.last_round = {
-            "parties": len(ok),
-            "failed": len(errors),
-            "refused": len(refused),
-            "errors": errors + refused,
-        }
-        replies = [m for m in replies if m.has_error() or refusals[id(m)] is None]
-        if len(ok) < self.min_replies:
-            logger.warning(
-                "round %d: %d replies, fewer than min_replies=%d; the joint prefix stays as it was",
-                round_number,
-                len(ok),
-                self.min_replies,
-            )
-            return None, None
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if metrics is not None:
-            self.last_round |= {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        return arrays, metrics
-
-    def refusal(self, reply: Message) -> str | None:
-        """Why a party's reply is refused: a num-examples that is no int in [1, examples_bound]."""
-        counts = [r.get(NUM_EXAMPLES) for r in reply.content.metric_records.values() if NUM_EXAMPLES in r]
-        count = counts[0] if len(counts) == 1 else None
-        if isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= self.examples_bound:
-            return None
-        return (
-            f"party {reply.metadata.src_node_id}: reported {NUM_EXAMPLES} {count!r}, expected an int "
-            f"in [1, {self.examples_bound}] (max-examples); its prefix was refused"
-        )
 
 
 class _RoundKeeper:
@@ -202,7 +132,7 @@ def run_federation(grid: Grid, config: FederationConfig) -> dict[str, Any]:
         if remaining > 0 and config.secure:
             run_secure_rounds(counting, config, prefix().detach(), remaining, keeper, rounds_before=done)
         elif remaining > 0:
-            strategy = PrefixFedAvg(config, rounds_before=done)
+            strategy = make_strategy(config, rounds_before=done)
             keeper.last_round = lambda: strategy.last_round
             strategy.start(
                 grid=counting,
