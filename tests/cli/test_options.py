@@ -75,7 +75,8 @@ def test_party_config_round_trips_through_its_flower_keys():
     party = PartyConfig(
         "emu", "http://127.0.0.1:1", "d.jsonl", head="client", client_layers=1, token="t0ken", clip_norm=2.0,
         noise_multiplier=0.5, noise_seed=3, local_steps=4, local_epochs=1.5, batch_size=3, lr=0.2,
-        warmup_steps=1, max_length=64, seed=7, device="cpu", dtype="bf16",
+        warmup_steps=1, max_length=64, seed=7, device="cpu", dtype="bf16", optimizer="sgd",
+        keep_optimizer_state=True, lr_schedule="run", num_rounds=3,
     )  # fmt: skip
     assert all(
         getattr(party, f.name) != f.default
@@ -92,6 +93,7 @@ def test_federation_config_round_trips_through_its_flower_keys():
         init="p", eval_data="e.jsonl", exact_match=True, max_length=64, head="server", token="t0ken",
         round_timeout_s=9.0, seed=2, secure=True, secagg_max_weight=50.0, secagg_clipping_range=4.0,
         secagg_threshold=0.9, local_steps=3, batch_size=2, local_epochs=1.0, max_examples=40,
+        strategy="fedadam", server_lr=0.5, server_momentum=0.5, server_tau=0.01,
     )  # fmt: skip
     assert all(getattr(federation, f.name) != f.default for f in dataclasses.fields(federation))
     operator = {"emulator-dir", "server-url", "token", "head"}
