@@ -162,11 +162,11 @@ def test_distillation_resumes_from_its_checkpoint_after_a_crash(tmp_path, monkey
     # Execute: crash during step 5, after the checkpoint of step 3, then rerun the same job
     real_loss, calls = _Distiller.loss, []
 
-    def crashing_loss(self, batch, target, kind):
+    def crashing_loss(self, batch, target, kind, kv=None):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real_loss(self, batch, target, kind)
+        return real_loss(self, batch, target, kind, kv)
 
     crashed, _ = build_emulator(full, 1, 1)
     monkeypatch.setattr(_Distiller, "loss", crashing_loss)
@@ -300,3 +300,76 @@ def test_streamed_distillation_equals_distillation_against_the_loaded_model(tmp_
         assert torch.equal(new[name], tensor), name
     for key in ("full_perplexity", "emulator_perplexity_before", "emulator_perplexity_after"):
         assert manifest.distillation[key] == pytest.approx(old[key], rel=1e-5), key
+
+
+def test_teachers_with_a_prefix_compute_what_the_whole_model_does_with_it(tmp_path):
+    # Prepare: one deep prefix per batch of rows
+    from splitprefix.model.prefix import PrefixConfig
+    from splitprefix.model.prefixed import hidden_with_prefix
+
+    full_dir = _save_full(tmp_path)
+    full = load_causal_lm(full_dir)
+    blocks = torch.randint(3, 96, (6, 9), generator=torch.Generator().manual_seed(0))
+    kv_shape = PrefixConfig.for_model(full.config, 3).kv_shape
+    prefixes = [torch.randn(kv_shape, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    emulator, _ = build_emulator(full, 2, 1)
+    streamed = StreamedTeacher(
+        CheckpointReader(full_dir), full.config, Bottom(emulator, 2), Head(emulator), 2
+    )
+
+    # Execute
+    loaded = LoadedTeacher(full, 2).targets(blocks, 3, prefixes)
+    read = streamed.targets(blocks, 3, prefixes)
+
+    # Assert: both equal the whole model's forward with each batch's prefix, and the prefix matters
+    whole = torch.cat(
+        [
+            hidden_with_prefix(full, b, torch.ones_like(b), kv)
+            for b, kv in zip(blocks.split(3), prefixes, strict=True)
+        ]
+    )
+    torch.testing.assert_close(loaded, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(read, loaded, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(loaded, LoadedTeacher(full, 2).targets(blocks, 3), atol=1e-3)
+
+
+def test_prefix_aware_distillation_narrows_the_gap_under_a_prefix(tmp_path):
+    # Prepare: 8 layers, K = 2, N = 2; a held-out prefix, mapped onto the full model as integrate does
+    from splitprefix.model.emulator import integrate_kv
+    from splitprefix.model.prefix import PrefixConfig
+
+    full = build_tiny_model("llama", num_layers=8)
+    emulator, kept = build_emulator(full, 2, 2)
+    manifest = make_manifest("tiny", full, build_tiny_tokenizer(), 2, kept)
+    blocks = torch.randint(3, 96, (48, 12), generator=torch.Generator().manual_seed(0))
+    kv = torch.randn(
+        PrefixConfig.for_model(emulator.config, 4).kv_shape, generator=torch.Generator().manual_seed(9)
+    )
+    target = LoadedTeacher(full, 2).targets(blocks[:8], 8, [integrate_kv(kv, manifest)])
+
+    def gap() -> float:
+        student = LoadedTeacher(emulator, 2).targets(blocks[:8], 8, [kv])
+        return float(torch.nn.functional.mse_loss(student, target))
+
+    config = DistillConfig(
+        steps=30, lr=3e-3, batch_size=8, eval_blocks=8, checkpoint_every=0, prefix_len=4, loss="both"
+    )
+    before = gap()
+
+    # Execute
+    distill(LoadedTeacher(full, 2), emulator, 2, blocks, config, layer_map=manifest.layer_map)
+
+    # Assert
+    assert gap() < 0.8 * before
+
+
+def test_prefix_aware_distillation_needs_the_layer_map_and_sane_settings():
+    full = build_tiny_model("llama", num_layers=6)
+    emulator, _ = build_emulator(full, 2, 1)
+    blocks = torch.randint(3, 96, (24, 8))
+    with pytest.raises(ConfigError, match="layer_map"):
+        distill(
+            LoadedTeacher(full, 2), emulator, 2, blocks, DistillConfig(steps=1, eval_blocks=4, prefix_len=2)
+        )
+    with pytest.raises(ConfigError, match="prefix_std"):
+        DistillConfig(prefix_len=2, prefix_std=0.0)
