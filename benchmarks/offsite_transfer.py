@@ -173,7 +173,7 @@ class Bench:
             return emulator, manifest, report
         stored = a.emulators / f"{name}-{seed}.pt"
         pending = stored.with_suffix(".pending")
-        while pending.exists() and not stored.exists():
+        while (pending.exists() or a.wait_emulators) and not stored.exists():
             time.sleep(10)
         if stored.exists():
             saved = torch.load(stored)
@@ -191,13 +191,27 @@ class Bench:
         return emulator, manifest, report
 
 
+def reference(bench: Bench, name: str, seed: int) -> dict[str, Any]:
+    """The reference prefix's held-out loss: trained here, or read from the output of another run
+    of this benchmark (`--reference-from`, waited for), which trains the same prefix."""
+    source = bench.args.reference_from
+    while source is not None:
+        for line in source.read_text().splitlines() if source.exists() else []:
+            record = json.loads(line) if line.startswith('{"seed"') else {}
+            if record.get("seed") == seed and record.get("reference") == name:
+                return {"loss": record["loss"], "from": str(source)}
+        time.sleep(20)
+    start = time.perf_counter()
+    entry = {"loss": bench.loss(name, bench.fit(bench.full, name, seed))}
+    entry["train_s"] = round(time.perf_counter() - start, 1)
+    print(json.dumps({"seed": seed, "reference": name, **entry}), flush=True)
+    return entry
+
+
 def run_seed(bench: Bench, seed: int, recipes: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"reference": {}, "recipes": {}}
-    for name in bench.args.corpora:
-        start = time.perf_counter()
-        out["reference"][name] = {"loss": bench.loss(name, bench.fit(bench.full, name, seed))}
-        out["reference"][name]["train_s"] = round(time.perf_counter() - start, 1)
-        print(json.dumps({"seed": seed, "reference": name, **out["reference"][name]}), flush=True)
+    if bench.args.reference_from is None:
+        out["reference"] = {name: reference(bench, name, seed) for name in bench.args.corpora}
     for recipe_name in recipes:
         start = time.perf_counter()
         emulator, manifest, entry = bench.emulator(recipe_name, seed)
@@ -211,6 +225,7 @@ def run_seed(bench: Bench, seed: int, recipes: list[str]) -> dict[str, Any]:
             }
         out["recipes"][recipe_name] = entry
         print(json.dumps({"seed": seed, "recipe": recipe_name, **entry}), flush=True)
+    out["reference"] = {name: reference(bench, name, seed) for name in bench.args.corpora}
     return out
 
 
@@ -233,6 +248,52 @@ def aggregate(bench: Bench, base: dict[str, float], seeds: dict[int, Any]) -> di
     return result
 
 
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """One result from the outputs of several runs (split by corpus or recipe to use more cores):
+    their one-line records of no-prefix, reference and recipe losses."""
+    base: dict[str, float] = {}
+    runs: dict[int, dict[str, Any]] = {}
+    recipes: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            if "no_prefix" in record:
+                base.update(record["no_prefix"])
+                continue
+            run = runs.setdefault(record.pop("seed"), {"reference": {}, "recipes": {}})
+            if "reference" in record:
+                run["reference"][record.pop("reference")] = record
+            else:
+                name = record.pop("recipe")
+                stored = recipes.setdefault(name, {})
+                for corpus_name in CORPORA:
+                    if corpus_name in record:
+                        run["recipes"].setdefault(name, {})[corpus_name] = record.pop(corpus_name)
+                stored.update(record)
+    table: dict[str, Any] = {}
+    for name in sorted(base):
+        refs = {seed: r["reference"][name]["loss"] for seed, r in runs.items() if name in r["reference"]}
+        if not refs:
+            continue
+        table[name] = {"no_prefix": round(base[name], 4), "reference": summary(list(refs.values()))}
+        for recipe in sorted(recipes):
+            for mapping in MAPPINGS:
+                pairs = [
+                    (r["recipes"][recipe][name][mapping], refs[seed])
+                    for seed, r in runs.items()
+                    if name in r["recipes"].get(recipe, {}) and seed in refs
+                ]
+                if pairs:
+                    table[name][f"{recipe}/{mapping}"] = {
+                        "seeds": len(pairs),
+                        "loss": summary([p for p, _ in pairs]),
+                        "share": summary([share(base[name], p, ref) for p, ref in pairs]),
+                    }
+    return {"summary": table, "recipes": recipes, "seeds": runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -252,8 +313,16 @@ def main() -> None:
     parser.add_argument("--distill-chars", type=int, default=3_000_000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--emulators", type=Path, default=Path(".cache/offsite_emulators"))
+    parser.add_argument(
+        "--reference-from", type=Path, default=None, help="Output of a run that trains the references."
+    )
+    parser.add_argument("--wait-emulators", action="store_true", help="Wait for another run's emulators.")
     parser.add_argument("--distill-only", action="store_true", help="Build the recipes' emulators and stop.")
+    parser.add_argument("--merge", type=Path, nargs="+", help="Merge the outputs of earlier runs and stop.")
     args = parser.parse_args()
+    if args.merge:
+        print(json.dumps({"benchmark": "offsite_transfer", **merge(args.merge)}, indent=2))
+        return
     torch.set_num_threads(args.threads)
     bench = Bench(args)
     if args.distill_only:

@@ -373,3 +373,44 @@ def test_prefix_aware_distillation_needs_the_layer_map_and_sane_settings():
         )
     with pytest.raises(ConfigError, match="prefix_std"):
         DistillConfig(prefix_len=2, prefix_std=0.0)
+
+
+def test_emulate_distils_on_the_pretraining_corpus_with_prefixes(tmp_path, monkeypatch):
+    # Prepare: the pretraining corpus stood in by random blocks (the real one needs WordNet)
+    from splitprefix.model_party import compress
+
+    asked = []
+    blocks = torch.randint(3, 96, (24, 16), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(compress, "pretraining_blocks", lambda tok, chars: asked.append(chars) or blocks)
+    config = DistillConfig(steps=2, batch_size=4, eval_blocks=4, prefix_len=2, corpus_chars=1000)
+
+    # Execute
+    manifest = emulate(str(_save_full(tmp_path, num_layers=8)), 2, 2, tmp_path / "emu", "pretraining", config)
+
+    # Assert
+    assert asked == [1000]
+    assert manifest.distillation["config"]["prefix_len"] == 2 and manifest.distillation["train_blocks"] == 20
+
+
+def test_the_emulate_command_distils_builtin_on_its_own_corpus_unless_told_not_to(monkeypatch):
+    # Prepare: record what the command asks of emulate
+    from typer.testing import CliRunner
+
+    from splitprefix.cli.main import app
+    from splitprefix.model_party import compress
+
+    calls = []
+    monkeypatch.setattr(compress, "emulate", lambda *a: calls.append(a) or _Stub())
+    args = ["emulate", "builtin", "--split-at", "2", "--keep", "2", "--out", "unused"]
+
+    # Execute
+    results = [CliRunner().invoke(app, args + extra) for extra in ([], ["--no-distill"])]
+
+    # Assert: the default is the recipe's prefix-aware distillation on the pretraining corpus
+    assert [r.exit_code for r in results] == [0, 0], results[0].output
+    assert calls[0][4] == compress.PRETRAINING_CORPUS and calls[1][4] is None
+    assert calls[0][5] == DistillConfig()
+
+
+class _Stub:
+    kept_layers, num_layers, distillation = [0, 1, 3, 6], 8, None

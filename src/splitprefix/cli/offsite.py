@@ -22,11 +22,22 @@ def emulate_command(
     ),
     out: Path = typer.Option(..., "--out", help="Emulator directory to write."),
     distill: Path | None = typer.Option(
-        None, "--distill", help="JSONL general corpus: distil the kept layers on it."
+        None,
+        "--distill",
+        help="JSONL general corpus: distil the kept layers on it (default for 'builtin': the corpus "
+        "it was pretrained on; for other models: no distillation).",
     ),
+    no_distill: bool = typer.Option(False, "--no-distill", help="Plain layer drop, no distillation."),
     distill_steps: int = typer.Option(DistillConfig.steps, help="Distillation steps."),
     distill_lr: float = typer.Option(DistillConfig.lr, help="Distillation learning rate."),
     distill_loss: str = typer.Option(DistillConfig.loss, help="Match 'hidden' states, 'logits', or 'both'."),
+    distill_prefix_len: int = typer.Option(
+        DistillConfig.prefix_len,
+        help="Prefix-aware distillation: virtual tokens of the random prefix attached at each step (0: none).",
+    ),
+    distill_prefix_std: float = typer.Option(
+        DistillConfig.prefix_std, help="Scale of those random prefixes."
+    ),
     client_layers: int = typer.Option(
         0,
         "--client-layers",
@@ -35,10 +46,22 @@ def emulate_command(
     ),
 ) -> None:
     """Model party: build the emulator (bit-identical bottom K layers, N kept upper layers) and its manifest."""
-    from splitprefix.model_party.compress import emulate
+    from splitprefix.model.builtin import BUILTIN_NAME
+    from splitprefix.model_party.compress import PRETRAINING_CORPUS, emulate
 
-    config = DistillConfig(steps=distill_steps, lr=distill_lr, loss=distill_loss)  # type: ignore[arg-type]
-    manifest = emulate(model, split_at, keep, out, distill, config, client_layers)
+    config = DistillConfig(
+        steps=distill_steps,
+        lr=distill_lr,
+        loss=distill_loss,  # type: ignore[arg-type]
+        prefix_len=distill_prefix_len,
+        prefix_std=distill_prefix_std,
+    )
+    corpus: Path | str | None = distill
+    if no_distill:
+        corpus = None
+    elif corpus is None and model == BUILTIN_NAME:
+        corpus = PRETRAINING_CORPUS
+    manifest = emulate(model, split_at, keep, out, corpus, config, client_layers)
     typer.echo(f"emulator written to {out}: kept layers {manifest.kept_layers} of L={manifest.num_layers}")
     if manifest.distillation:
         d = manifest.distillation

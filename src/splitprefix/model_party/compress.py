@@ -165,6 +165,9 @@ class DistillConfig:
     does; 0 distils without prefixes."""
     prefix_std: float = 1.0
     """Standard deviation of the random prefixes' keys and values (a new prefix's initial scale)."""
+    corpus_chars: int | None = 3_000_000
+    """Characters of the built-in model's pretraining corpus distilled on (a seeded subset, when
+    that corpus is the one chosen); None = all of it."""
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.eval_blocks) < 1 or self.teacher_memory_mb <= 0:
@@ -172,6 +175,8 @@ class DistillConfig:
                 "steps, batch_size and eval_blocks must be >= 1 and teacher_memory_mb > 0; got "
                 f"{self.steps}, {self.batch_size}, {self.eval_blocks}, {self.teacher_memory_mb}"
             )
+        if self.corpus_chars is not None and self.corpus_chars < 1:
+            raise ConfigError(f"corpus_chars must be >= 1 or None; got {self.corpus_chars}")
         if self.prefix_len < 0 or not self.prefix_std > 0:
             raise ConfigError(
                 f"prefix_len must be >= 0 and prefix_std > 0; got {self.prefix_len}, {self.prefix_std}"
@@ -325,6 +330,28 @@ def distill(
     }
 
 
+PRETRAINING_CORPUS = "pretraining"
+"""`emulate`'s distillation corpus that stands for the built-in model's own pretraining corpus."""
+
+
+def pretraining_blocks(tokenizer: PreTrainedTokenizerBase, max_chars: int | None) -> torch.Tensor:
+    """The built-in model's pretraining corpus (WordNet glosses, Python's help topics and
+    docstrings, as `splitprefix pretrain` builds it), a seeded subset of about `max_chars`, packed
+    into 128-token blocks: the vendor's general text, never a data party's."""
+    from splitprefix.model_party.corpus import build_corpus
+    from splitprefix.model_party.pretrain import PretrainConfig, pack_blocks
+
+    recipe = PretrainConfig(out=Path("unused"))
+    documents = build_corpus(
+        recipe.wordnet_dir,
+        seed=recipe.seed,
+        max_chars=max_chars,
+        python_docs=recipe.python_docs,
+        stdlib_docstrings=recipe.stdlib_docstrings,
+    ).train
+    return pack_blocks(tokenizer, documents, recipe.block_size)  # type: ignore[arg-type]
+
+
 def corpus_blocks(tokenizer: PreTrainedTokenizerBase, data: Path, block_size: int = 128) -> torch.Tensor:
     """A JSONL corpus (any supported record format) packed into token blocks (N, block_size)."""
     from splitprefix.data.formats import load_jsonl
@@ -339,11 +366,14 @@ def emulate(
     split_at: int,
     keep: int,
     out: Path,
-    distill_data: Path | None = None,
+    distill_data: Path | str | None = None,
     distill_config: DistillConfig = DistillConfig(),
     client_layers: int = 0,
 ) -> EmulatorManifest:
     """Build an emulator of `model_dir` in `out`: a model directory plus `emulator_manifest.json`.
+
+    `distill_data` is the general corpus to distil on: a JSONL file, `PRETRAINING_CORPUS` for the
+    built-in model's own pretraining text, or None for plain layer drop.
 
     With M = `client_layers`, its last M layers are the full model's, never distilled, so that a
     data party can keep them (the U-shaped split); the manifest records M and their fingerprints.
@@ -365,7 +395,11 @@ def emulate(
     manifest = make_manifest(str(model_dir), full, tokenizer, split_at, kept, bottom_sha256, tops)
     if distill_data is not None:
         teacher = StreamedTeacher(reader, config, Bottom(emulator, split_at), Head(emulator), split_at)
-        blocks = corpus_blocks(tokenizer, distill_data)
+        blocks = (
+            pretraining_blocks(tokenizer, distill_config.corpus_chars)
+            if distill_data == PRETRAINING_CORPUS
+            else corpus_blocks(tokenizer, Path(distill_data))
+        )
         manifest.distillation = distill(
             teacher,
             emulator,
