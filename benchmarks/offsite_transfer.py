@@ -71,6 +71,9 @@ RECIPES: dict[str, Recipe] = {
     "prefix_both_lr1e-3": Recipe(_d(loss="both", prefix_len=16, lr=1e-3)),
     "prefix_both_1000": Recipe(_d(loss="both", prefix_len=16, steps=1000)),
     "prefix_both_1000_lr1e-3": Recipe(_d(loss="both", prefix_len=16, steps=1000, lr=1e-3)),
+    "prefix_both_100": Recipe(_d(loss="both", prefix_len=16, steps=100, lr=1e-3)),
+    "prefix_hidden_100": Recipe(_d(loss="hidden", prefix_len=16, steps=100, lr=1e-3)),
+    "both_100": Recipe(_d(loss="both", steps=100, lr=1e-3)),
     "prefix_both_std2": Recipe(_d(loss="both", prefix_len=16, prefix_std=2.0)),
     "keep_2_7": Recipe(kept_upper=(2, 7)),
     "keep_4_7": Recipe(kept_upper=(4, 7)),
@@ -336,7 +339,7 @@ def main() -> None:
     sizes = {n: {"train": len(d[0]), "held_out": len(d[1])} for n, d in bench.data.items()}
     result = {
         "benchmark": "offsite_transfer",
-        "config": {**vars(args), "cache": str(args.cache)},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "corpora": sizes,
         "recipes": {
             n: {

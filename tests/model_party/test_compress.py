@@ -120,7 +120,7 @@ def test_distillation_narrows_the_gap_and_never_touches_the_bottom(tmp_path):
     emulator, _ = build_emulator(full, 2, 1)
     before = bottom_fingerprint(emulator, 2)
     blocks = torch.randint(3, 96, (48, 16), generator=torch.Generator().manual_seed(0))
-    config = DistillConfig(steps=30, lr=3e-3, batch_size=8, eval_blocks=8, checkpoint_every=0)
+    config = DistillConfig(steps=30, lr=3e-3, batch_size=8, eval_blocks=8, checkpoint_every=0, prefix_len=0)
 
     # Execute
     report = distill(LoadedTeacher(full, 2), emulator, 2, blocks, config)
@@ -139,7 +139,7 @@ def test_distillation_leaves_the_layers_shipped_for_the_u_split_as_the_models(tm
     emulator, kept = build_emulator(full, 2, 3, client_layers=1)
     middle = [p.clone() for p in architecture_of(emulator.config).layers_of(emulator)[2].parameters()]
     blocks = torch.randint(3, 96, (48, 16), generator=torch.Generator().manual_seed(0))
-    config = DistillConfig(steps=5, lr=3e-3, batch_size=8, eval_blocks=8, checkpoint_every=0)
+    config = DistillConfig(steps=5, lr=3e-3, batch_size=8, eval_blocks=8, checkpoint_every=0, prefix_len=0)
 
     # Execute
     distill(LoadedTeacher(full, 2), emulator, 2, blocks, config, client_layers=1)
@@ -155,7 +155,9 @@ def test_distillation_resumes_from_its_checkpoint_after_a_crash(tmp_path, monkey
     # Prepare
     full = build_tiny_model("gpt2", num_layers=4)
     blocks = torch.randint(3, 96, (24, 8), generator=torch.Generator().manual_seed(0))
-    config = DistillConfig(steps=6, batch_size=4, eval_blocks=4, checkpoint_every=3, loss="both")
+    config = DistillConfig(
+        steps=6, batch_size=4, eval_blocks=4, checkpoint_every=3, loss="both", prefix_len=0
+    )
     straight, _ = build_emulator(full, 1, 1)
     distill(LoadedTeacher(full, 1), straight, 1, blocks, config)
 
@@ -285,11 +287,13 @@ def test_streamed_distillation_equals_distillation_against_the_loaded_model(tmp_
     corpus.write_text("".join(json.dumps({"prompt": text, "completion": f" {i}"}) + "\n" for i in range(40)))
     # a tiny budget: each chunk of teacher targets covers 2 steps, so the layers are read in 3 passes
     config = DistillConfig(
-        steps=6, batch_size=2, eval_blocks=4, checkpoint_every=0, loss="both", teacher_memory_mb=0.13
+        steps=6, batch_size=2, eval_blocks=4, checkpoint_every=0, teacher_memory_mb=0.13, prefix_len=4
     )
     full, tokenizer = load_causal_lm(full_dir), load_tokenizer(full_dir)
-    reference, _ = build_emulator(full, 2, 1)
-    old = distill(LoadedTeacher(full, 2), reference, 2, corpus_blocks(tokenizer, corpus), config)
+    reference, kept = build_emulator(full, 2, 1)
+    layer_map = make_manifest(str(full_dir), full, tokenizer, 2, kept).layer_map
+    blocks = corpus_blocks(tokenizer, corpus)
+    old = distill(LoadedTeacher(full, 2), reference, 2, blocks, config, layer_map=layer_map)
 
     # Execute
     manifest = emulate(str(full_dir), 2, 1, tmp_path / "emu", distill_data=corpus, distill_config=config)
