@@ -74,6 +74,7 @@ RECIPES: dict[str, Recipe] = {
     "prefix_both_100": Recipe(_d(loss="both", prefix_len=16, steps=100, lr=1e-3)),
     "prefix_hidden_100": Recipe(_d(loss="hidden", prefix_len=16, steps=100, lr=1e-3)),
     "both_100": Recipe(_d(loss="both", steps=100, lr=1e-3)),
+    "prefix_both_100_keep_3_7": Recipe(_d(loss="both", prefix_len=16, steps=100, lr=1e-3), kept_upper=(3, 7)),
     "prefix_both_std2": Recipe(_d(loss="both", prefix_len=16, prefix_std=2.0)),
     "keep_2_7": Recipe(kept_upper=(2, 7)),
     "keep_4_7": Recipe(kept_upper=(4, 7)),

@@ -41,6 +41,7 @@ from splitprefix.model.partial_load import CheckpointReader, materialise, meta_m
 from splitprefix.model.prefix import PrefixConfig, prefix_cache
 from splitprefix.model.registry import architecture_of, config_keeping_layers
 from splitprefix.model.split import Bottom, Head, LayerStack, extend_mask
+from splitprefix.model_party.corpus import pretraining_blocks
 from splitprefix.model_party.teacher import StreamedTeacher, Teacher, lm_perplexity
 from splitprefix.progress import Progress
 
@@ -332,24 +333,6 @@ def distill(
 
 PRETRAINING_CORPUS = "pretraining"
 """`emulate`'s distillation corpus that stands for the built-in model's own pretraining corpus."""
-
-
-def pretraining_blocks(tokenizer: PreTrainedTokenizerBase, max_chars: int | None) -> torch.Tensor:
-    """The built-in model's pretraining corpus (WordNet glosses, Python's help topics and
-    docstrings, as `splitprefix pretrain` builds it), a seeded subset of about `max_chars`, packed
-    into 128-token blocks: the vendor's general text, never a data party's."""
-    from splitprefix.model_party.corpus import build_corpus
-    from splitprefix.model_party.pretrain import PretrainConfig, pack_blocks
-
-    recipe = PretrainConfig(out=Path("unused"))
-    documents = build_corpus(
-        recipe.wordnet_dir,
-        seed=recipe.seed,
-        max_chars=max_chars,
-        python_docs=recipe.python_docs,
-        stdlib_docstrings=recipe.stdlib_docstrings,
-    ).train
-    return pack_blocks(tokenizer, documents, recipe.block_size)  # type: ignore[arg-type]
 
 
 def corpus_blocks(tokenizer: PreTrainedTokenizerBase, data: Path, block_size: int = 128) -> torch.Tensor:
