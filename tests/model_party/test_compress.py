@@ -410,7 +410,7 @@ def test_the_emulate_command_distils_builtin_on_its_own_corpus_unless_told_not_t
     # Execute
     results = [CliRunner().invoke(app, args + extra) for extra in ([], ["--no-distill"])]
 
-    # Assert: the default is the recipe's prefix-aware distillation on the pretraining corpus
+    # Assert: the default is the measured recipe's distillation on the pretraining corpus
     assert [r.exit_code for r in results] == [0, 0], results[0].output
     assert calls[0][4] == compress.PRETRAINING_CORPUS and calls[1][4] is None
     assert calls[0][5] == DistillConfig()
