@@ -260,7 +260,7 @@ def merge(paths: list[Path]) -> dict[str, Any]:
     recipes: dict[str, dict[str, Any]] = {}
     for path in paths:
         for line in path.read_text().splitlines():
-            if not line.startswith("{"):
+            if not line.startswith('{"'):  # the one-line records, not a final summary
                 continue
             record = json.loads(line)
             if "no_prefix" in record:
