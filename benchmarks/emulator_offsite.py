@@ -135,6 +135,7 @@ def main() -> None:
                 args.split_at,
                 distill_corpus(tokenizer, args.distill_chars),
                 distill_config,
+                layer_map=manifest.layer_map,
             )
         emu_prefix_config = PrefixConfig.for_model(emulator.config, args.prefix_len)
         start = time.perf_counter()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -56,51 +57,73 @@ def first_reaching(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((step for step, loss in curve if loss <= target + 1e-4), None)
 
 
+def task(args: argparse.Namespace):
+    """(train, held-out) of the synthetic task, or of a real-text corpus (`real_text.py`)."""
+    if args.corpus == "synthetic":
+        train, test = make_task(SyntheticTaskConfig(n_train=2000, n_test=300, seed=args.seed))
+    else:
+        from real_text import corpus
+
+        train, test = corpus(args.corpus, args.cache)
+    return train, test[: args.eval_examples]
+
+
+def warm_prefix(args: argparse.Namespace, work: Path, train, train_config: TrainConfig) -> Path:
+    """The integrated offsite prefix: `--init` when given, else trained here on a layer-drop emulator."""
+    if args.init is not None:
+        return args.init
+    emulator = load_causal_lm(args.emulator or work / "emu")
+    torch.manual_seed(args.seed)
+    config = PrefixConfig.for_model(emulator.config, 16)
+    offsite, _ = fit_prefix(emulator, load_tokenizer(args.model), train, config, train_config, desc="offsite")
+    warm_kv = integrate_kv(offsite().detach(), EmulatorManifest.load(args.emulator or work / "emu"))
+    Prefix(PrefixConfig.for_model(load_causal_lm(args.model).config, 16), warm_kv).save(work / "warm")
+    return work / "warm"
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     full, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
-    train, test = make_task(SyntheticTaskConfig(n_train=2000, n_test=300, seed=args.seed))
-    held = test[: args.eval_examples]
+    train, held = task(args)
     write_jsonl(work / "train.jsonl", train)
     write_jsonl(work / "held.jsonl", held)
     train_config = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, eval_every=args.eval_every)
     eval_config = EvalConfig(exact_match=False)
 
-    torch.manual_seed(args.seed)
-    reference, _ = fit_prefix(
-        full, tokenizer, train, PrefixConfig.for_model(full.config, 16), train_config, desc="reference"
-    )
-    target = evaluate_loss(full, tokenizer, held, reference().detach(), eval_config)["loss"]
+    target = args.target_loss
+    if target is None:
+        torch.manual_seed(args.seed)
+        reference, _ = fit_prefix(
+            full, tokenizer, train, PrefixConfig.for_model(full.config, 16), train_config, desc="reference"
+        )
+        target = evaluate_loss(full, tokenizer, held, reference().detach(), eval_config)["loss"]
 
-    emulate(args.model, args.split_at, args.keep, work / "emu")
-    emulator = load_causal_lm(work / "emu")
-    torch.manual_seed(args.seed)
-    offsite, _ = fit_prefix(
-        emulator, tokenizer, train, PrefixConfig.for_model(emulator.config, 16), train_config, desc="offsite"
-    )
-    warm_kv = integrate_kv(offsite().detach(), EmulatorManifest.load(work / "emu"))
-    Prefix(PrefixConfig.for_model(full.config, 16), warm_kv).save(work / "warm")
-
+    if args.emulator is None:
+        emulate(args.model, args.split_at, args.keep, work / "emu")
+    phases = {"warm": ["warm"], "cold": ["cold"], "both": ["warm", "cold"]}[args.phase]
+    inits = {"warm": warm_prefix(args, work, train, train_config) if "warm" in phases else None, "cold": None}
+    steps = {"warm": args.warm_steps or args.steps, "cold": args.steps}
     curves = {}
     with benchmark_server(args.model, args.split_at, work) as (url, token, _):
-        for name, init in (("warm", work / "warm"), ("cold", None)):
+        for name in phases:
             torch.manual_seed(args.seed)
             start = time.perf_counter()
+            config = TrainConfig(**{**asdict(train_config), "steps": steps[name]})
             curves[name] = {
                 "curve": split_curve(
-                    work / "emu",
+                    args.emulator or work / "emu",
                     ClientSettings(url, token=token, head="client"),
                     work / "train.jsonl",
                     work / "held.jsonl",
                     work / name / "run",
-                    init,
-                    train_config,
+                    inits[name],
+                    config,
                 )
             }
             curves[name]["wall_s"] = round(time.perf_counter() - start, 1)
             curves[name]["steps_to_reference_loss"] = first_reaching(curves[name]["curve"], target)
     return {
         "benchmark": "warm_start",
-        "config": vars(args),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "reference_heldout_loss": round(target, 4),
         **curves,
     }
@@ -118,6 +141,17 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-examples", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus", choices=["synthetic", "man", "info"], default="synthetic")
+    parser.add_argument("--cache", type=Path, default=Path(".cache/real_text"))
+    parser.add_argument("--phase", choices=["both", "warm", "cold"], default="both")
+    parser.add_argument("--emulator", type=Path, default=None, help="A built emulator (default: layer drop).")
+    parser.add_argument("--init", type=Path, default=None, help="Integrated prefix to warm-start from.")
+    parser.add_argument(
+        "--warm-steps", type=int, default=None, help="Steps of the warm run (default --steps)."
+    )
+    parser.add_argument(
+        "--target-loss", type=float, default=None, help="The reference's held-out loss, if known."
+    )
     print_run(run, parser.parse_args())
 
 

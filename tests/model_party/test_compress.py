@@ -120,7 +120,7 @@ def test_distillation_narrows_the_gap_and_never_touches_the_bottom(tmp_path):
     emulator, _ = build_emulator(full, 2, 1)
     before = bottom_fingerprint(emulator, 2)
     blocks = torch.randint(3, 96, (48, 16), generator=torch.Generator().manual_seed(0))
-    config = DistillConfig(steps=30, lr=3e-3, batch_size=8, eval_blocks=8, checkpoint_every=0)
+    config = DistillConfig(steps=30, lr=3e-3, batch_size=8, eval_blocks=8, checkpoint_every=0, prefix_len=0)
 
     # Execute
     report = distill(LoadedTeacher(full, 2), emulator, 2, blocks, config)
@@ -139,7 +139,7 @@ def test_distillation_leaves_the_layers_shipped_for_the_u_split_as_the_models(tm
     emulator, kept = build_emulator(full, 2, 3, client_layers=1)
     middle = [p.clone() for p in architecture_of(emulator.config).layers_of(emulator)[2].parameters()]
     blocks = torch.randint(3, 96, (48, 16), generator=torch.Generator().manual_seed(0))
-    config = DistillConfig(steps=5, lr=3e-3, batch_size=8, eval_blocks=8, checkpoint_every=0)
+    config = DistillConfig(steps=5, lr=3e-3, batch_size=8, eval_blocks=8, checkpoint_every=0, prefix_len=0)
 
     # Execute
     distill(LoadedTeacher(full, 2), emulator, 2, blocks, config, client_layers=1)
@@ -155,18 +155,20 @@ def test_distillation_resumes_from_its_checkpoint_after_a_crash(tmp_path, monkey
     # Prepare
     full = build_tiny_model("gpt2", num_layers=4)
     blocks = torch.randint(3, 96, (24, 8), generator=torch.Generator().manual_seed(0))
-    config = DistillConfig(steps=6, batch_size=4, eval_blocks=4, checkpoint_every=3, loss="both")
+    config = DistillConfig(
+        steps=6, batch_size=4, eval_blocks=4, checkpoint_every=3, loss="both", prefix_len=0
+    )
     straight, _ = build_emulator(full, 1, 1)
     distill(LoadedTeacher(full, 1), straight, 1, blocks, config)
 
     # Execute: crash during step 5, after the checkpoint of step 3, then rerun the same job
     real_loss, calls = _Distiller.loss, []
 
-    def crashing_loss(self, batch, target, kind):
+    def crashing_loss(self, batch, target, kind, kv=None):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real_loss(self, batch, target, kind)
+        return real_loss(self, batch, target, kind, kv)
 
     crashed, _ = build_emulator(full, 1, 1)
     monkeypatch.setattr(_Distiller, "loss", crashing_loss)
@@ -285,11 +287,13 @@ def test_streamed_distillation_equals_distillation_against_the_loaded_model(tmp_
     corpus.write_text("".join(json.dumps({"prompt": text, "completion": f" {i}"}) + "\n" for i in range(40)))
     # a tiny budget: each chunk of teacher targets covers 2 steps, so the layers are read in 3 passes
     config = DistillConfig(
-        steps=6, batch_size=2, eval_blocks=4, checkpoint_every=0, loss="both", teacher_memory_mb=0.13
+        steps=6, batch_size=2, eval_blocks=4, checkpoint_every=0, teacher_memory_mb=0.13, prefix_len=4
     )
     full, tokenizer = load_causal_lm(full_dir), load_tokenizer(full_dir)
-    reference, _ = build_emulator(full, 2, 1)
-    old = distill(LoadedTeacher(full, 2), reference, 2, corpus_blocks(tokenizer, corpus), config)
+    reference, kept = build_emulator(full, 2, 1)
+    layer_map = make_manifest(str(full_dir), full, tokenizer, 2, kept).layer_map
+    blocks = corpus_blocks(tokenizer, corpus)
+    old = distill(LoadedTeacher(full, 2), reference, 2, blocks, config, layer_map=layer_map)
 
     # Execute
     manifest = emulate(str(full_dir), 2, 1, tmp_path / "emu", distill_data=corpus, distill_config=config)
@@ -300,3 +304,117 @@ def test_streamed_distillation_equals_distillation_against_the_loaded_model(tmp_
         assert torch.equal(new[name], tensor), name
     for key in ("full_perplexity", "emulator_perplexity_before", "emulator_perplexity_after"):
         assert manifest.distillation[key] == pytest.approx(old[key], rel=1e-5), key
+
+
+def test_teachers_with_a_prefix_compute_what_the_whole_model_does_with_it(tmp_path):
+    # Prepare: one deep prefix per batch of rows
+    from splitprefix.model.prefix import PrefixConfig
+    from splitprefix.model.prefixed import hidden_with_prefix
+
+    full_dir = _save_full(tmp_path)
+    full = load_causal_lm(full_dir)
+    blocks = torch.randint(3, 96, (6, 9), generator=torch.Generator().manual_seed(0))
+    kv_shape = PrefixConfig.for_model(full.config, 3).kv_shape
+    prefixes = [torch.randn(kv_shape, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    emulator, _ = build_emulator(full, 2, 1)
+    streamed = StreamedTeacher(
+        CheckpointReader(full_dir), full.config, Bottom(emulator, 2), Head(emulator), 2
+    )
+
+    # Execute
+    loaded = LoadedTeacher(full, 2).targets(blocks, 3, prefixes)
+    read = streamed.targets(blocks, 3, prefixes)
+
+    # Assert: both equal the whole model's forward with each batch's prefix, and the prefix matters
+    whole = torch.cat(
+        [
+            hidden_with_prefix(full, b, torch.ones_like(b), kv)
+            for b, kv in zip(blocks.split(3), prefixes, strict=True)
+        ]
+    )
+    torch.testing.assert_close(loaded, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(read, loaded, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(loaded, LoadedTeacher(full, 2).targets(blocks, 3), atol=1e-3)
+
+
+def test_prefix_aware_distillation_narrows_the_gap_under_a_prefix(tmp_path):
+    # Prepare: 8 layers, K = 2, N = 2; a held-out prefix, mapped onto the full model as integrate does
+    from splitprefix.model.emulator import integrate_kv
+    from splitprefix.model.prefix import PrefixConfig
+
+    full = build_tiny_model("llama", num_layers=8)
+    emulator, kept = build_emulator(full, 2, 2)
+    manifest = make_manifest("tiny", full, build_tiny_tokenizer(), 2, kept)
+    blocks = torch.randint(3, 96, (48, 12), generator=torch.Generator().manual_seed(0))
+    kv = torch.randn(
+        PrefixConfig.for_model(emulator.config, 4).kv_shape, generator=torch.Generator().manual_seed(9)
+    )
+    target = LoadedTeacher(full, 2).targets(blocks[:8], 8, [integrate_kv(kv, manifest)])
+
+    def gap() -> float:
+        student = LoadedTeacher(emulator, 2).targets(blocks[:8], 8, [kv])
+        return float(torch.nn.functional.mse_loss(student, target))
+
+    config = DistillConfig(
+        steps=30, lr=3e-3, batch_size=8, eval_blocks=8, checkpoint_every=0, prefix_len=4, loss="both"
+    )
+    before = gap()
+
+    # Execute
+    distill(LoadedTeacher(full, 2), emulator, 2, blocks, config, layer_map=manifest.layer_map)
+
+    # Assert
+    assert gap() < 0.8 * before
+
+
+def test_prefix_aware_distillation_needs_the_layer_map_and_sane_settings():
+    full = build_tiny_model("llama", num_layers=6)
+    emulator, _ = build_emulator(full, 2, 1)
+    blocks = torch.randint(3, 96, (24, 8))
+    with pytest.raises(ConfigError, match="layer_map"):
+        distill(
+            LoadedTeacher(full, 2), emulator, 2, blocks, DistillConfig(steps=1, eval_blocks=4, prefix_len=2)
+        )
+    with pytest.raises(ConfigError, match="prefix_std"):
+        DistillConfig(prefix_len=2, prefix_std=0.0)
+
+
+def test_emulate_distils_on_the_pretraining_corpus_with_prefixes(tmp_path, monkeypatch):
+    # Prepare: the pretraining corpus stood in by random blocks (the real one needs WordNet)
+    from splitprefix.model_party import compress
+
+    asked = []
+    blocks = torch.randint(3, 96, (24, 16), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(compress, "pretraining_blocks", lambda tok, chars: asked.append(chars) or blocks)
+    config = DistillConfig(steps=2, batch_size=4, eval_blocks=4, prefix_len=2, corpus_chars=1000)
+
+    # Execute
+    manifest = emulate(str(_save_full(tmp_path, num_layers=8)), 2, 2, tmp_path / "emu", "pretraining", config)
+
+    # Assert
+    assert asked == [1000]
+    assert manifest.distillation["config"]["prefix_len"] == 2 and manifest.distillation["train_blocks"] == 20
+
+
+def test_the_emulate_command_distils_builtin_on_its_own_corpus_unless_told_not_to(monkeypatch):
+    # Prepare: record what the command asks of emulate
+    from typer.testing import CliRunner
+
+    from splitprefix.cli.main import app
+    from splitprefix.model_party import compress
+
+    calls = []
+    monkeypatch.setattr(compress, "emulate", lambda *a: calls.append(a) or _Stub())
+    args = ["emulate", "builtin", "--split-at", "2", "--keep", "2", "--out", "unused"]
+
+    # Execute
+    results = [CliRunner().invoke(app, args + extra) for extra in ([], ["--no-distill"])]
+
+    # Assert: the default is the measured recipe's distillation on the pretraining corpus
+    assert [r.exit_code for r in results] == [0, 0], results[0].output
+    assert calls[0][4] == compress.PRETRAINING_CORPUS and calls[1][4] is None
+    assert calls[0][5] == DistillConfig()
+
+
+class _Stub:
+    kept_layers, num_layers, distillation = [0, 1, 3, 6], 8, None

@@ -25,8 +25,12 @@ def emulate_command(
     ),
     out: Path = typer.Option(..., "--out", help="Emulator directory to write."),
     distill_data: Path | None = typer.Option(
-        None, "--distill", help="JSONL general corpus: distil the kept layers on it."
+        None,
+        "--distill",
+        help="JSONL general corpus: distil the kept layers on it (default for 'builtin': the corpus "
+        "it was pretrained on; for other models: no distillation).",
     ),
+    no_distill: bool = typer.Option(False, "--no-distill", help="Plain layer drop, no distillation."),
     client_layers: int = typer.Option(
         0,
         "--client-layers",
@@ -37,9 +41,15 @@ def emulate_command(
     distill: DistillConfig,
 ) -> None:
     """Model party: build the emulator (bit-identical bottom K layers, N kept upper layers) and its manifest."""
-    from splitprefix.model_party.compress import emulate
+    from splitprefix.model.builtin import BUILTIN_NAME
+    from splitprefix.model_party.compress import PRETRAINING_CORPUS, emulate
 
-    manifest = emulate(model, split_at, keep, out, distill_data, distill, client_layers)
+    corpus: Path | str | None = distill_data
+    if no_distill:
+        corpus = None
+    elif corpus is None and model == BUILTIN_NAME:
+        corpus = PRETRAINING_CORPUS
+    manifest = emulate(model, split_at, keep, out, corpus, distill, client_layers)
     typer.echo(f"emulator written to {out}: kept layers {manifest.kept_layers} of L={manifest.num_layers}")
     if manifest.distillation:
         d = manifest.distillation

@@ -38,8 +38,9 @@ from splitprefix.model.emulator import (
 )
 from splitprefix.model.loading import checkpoint_dtype, load_tokenizer, resolve_model_dir
 from splitprefix.model.partial_load import CheckpointReader, materialise, meta_model, open_checkpoint
+from splitprefix.model.prefix import PrefixConfig, prefix_cache
 from splitprefix.model.registry import architecture_of, config_keeping_layers
-from splitprefix.model.split import Bottom, Head, LayerStack
+from splitprefix.model.split import Bottom, Head, LayerStack, extend_mask
 from splitprefix.model_party.teacher import StreamedTeacher, Teacher, lm_perplexity
 from splitprefix.progress import Progress
 
@@ -140,13 +141,13 @@ def make_manifest(
 class DistillConfig:
     """Settings of the model party's distillation of the kept upper layers."""
 
-    steps: int = 200
+    steps: int = 100
     """Distillation steps."""
-    lr: float = 3e-4
+    lr: float = 1e-3
     """AdamW learning rate (constant after a short warm-up)."""
     batch_size: int = 16
     """Blocks per step."""
-    loss: Literal["hidden", "logits", "both"] = "hidden"
+    loss: Literal["hidden", "logits", "both"] = "both"
     """Match final hidden states (MSE), logits (KL), or the sum of both."""
     eval_blocks: int = 64
     """Held-out blocks for the perplexity gap, taken from the end of the corpus."""
@@ -157,12 +158,28 @@ class DistillConfig:
     teacher_memory_mb: float = 256.0
     """Teacher targets held at once (fp32 hidden states of a chunk of steps); each layer of a
     streamed teacher is read once per chunk."""
+    prefix_len: int = 0
+    """Prefix-aware distillation: virtual tokens of a random deep prefix attached at every step to
+    the student (emulator layout) and to the teacher (mapped onto all L layers, each dropped layer
+    taking its stand-in's), so that the emulator learns to respond to a prefix as the full model
+    does; 0 distils without prefixes (on real text both carried the same share of the gain)."""
+    prefix_std: float = 1.0
+    """Standard deviation of the random prefixes' keys and values (a new prefix's initial scale)."""
+    corpus_chars: int | None = 3_000_000
+    """Characters of the built-in model's pretraining corpus distilled on (a seeded subset, when
+    that corpus is the one chosen); None = all of it."""
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.eval_blocks) < 1 or self.teacher_memory_mb <= 0:
             raise ConfigError(
                 "steps, batch_size and eval_blocks must be >= 1 and teacher_memory_mb > 0; got "
                 f"{self.steps}, {self.batch_size}, {self.eval_blocks}, {self.teacher_memory_mb}"
+            )
+        if self.corpus_chars is not None and self.corpus_chars < 1:
+            raise ConfigError(f"corpus_chars must be >= 1 or None; got {self.corpus_chars}")
+        if self.prefix_len < 0 or not self.prefix_std > 0:
+            raise ConfigError(
+                f"prefix_len must be >= 0 and prefix_std > 0; got {self.prefix_len}, {self.prefix_std}"
             )
         if self.loss not in ("hidden", "logits", "both"):
             raise ConfigError(f"loss must be 'hidden', 'logits' or 'both'; got {self.loss!r}")
@@ -176,14 +193,25 @@ class _Distiller:
         self.student = LayerStack(emulator, split_at, emulator.config.num_hidden_layers)
         self.head = Head(emulator)
 
-    def loss(self, blocks: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    def loss(
+        self, blocks: torch.Tensor, teacher: torch.Tensor, kind: str, kv: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Distillation loss of the student on `blocks` (B, T) against the teacher's normed final
-        hidden states (B, T, d)."""
-        mask = torch.ones_like(blocks)
-        positions = torch.arange(blocks.shape[1]).expand_as(blocks)
+        hidden states (B, T, d), with `kv` (K + N, 2, n_kv, P, hd) as the student's prefix if given."""
+        p, batch, config, k = (
+            0 if kv is None else kv.shape[3],
+            len(blocks),
+            self.student.config,
+            self.student.start,
+        )
+        mask = extend_mask(torch.ones_like(blocks), p)
+        positions = torch.arange(p, p + blocks.shape[1]).expand_as(blocks)
         with torch.no_grad():
-            x = self.bottom(blocks, mask, positions)
-        student = self.head.norm(self.student(x))  # (B, T, d)
+            x = self.bottom(
+                blocks, mask, positions, None if kv is None else prefix_cache(kv[:k], config, batch)
+            )
+        cache = None if kv is None else prefix_cache(kv[k:], config, batch, first_layer=k)
+        student = self.head.norm(self.student(x, cache))  # (B, T, d)
         total = torch.zeros(())
         if kind in ("hidden", "both"):
             total = total + F.mse_loss(student, teacher)
@@ -202,27 +230,41 @@ class _Batches:
     so that a streamed teacher reads each of its layers once per chunk, not once per step."""
 
     def __init__(
-        self, teacher: Teacher, train: torch.Tensor, config: DistillConfig, hidden_size: int
+        self,
+        teacher: Teacher,
+        train: torch.Tensor,
+        config: DistillConfig,
+        emulator: PretrainedConfig,
+        layer_map: list[int] | None,
     ) -> None:
         self.teacher, self.train, self.config = teacher, train, config
-        per_step = config.batch_size * train.shape[1] * hidden_size * 4  # fp32 targets of one step
+        per_step = config.batch_size * train.shape[1] * emulator.hidden_size * 4  # fp32 targets of one step
         self.chunk = max(1, int(config.teacher_memory_mb * 2**20 // per_step))
-        self.ready: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ready: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self.kv_shape = PrefixConfig.for_model(emulator, max(1, config.prefix_len)).kv_shape
+        self.layer_map = layer_map
 
-    def blocks(self, step: int) -> torch.Tensor:
-        # Blocks are a pure function of (seed, step), so a resumed run sees the same batches.
+    def blocks(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The blocks (B, T) of `step` and its emulator-layout prefix (None without prefixes)."""
+        # A pure function of (seed, step), so that a resumed run sees the same batches.
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
-        return self.train[torch.randint(len(self.train), (self.config.batch_size,), generator=generator)]
+        blocks = self.train[torch.randint(len(self.train), (self.config.batch_size,), generator=generator)]
+        if not self.config.prefix_len:
+            return blocks, None
+        return blocks, torch.randn(self.kv_shape, generator=generator) * self.config.prefix_std
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(blocks (B, T), teacher targets (B, T, d)) of `step`."""
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(blocks (B, T), teacher targets (B, T, d), student prefix or None) of `step`."""
         if step not in self.ready:
             steps = range(step, min(step + self.chunk, self.config.steps))
-            blocks = [self.blocks(s) for s in steps]
-            targets = self.teacher.targets(torch.cat(blocks), self.config.batch_size)
-            self.ready = dict(
-                zip(steps, zip(blocks, targets.split(self.config.batch_size), strict=True), strict=True)
-            )
+            drawn = [self.blocks(s) for s in steps]
+            kvs = [kv for _, kv in drawn if kv is not None]
+            full = [kv[self.layer_map] for kv in kvs] if kvs and self.layer_map else None
+            targets = self.teacher.targets(torch.cat([b for b, _ in drawn]), self.config.batch_size, full)
+            self.ready = {
+                s: (b, t, kv)
+                for s, (b, kv), t in zip(steps, drawn, targets.split(self.config.batch_size), strict=True)
+            }
         return self.ready.pop(step)
 
 
@@ -234,9 +276,15 @@ def distill(
     config: DistillConfig,
     checkpoint_root: Path | None = None,
     client_layers: int = 0,
+    layer_map: list[int] | None = None,
 ) -> dict[str, Any]:
     """Train the emulator's kept upper layers in place to match `teacher`, the full model; returns
-    settings and the perplexity gap before/after. The last `client_layers` stay the full model's."""
+    settings and the perplexity gap before/after. The last `client_layers` stay the full model's.
+
+    `layer_map` (the manifest's: each original layer's emulator layer) maps the random prefixes of
+    prefix-aware distillation onto the teacher's layers; it is needed when `config.prefix_len` > 0."""
+    if config.prefix_len and layer_map is None:
+        raise ConfigError("prefix-aware distillation (prefix_len > 0) needs the emulator's layer_map")
     if len(blocks) <= config.eval_blocks:
         raise ConfigError(
             f"the corpus has {len(blocks)} blocks; need more than eval_blocks={config.eval_blocks}"
@@ -254,12 +302,13 @@ def distill(
         step, _ = load_checkpoint(checkpoint_root, upper, optimizer, scheduler)
     distiller, batches = (
         _Distiller(emulator, split_at),
-        _Batches(teacher, train, config, emulator.config.hidden_size),
+        _Batches(teacher, train, config, emulator.config, layer_map),
     )
     start = time.perf_counter()
     bar = Progress(range(step, config.steps), "distill", total=config.steps, initial=step)
     for step in bar:
-        loss = distiller.loss(*batches(step), config.loss)
+        blocks_, targets, kv = batches(step)
+        loss = distiller.loss(blocks_, targets, config.loss, kv)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(upper.parameters(), 1.0)
@@ -281,6 +330,17 @@ def distill(
     }
 
 
+PRETRAINING_CORPUS = "pretraining"
+"""`emulate`'s distillation corpus that stands for the built-in model's own pretraining corpus."""
+
+
+def _pretraining_blocks(tokenizer: PreTrainedTokenizerBase, max_chars: int | None) -> torch.Tensor:
+    # the builder of the shipped model is imported only when its corpus is asked for
+    from splitprefix.pretraining.corpus import pretraining_blocks
+
+    return pretraining_blocks(tokenizer, max_chars)
+
+
 def corpus_blocks(tokenizer: PreTrainedTokenizerBase, data: Path, block_size: int = 128) -> torch.Tensor:
     """A JSONL corpus (any supported record format) packed into token blocks (N, block_size)."""
     from splitprefix.data.blocks import pack_blocks
@@ -295,11 +355,14 @@ def emulate(
     split_at: int,
     keep: int,
     out: Path,
-    distill_data: Path | None = None,
+    distill_data: Path | str | None = None,
     distill_config: DistillConfig = DistillConfig(),
     client_layers: int = 0,
 ) -> EmulatorManifest:
     """Build an emulator of `model_dir` in `out`: a model directory plus `emulator_manifest.json`.
+
+    `distill_data` is the general corpus to distil on: a JSONL file, `PRETRAINING_CORPUS` for the
+    built-in model's own pretraining text, or None for plain layer drop.
 
     With M = `client_layers`, its last M layers are the full model's, never distilled, so that a
     data party can keep them (the U-shaped split); the manifest records M and their fingerprints.
@@ -321,9 +384,20 @@ def emulate(
     manifest = make_manifest(str(model_dir), full, tokenizer, split_at, kept, bottom_sha256, tops)
     if distill_data is not None:
         teacher = StreamedTeacher(reader, config, Bottom(emulator, split_at), Head(emulator), split_at)
-        blocks = corpus_blocks(tokenizer, distill_data)
+        blocks = (
+            _pretraining_blocks(tokenizer, distill_config.corpus_chars)
+            if distill_data == PRETRAINING_CORPUS
+            else corpus_blocks(tokenizer, Path(distill_data))
+        )
         manifest.distillation = distill(
-            teacher, emulator, split_at, blocks, distill_config, out / CHECKPOINT_DIR, client_layers
+            teacher,
+            emulator,
+            split_at,
+            blocks,
+            distill_config,
+            out / CHECKPOINT_DIR,
+            client_layers,
+            manifest.layer_map,
         )
     out.mkdir(parents=True, exist_ok=True)
     emulator.to(storage_dtype).save_pretrained(out)  # type: ignore[arg-type]

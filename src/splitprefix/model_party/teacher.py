@@ -14,18 +14,22 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from splitprefix.model.partial_load import CheckpointReader, drop, materialise, meta_model
-from splitprefix.model.split import Activations, Bottom, Head, LayerStack
+from splitprefix.model.prefix import prefix_cache
+from splitprefix.model.split import Activations, Bottom, Head, LayerStack, extend_mask
 
 
 class Teacher(Protocol):
     """What distillation asks of the full model."""
 
-    def targets(self, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def targets(
+        self, blocks: torch.Tensor, batch_size: int, prefixes: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Final hidden states after the final norm of token blocks (N, T), computed `batch_size`
-        rows at a time: (N, T, d), no grad."""
+        rows at a time: (N, T, d), no grad. With `prefixes`, the i-th batch of rows runs with
+        `prefixes[i]` (L, 2, n_kv, P, hd) as its deep prefix."""
         ...
 
     def perplexity(self, blocks: torch.Tensor) -> float:
@@ -33,9 +37,18 @@ class Teacher(Protocol):
         ...
 
 
-def _inputs(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = torch.ones_like(blocks)
-    return mask, torch.arange(blocks.shape[1]).expand_as(blocks)  # (N, T) each
+def _inputs(blocks: torch.Tensor, prefix_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask (N, P + T) and positions (N, T) of unpadded blocks behind a P-token prefix."""
+    mask = extend_mask(torch.ones_like(blocks), prefix_len)
+    return mask, torch.arange(prefix_len, prefix_len + blocks.shape[1]).expand_as(blocks)
+
+
+def _cache(kv: torch.Tensor | None, config: PretrainedConfig, batch: int, first: int) -> DynamicCache | None:
+    return None if kv is None else prefix_cache(kv, config, batch, first_layer=first)
+
+
+def _prefix_len(prefixes: list[torch.Tensor] | None) -> int:
+    return 0 if not prefixes else prefixes[0].shape[3]
 
 
 PERPLEXITY_BATCH = 16
@@ -76,11 +89,19 @@ class LoadedTeacher:
         self.head = Head(full)
 
     @torch.no_grad()
-    def targets(self, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def targets(
+        self, blocks: torch.Tensor, batch_size: int, prefixes: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         out = []
-        for batch in blocks.split(batch_size):
-            mask, positions = _inputs(batch)
-            out.append(self.head.norm(self.upper(self.bottom(batch, mask, positions))))  # (B, T, d)
+        config, k = self.full.config, self.upper.start
+        for i, batch in enumerate(blocks.split(batch_size)):
+            mask, positions = _inputs(batch, _prefix_len(prefixes))
+            kv = None if prefixes is None else prefixes[i]
+            x = self.bottom(
+                batch, mask, positions, _cache(None if kv is None else kv[:k], config, len(batch), 0)
+            )
+            hidden = self.upper(x, _cache(None if kv is None else kv[k:], config, len(batch), k))
+            out.append(self.head.norm(hidden))  # (B, T, d)
         return torch.cat(out)
 
     def perplexity(self, blocks: torch.Tensor) -> float:
@@ -106,15 +127,25 @@ class StreamedTeacher:
         self.bottom, self.head, self.split_at = bottom, head, split_at
 
     @torch.no_grad()
-    def targets(self, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
-        mask, positions = _inputs(blocks)
+    def targets(
+        self, blocks: torch.Tensor, batch_size: int, prefixes: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        mask, positions = _inputs(blocks, _prefix_len(prefixes))
         rows = [slice(start, start + batch_size) for start in range(0, len(blocks), batch_size)]
-        hidden = torch.cat([self.bottom(blocks[r], mask[r], positions[r]).hidden for r in rows])  # (N, T, d)
-        for layer in range(self.split_at, self.skeleton.config.num_hidden_layers):
+        config, k = self.skeleton.config, self.split_at
+
+        def cache(i: int, first: int, stop: int) -> DynamicCache | None:
+            rows_i = rows[i].stop - rows[i].start
+            return None if prefixes is None else _cache(prefixes[i][first:stop], config, rows_i, first)
+
+        hidden = torch.cat(
+            [self.bottom(blocks[r], mask[r], positions[r], cache(i, 0, k)).hidden for i, r in enumerate(rows)]
+        )  # (N, T, d)
+        for layer in range(k, config.num_hidden_layers):
             stack = LayerStack(self.skeleton, layer, layer + 1)
             materialise(self.skeleton, self.reader, [stack], torch.float32, "cpu")
-            for r in rows:  # each batch as the whole model would run it, so the numbers do not change
-                hidden[r] = stack(Activations(hidden[r], mask[r], positions[r]))
+            for i, r in enumerate(rows):  # each batch as the whole model would run it
+                hidden[r] = stack(Activations(hidden[r], mask[r], positions[r]), cache(i, layer, layer + 1))
             _drop_layers(stack)
         for r in rows:
             hidden[r] = self.head.norm(hidden[r])

@@ -14,8 +14,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splitprefix.errors import SplitPrefixError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
 """Where Debian's `wordnet-base` package puts the WordNet database."""
@@ -152,3 +157,21 @@ def _seeded_subset(documents: list[str], max_chars: int, rng: random.Random) -> 
             chosen.append(index)
             total += len(documents[index])
     return [documents[index] for index in sorted(chosen)]
+
+
+def pretraining_blocks(tokenizer: PreTrainedTokenizerBase, max_chars: int | None) -> torch.Tensor:
+    """The built-in model's pretraining corpus (WordNet glosses, Python's help topics and
+    docstrings, as `splitprefix pretrain` builds it), a seeded subset of about `max_chars`, packed
+    into 128-token blocks: the vendor's general text, never a data party's."""
+    from splitprefix.data.blocks import pack_blocks
+    from splitprefix.pretraining.recipe import PretrainConfig  # it imports this module
+
+    recipe = PretrainConfig(out=Path("unused"))
+    documents = build_corpus(
+        recipe.wordnet_dir,
+        seed=recipe.seed,
+        max_chars=max_chars,
+        python_docs=recipe.python_docs,
+        stdlib_docstrings=recipe.stdlib_docstrings,
+    ).train
+    return pack_blocks(tokenizer, documents, recipe.block_size)  # type: ignore[arg-type]
