@@ -385,7 +385,7 @@ def test_emulate_distils_on_the_pretraining_corpus_with_prefixes(tmp_path, monke
 
     asked = []
     blocks = torch.randint(3, 96, (24, 16), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(compress, "pretraining_blocks", lambda tok, chars: asked.append(chars) or blocks)
+    monkeypatch.setattr(compress, "_pretraining_blocks", lambda tok, chars: asked.append(chars) or blocks)
     config = DistillConfig(steps=2, batch_size=4, eval_blocks=4, prefix_len=2, corpus_chars=1000)
 
     # Execute

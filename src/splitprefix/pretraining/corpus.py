@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import random
 import re
 from collections.abc import Iterator
@@ -40,6 +41,9 @@ STDLIB_DOC_MODULES = (
 
 # Adjective lemmas may carry a syntactic marker such as `galore(ip)`.
 _ADJ_MARKER = re.compile(r"\([a-z]+\)$")
+
+
+logger = logging.getLogger(__name__)
 
 
 class WordNetMissingError(SplitPrefixError, FileNotFoundError):
@@ -167,11 +171,24 @@ def pretraining_blocks(tokenizer: PreTrainedTokenizerBase, max_chars: int | None
     from splitprefix.pretraining.recipe import PretrainConfig  # it imports this module
 
     recipe = PretrainConfig(out=Path("unused"))
-    documents = build_corpus(
-        recipe.wordnet_dir,
-        seed=recipe.seed,
-        max_chars=max_chars,
-        python_docs=recipe.python_docs,
-        stdlib_docstrings=recipe.stdlib_docstrings,
-    ).train
+    try:
+        documents = build_corpus(
+            recipe.wordnet_dir,
+            seed=recipe.seed,
+            max_chars=max_chars,
+            python_docs=recipe.python_docs,
+            stdlib_docstrings=recipe.stdlib_docstrings,
+        ).train
+    except WordNetMissingError:
+        # Python's own documentation ships with every interpreter; WordNet is a system package
+        logger.warning(
+            "WordNet is not installed (%s): distilling on the Python documentation part of the built-in "
+            "model's pretraining corpus only; install Debian's wordnet-base for the whole corpus",
+            recipe.wordnet_dir,
+        )
+        documents = python_topic_documents()
+        if recipe.stdlib_docstrings:
+            documents += stdlib_docstring_documents()
+        if max_chars is not None:
+            documents = _seeded_subset(documents, max_chars, random.Random(recipe.seed))
     return pack_blocks(tokenizer, documents, recipe.block_size)  # type: ignore[arg-type]
