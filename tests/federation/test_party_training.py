@@ -33,7 +33,7 @@ def test_the_run_schedule_spreads_one_warm_up_and_decay_over_the_rounds():
 def test_the_defaults_are_the_best_measured_federation():
     # FedAvg by count, AdamW afresh each round, many rounds of few local steps
     server = FederationConfig("emu", "http://x", "o")
-    assert (server.strategy, server.num_rounds, server.local_steps) == ("fedavg", 15, 2)
+    assert (server.strategy, server.num_rounds, server.local_steps) == ("fedavg", 25, 2)
     assert (party().lr_schedule, party().optimizer, party().keep_optimizer_state) == ("round", "adamw", False)
 
 
