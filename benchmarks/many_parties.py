@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from harness import print_run
 
-from splitprefix.model_party.child import serve_in_child
+from splitprefix.model_party.child import ChildServer, serve_in_child
 
 PROMPTS = ["happiness: the state of", "a tool used for cutting wood", "river: a large natural stream of"]
 MIXES = ("generating", "training", "mixed")
@@ -52,7 +52,7 @@ def _generating_party(args: argparse.Namespace, settings: Any, emulator: Path) -
             pass  # warm-up
         _wait_for_go()
         steps: list[float] = []
-        tokens, deadline = 0, time.perf_counter() + args.seconds
+        cpu, tokens, deadline = time.process_time(), 0, time.perf_counter() + args.seconds
         while time.perf_counter() < deadline:
             last = None
             for _ in model.iter_tokens(ids, mask, config):
@@ -63,7 +63,7 @@ def _generating_party(args: argparse.Namespace, settings: Any, emulator: Path) -
                 if last is not None:  # the first token's time is the prefill's
                     steps.append(now - last)
                 last = now
-    return {"role": "generating", "tokens": tokens, "steps_s": steps}
+    return {"role": "generating", "tokens": tokens, "steps_s": steps, "cpu_s": time.process_time() - cpu}
 
 
 def _training_party(args: argparse.Namespace, settings: Any, emulator: Path) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def _training_party(args: argparse.Namespace, settings: Any, emulator: Path) -> 
     step()  # warm-up
     _wait_for_go()
     steps: list[float] = []
-    tokens, deadline = 0, time.perf_counter() + args.seconds
+    cpu, tokens, deadline = time.process_time(), 0, time.perf_counter() + args.seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         step()
@@ -97,8 +97,9 @@ def _training_party(args: argparse.Namespace, settings: Any, emulator: Path) -> 
             break
         steps.append(end - start)
         tokens += int(batch.attention_mask.sum())
+    cpu = time.process_time() - cpu
     session.close()
-    return {"role": "training", "tokens": tokens, "steps_s": steps}
+    return {"role": "training", "tokens": tokens, "steps_s": steps, "cpu_s": cpu}
 
 
 def _wait_for_go() -> None:
@@ -123,10 +124,17 @@ def _roles(mix: str, n: int) -> list[str]:
     return [mix] * n
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used so far (Linux's /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_parties(
-    args: argparse.Namespace, url: str, tokens: dict[str, str], emulator: Path, roles: list[str]
-) -> list[dict[str, Any]]:
-    """Start one process per role, start them together, and collect their results."""
+    args: argparse.Namespace, server: ChildServer, emulator: Path, roles: list[str]
+) -> tuple[list[dict[str, Any]], float]:
+    """Start one process per role, start them together; their results and the server's CPU seconds."""
+    url, tokens = server.url, server.tokens
     procs = []
     for i, role in enumerate(roles):
         command = [sys.executable, __file__, "--party", role, "--index", str(i), "--url", url]
@@ -139,15 +147,18 @@ def run_parties(
         line = proc.stdout.readline()
         if line.strip() != "ready":
             raise RuntimeError(f"a party failed to start: {line!r}")
+    server_cpu = _cpu_s(server.pid)
     for proc in procs:
         assert proc.stdin is not None
         proc.stdin.write("go\n")
         proc.stdin.flush()
+    time.sleep(args.seconds)
+    server_cpu = _cpu_s(server.pid) - server_cpu
     results = []
     for proc in procs:
         out, _ = proc.communicate(timeout=args.seconds + 120)
         results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    return results, server_cpu
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -155,13 +166,14 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def summarise(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def summarise(results: list[dict[str, Any]], seconds: float, server_cpu_s: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"server_cpu_s": round(server_cpu_s, 2)}
     for role in ("generating", "training"):
         mine = [r for r in results if r["role"] == role]
         if not mine:
             continue
-        rates = [r["tokens"] / seconds for r in mine]
+        tokens = [r["tokens"] for r in mine]
+        rates = [t / seconds for t in tokens]
         mean = statistics.mean(rates)
         steps = [s for r in mine for s in r["steps_s"]]
         out[role] = {
@@ -172,6 +184,7 @@ def summarise(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
             "p50_ms": round(1000 * _percentile(steps, 0.5), 2),
             "p95_ms": round(1000 * _percentile(steps, 0.95), 2),
             "steps": len(steps),
+            "party_cpu_ms_per_token": round(1000 * sum(r["cpu_s"] for r in mine) / max(1, sum(tokens)), 3),
         }
     return out
 
@@ -251,19 +264,20 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     counts = [int(n) for n in args.parties.split(",")]
     names = [f"p{i}" for i in range(max(counts))]
     rows: dict[str, dict[str, Any]] = {}
-    with serve_in_child(args.model, args.split_at, work / "server", names) as child:
-        url, tokens = child.url, child.tokens
+    serve_args = tuple(args.serve_args.split())
+    with serve_in_child(args.model, args.split_at, work / "server", names, extra_args=serve_args) as child:
         for mix in args.mixes.split(","):
             for n in counts:
                 if mix == "mixed" and n < 2:
                     continue
-                results = run_parties(args, url, tokens, emulator, _roles(mix, n))
-                rows[f"{mix}/{n}"] = summarise(results, args.seconds)
+                results, server_cpu = run_parties(args, child, emulator, _roles(mix, n))
+                rows[f"{mix}/{n}"] = summarise(results, args.seconds, server_cpu)
                 print(f"{mix}/{n}: {json.dumps(rows[f'{mix}/{n}'])}", file=sys.stderr, flush=True)
     return {
         "model": args.model,
         "model_info": describe_model(args.model),
         "split_at": args.split_at,
+        "serve_args": args.serve_args,
         "seconds_per_run": args.seconds,
         "generation": {"batch": 1, "head": "server", "new_tokens_per_session": args.new_tokens},
         "training": {"batch": args.train_batch, "max_length": args.train_length, "prefix_len": 16},
@@ -288,6 +302,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="Tokens per generation session.")
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-length", type=int, default=64)
+    parser.add_argument(
+        "--serve-args", default="--threads 1", help="Options of `splitprefix serve`, space-separated."
+    )
     # the party processes' own arguments
     parser.add_argument("--party", choices=["generating", "training"], help=argparse.SUPPRESS)
     parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)

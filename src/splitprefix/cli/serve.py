@@ -23,10 +23,13 @@ def serve_command(
     and split generation (sessions under /v1/generate/sessions)."""
     import logging
 
+    import torch
     import uvicorn
 
     from splitprefix.model_party.app import create_app
 
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     uvicorn.run(
