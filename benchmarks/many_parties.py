@@ -13,9 +13,13 @@ generated tokens (generating) or real tokens of the trained batch (training); a 
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/many_parties.py --seconds 8
 
+The server runs with `--serve-args` (default `--threads 1`: the parties share its cores).
+
 - `aggregate_tokens_per_s`, per mix and role; `speedup` against the same mix with one party;
 - `share`: each party's tokens/s over the mean of its role (1.0 = a fair share);
 - `p50_ms`, `p95_ms`: step latency over every step of the role's parties;
+- `party_cpu_ms_per_token`: the role's parties' CPU (all their threads) over their tokens;
+  `server_cpu_s`: the server process's CPU during the timed run (Linux's /proc);
 - `mixed_p95_vs_generating`: the generating parties' p95 in `mixed` over their p95 in `generating`
   with the same N.
 """

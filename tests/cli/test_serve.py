@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from splitprefix.cli.main import app
@@ -66,6 +67,23 @@ def test_serve_logs_each_request_only_when_asked(tmp_path, monkeypatch):
     # Assert
     assert result.exit_code == 0, result.output
     assert calls[0]["access_log"] is True
+
+
+def test_serve_sets_torch_threads_when_asked(tmp_path, monkeypatch):
+    # Prepare: torch's thread count is put back after the test
+    model_dir = save_model_dir(tmp_path / "model", "gpt2")
+    seen = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(
+        torch, "set_num_threads", lambda n: monkeypatch.setattr(torch, "get_num_threads", lambda: n)
+    )
+
+    # Execute
+    result = runner.invoke(app, ["serve", str(model_dir), "--split-at", "2", "--threads", "1"])
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert seen == [1]
 
 
 def test_serve_refuses_a_certificate_without_its_key(tmp_path):

@@ -90,68 +90,6 @@ def test_a_party_with_many_sessions_does_not_crowd_others_out_of_a_full_forward(
     assert [len(b) for b in batches[:2]] == [2, 2]
 
 
-def _decoding(scheduler: Scheduler, sessions: list[str], batches: list[list[str]]) -> None:
-    """One merged forward of a step of each of `sessions`: they are then decoding."""
-    scheduler.merge = lambda works: batches.append([w.party for w in works]) or [None] * len(works)
-    with scheduler.busy:
-        threads = _queue_while_held(scheduler, [_step(s) for s in sessions])
-    for thread in threads:
-        thread.join(timeout=10)
-
-
-def _step(session: str) -> Job:
-    work = FakeStep(session)
-    return Job(session, urgent=True, prepare=lambda: work, session=session)
-
-
-def test_a_step_waits_for_the_other_decoding_sessions_and_runs_in_their_forward():
-    # Prepare: sessions a and b decode together; the wait is far longer than b's delay
-    scheduler, batches = Scheduler(max_rows=8, max_keys=1000, merge_wait_s=2.0), []
-    _decoding(scheduler, ["a", "b"], batches)
-
-    # Execute: a's next step comes, then b's 0.2 s later
-    first = threading.Thread(target=scheduler.submit, args=(_step("a"),))
-    first.start()
-    time.sleep(0.2)
-    started = time.perf_counter()
-    scheduler.submit(_step("b"))
-    first.join(timeout=5)
-
-    # Assert: one forward served both, as soon as b's step came
-    assert batches[1:] == [["a", "b"]]
-    assert time.perf_counter() - started < 1.0
-
-
-def test_a_lone_or_closed_session_is_not_waited_for():
-    # Prepare: a and b decode together, then b's session closes
-    scheduler, batches = Scheduler(max_rows=8, max_keys=1000, merge_wait_s=5.0), []
-    _decoding(scheduler, ["a", "b"], batches)
-    scheduler.submit(Job("b", urgent=True, run=lambda: None, session="b"))
-
-    # Execute: a steps alone
-    started = time.perf_counter()
-    scheduler.submit(_step("a"))
-
-    # Assert: a ran at once, not after the wait
-    assert batches[1:] == [["a"]]
-    assert time.perf_counter() - started < 1.0
-
-
-def test_a_step_waits_at_most_the_merge_wait_for_a_session_that_does_not_step():
-    # Prepare: a and b decode together
-    scheduler, batches = Scheduler(max_rows=8, max_keys=1000, merge_wait_s=0.3), []
-    _decoding(scheduler, ["a", "b"], batches)
-
-    # Execute: only a steps again
-    started = time.perf_counter()
-    scheduler.submit(_step("a"))
-    waited = time.perf_counter() - started
-
-    # Assert: a ran alone once the wait was over
-    assert batches[1:] == [["a"]]
-    assert 0.25 <= waited < 2.0
-
-
 def test_a_party_that_disconnects_while_queued_leaves_the_queue_and_frees_its_share():
     # Prepare: two parties' jobs wait for the held model
     ran: list[str] = []

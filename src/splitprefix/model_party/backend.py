@@ -76,9 +76,7 @@ class TopBackend:
             settings.graph_ttl_s, settings.max_graph_bytes, settings.max_graphs_per_client
         )
         self._weights = [*self.top.stack.parameters(), *self.top.head.parameters()]
-        self.scheduler = Scheduler(
-            settings.max_merged_rows, settings.max_merged_keys, merge_wait_s=settings.merge_wait_ms / 1000
-        )
+        self.scheduler = Scheduler(settings.max_merged_rows, settings.max_merged_keys)
         self._lock = self.scheduler.busy  # held while the worker computes (tests hold it to wait)
         for layer in self.top.stack.layers:  # a request whose client is gone stops between layers
             layer.register_forward_pre_hook(self._before_layer)

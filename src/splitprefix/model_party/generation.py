@@ -111,7 +111,7 @@ class GenerationBackend:
         if set(tensors) != {"hidden"}:  # hidden alone: one real token per row, right after the last
             check_names(tensors, list(schemas.GENERATE_INPUTS), "generation step request")
         prepare = partial(self._prepare, session_id, tensors, step, client_id)
-        return Job(client_id, urgent=True, prepare=prepare, session=session_id), step
+        return Job(client_id, urgent=True, prepare=prepare), step
 
     def _prepare(self, session_id: str, tensors: Tensors, step: StepMeta, client_id: str) -> StepWork:
         """The step checked against the session as it is now (on the scheduler's thread)."""
@@ -164,7 +164,7 @@ class GenerationBackend:
 
     def close(self, session_id: str, client_id: str) -> dict[str, Any]:
         run = partial(self.sessions.close, client_id, session_id)
-        self.scheduler.submit(Job(client_id, urgent=True, run=run, session=session_id))
+        self.scheduler.submit(Job(client_id, urgent=True, run=run))
         return {"session_id": session_id, "closed": True}
 
     def _check_prefix(self, kv: torch.Tensor, layers: int) -> int:

@@ -6,10 +6,7 @@ Requests enqueue a job and wait for it (from the thread pool); the worker takes,
    alone; generation steps of different sessions are merged into one forward (`merged.run_steps`)
    of at most `max_rows` rows and `max_keys` padded keys (rows x keys per row), one step per
    session, and the round starts one party later each time, so that a party with many sessions
-   cannot crowd the others out of a full forward. Before a merged forward the worker waits, for at
-   most `merge_wait_s` after the oldest waiting step arrived, for a step of every session that is
-   decoding (one stepped in the last `ACTIVE_S`): each forward then serves them all, rather than
-   the few whose steps happened to arrive first. A lone session never waits for itself.
+   cannot crowd the others out of a full forward.
 2. Training work (forward, backward, loss), one job at a time, chosen by deficit round-robin over
    the parties with each job costing its tokens, so that each party gets the same tokens per
    second whatever its batch size.
@@ -57,9 +54,6 @@ class Job:
     """Computes the job's result, alone."""
     prepare: Callable[[], Any] | None = None
     """Checks a step against its session and returns its `merged.StepWork` (or raises `Done`)."""
-    session: str = ""
-    """A step's session id (the worker waits for the steps of decoding sessions), or the session
-    that a job run alone closes (no longer waited for)."""
     gone: threading.Event | None = None
     result: Any = None
     error: BaseException | None = None
@@ -80,9 +74,6 @@ class Job:
             self.on_done()
 
 
-ACTIVE_S = 0.5
-"""A session whose last step ran this long ago is no longer waited for (it finished or went away)."""
-
 Merge = Callable[[list[Any]], list[Any]]
 """Runs the prepared steps of one group as one forward; their results, in order."""
 
@@ -90,10 +81,8 @@ Merge = Callable[[list[Any]], list[Any]]
 class Scheduler:
     """The queues and the worker thread that runs every job on the model."""
 
-    def __init__(
-        self, max_rows: int, max_keys: int, merge: Merge | None = None, merge_wait_s: float = 0.0
-    ) -> None:
-        self.max_rows, self.max_keys, self.merge_wait_s = max_rows, max_keys, merge_wait_s
+    def __init__(self, max_rows: int, max_keys: int, merge: Merge | None = None) -> None:
+        self.max_rows, self.max_keys = max_rows, max_keys
         self.merge = merge
         self.busy = threading.Lock()
         """Held by the worker while it runs work (tests hold it to keep the model busy)."""
@@ -106,8 +95,6 @@ class Scheduler:
         """True while generation work runs: only training work is preempted."""
         self.merged_rows: deque[int] = deque(maxlen=1000)
         """Rows of recent merged forwards (the last 1000), for tests and the log."""
-        self._stepped: dict[str, float] = {}
-        """Session id -> when a step of it last ran: sessions within `ACTIVE_S` are decoding."""
 
     def submit(self, job: Job) -> tuple[Any, float]:
         """Run `job` on the worker; its result and its queue time in seconds. Raises its error, or
@@ -157,7 +144,6 @@ class Scheduler:
             with self._cond:
                 while not self._urgent and not self._training:
                     self._cond.wait()
-                self._gather()
             with self.busy:  # choose only once the model is free, from everything queued by then
                 with self._cond:
                     batch = self._take_urgent()
@@ -168,23 +154,6 @@ class Scheduler:
                     self._run_alone(job)
 
     # --- choosing work (under the condition's lock) ----------------------------------------------
-
-    def _gather(self) -> None:
-        """Wait until every decoding session has a step queued, or until `merge_wait_s` after the
-        oldest queued step arrived (steps only)."""
-        if self.merge_wait_s <= 0:
-            return
-        while True:
-            steps = [job for queue in self._urgent.values() for job in queue if job.prepare is not None]
-            now = time.perf_counter()
-            for session in [s for s, at in self._stepped.items() if now - at > ACTIVE_S]:
-                del self._stepped[session]
-            if not steps or self._stepped.keys() <= {job.session for job in steps}:
-                return
-            left = min(job.queued_at for job in steps) + self.merge_wait_s - now
-            if left <= 0:
-                return
-            self._cond.wait(left)
 
     def _take_urgent(self) -> list[tuple[Job, Any]]:
         """A job run alone, or the steps of one merged forward: (job, prepared step) pairs."""
@@ -274,7 +243,6 @@ class Scheduler:
 
     def _run_alone(self, job: Job) -> None:
         job.started_at = time.perf_counter()
-        self._stepped.pop(job.session, None)
         try:
             with cancel.cancelled_by(job.gone):
                 cancel.check()  # a client that went away while its job waited gets nothing
@@ -299,7 +267,6 @@ class Scheduler:
         for job, _ in batch:
             job.started_at = now
         self.merged_rows.append(sum(work.rows for _, work in batch))
-        self._stepped.update((job.session, now) for job, _ in batch)
         assert self.merge is not None
         try:
             with cancel.cancelled_by(None):  # one party gone does not stop the others' step

@@ -72,9 +72,6 @@ class ServerSettings:
     max_merged_keys: int = 65536
     """Most rows x keys per row (prefix, past and new tokens, padded to the longest row) of one merged
     generation forward: bounds the padded cache it builds."""
-    merge_wait_ms: float = 0.0
-    """How long a generation step may wait for the steps of the other sessions that are decoding, so
-    that one forward serves them all (0 = run what has arrived at once). A lone session never waits."""
     threads: int = 0
     """CPU threads of torch's operators in `serve` (0 = torch's default, one per core). Give 1 when
     data parties share the server's cores."""
@@ -112,10 +109,8 @@ class ServerSettings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.merge_wait_ms < 0 or self.threads < 0:
-            raise ConfigError(
-                f"merge_wait_ms and threads must be >= 0; got {self.merge_wait_ms} and {self.threads}"
-            )
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ConfigError(f"threads must be an integer >= 0; got {self.threads!r}")
         if not isinstance(self.max_client_layers, int) or self.max_client_layers < 0:
             raise ConfigError(f"max_client_layers must be an integer >= 0; got {self.max_client_layers!r}")
         if self.max_client_layers and self.head == "server":
