@@ -52,6 +52,9 @@ class Recipe:
     """Distillation settings; None = plain layer drop."""
     kept_upper: tuple[int, ...] | None = None
     """Original upper layers kept; None = uniform layer drop."""
+    per_layer: bool = False
+    """Also match, after each kept upper layer but the last, the full model's hidden state at the
+    end of the block of layers it stands in for (`distill_per_layer`, this benchmark's only)."""
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -78,6 +81,7 @@ RECIPES: dict[str, Recipe] = {
     "logits_100": Recipe(_d(loss="logits", steps=100, lr=1e-3)),
     "both_400": Recipe(_d(loss="both", steps=400, lr=1e-3)),
     "both_1000": Recipe(_d(loss="both", steps=1000, lr=1e-3)),
+    "per_layer_100": Recipe(_d(loss="both", steps=100, lr=1e-3), per_layer=True),
     "prefix_both_100_keep_3_7": Recipe(_d(loss="both", prefix_len=16, steps=100, lr=1e-3), kept_upper=(3, 7)),
     "prefix_both_std2": Recipe(_d(loss="both", prefix_len=16, prefix_std=2.0)),
     "keep_2_7": Recipe(kept_upper=(2, 7)),
@@ -117,6 +121,50 @@ def build(full, kept: list[int]):
     emulator.load_state_dict({n: originals[source(n)].clone() for n in emulator.state_dict()}, strict=True)
     emulator.requires_grad_(False)
     return emulator.eval()
+
+
+def distill_per_layer(full, emulator, layer_map: list[int], split_at: int, blocks, config) -> dict:
+    """Distil the emulator's upper layers on logits (KL) and the normed final hidden states (MSE), as
+    `distill` does, plus the normed hidden state after each kept upper layer but the last against
+    the full model's after the last original layer it stands in for (MSE)."""
+    import torch.nn.functional as F
+
+    ends = {j: max(o for o, e in enumerate(layer_map) if e == j) for j in set(layer_map) if j >= split_at}
+    pairs = [(j + 1, ends[j] + 1) for j in sorted(ends)[:-1]]  # (student, teacher) hidden_states indices
+    norm = full.model.norm
+    upper = emulator.model.layers[split_at:]
+    upper.requires_grad_(True)
+    optimizer = torch.optim.AdamW(upper.parameters(), lr=config.lr, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10))
+    train, start = blocks[: -config.eval_blocks], time.perf_counter()
+    generator = torch.Generator().manual_seed(config.seed)
+    for _ in range(config.steps):
+        batch = train[torch.randint(len(train), (config.batch_size,), generator=generator)]
+        with torch.no_grad():
+            t = full(input_ids=batch, output_hidden_states=True)
+        s = emulator(input_ids=batch, output_hidden_states=True)
+        loss = F.kl_div(
+            F.log_softmax(s.logits, -1).flatten(0, 1),
+            F.log_softmax(t.logits, -1).flatten(0, 1),
+            log_target=True,
+            reduction="batchmean",
+        ) + F.mse_loss(s.hidden_states[-1], t.hidden_states[-1])
+        for si, ti in pairs:
+            loss = loss + F.mse_loss(norm(s.hidden_states[si]), norm(t.hidden_states[ti]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        warmup.step()
+    upper.requires_grad_(False)
+    from splitprefix.model_party.teacher import lm_perplexity
+
+    held_out = blocks[-config.eval_blocks :]
+    return {
+        "pairs": pairs,
+        "full_perplexity": lm_perplexity(full, held_out),
+        "emulator_perplexity_after": lm_perplexity(emulator, held_out),
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
 
 
 def general_blocks(tokenizer, max_chars: int) -> torch.Tensor:
@@ -191,8 +239,11 @@ class Bench:
         pending.touch()
         config = DistillConfig(**{**asdict(recipe.distill), "seed": seed})
         torch.manual_seed(seed)
-        teacher = LoadedTeacher(self.full, a.split_at)
-        done = distill(teacher, emulator, a.split_at, self.blocks, config, layer_map=manifest.layer_map)
+        if recipe.per_layer:
+            done = distill_per_layer(self.full, emulator, manifest.layer_map, a.split_at, self.blocks, config)
+        else:
+            teacher = LoadedTeacher(self.full, a.split_at)
+            done = distill(teacher, emulator, a.split_at, self.blocks, config, layer_map=manifest.layer_map)
         report["distillation"] = {k: v for k, v in done.items() if k != "config"}
         torch.save({"state": emulator.state_dict(), "report": report}, stored)
         pending.unlink()

@@ -76,7 +76,8 @@ def warm_prefix(args: argparse.Namespace, work: Path, train, train_config: Train
     torch.manual_seed(args.seed)
     config = PrefixConfig.for_model(emulator.config, 16)
     offsite, _ = fit_prefix(emulator, load_tokenizer(args.model), train, config, train_config, desc="offsite")
-    warm_kv = integrate_kv(offsite().detach(), EmulatorManifest.load(args.emulator or work / "emu"))
+    manifest = EmulatorManifest.load(args.emulator or work / "emu")
+    warm_kv = integrate_kv(offsite().detach(), manifest, args.dropped)
     Prefix(PrefixConfig.for_model(load_causal_lm(args.model).config, 16), warm_kv).save(work / "warm")
     return work / "warm"
 
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for name in phases:
             torch.manual_seed(args.seed)
             start = time.perf_counter()
-            config = TrainConfig(**{**asdict(train_config), "steps": steps[name]})
+            lr = args.warm_lr if name == "warm" and args.warm_lr is not None else args.lr
+            config = TrainConfig(**{**asdict(train_config), "steps": steps[name], "lr": lr})
             curves[name] = {
                 "curve": split_curve(
                     args.emulator or work / "emu",
@@ -149,6 +151,10 @@ def main() -> None:
     parser.add_argument(
         "--warm-steps", type=int, default=None, help="Steps of the warm run (default --steps)."
     )
+    parser.add_argument(
+        "--dropped", choices=["stand-in", "zeros"], default="stand-in", help="Dropped layers' prefix."
+    )
+    parser.add_argument("--warm-lr", type=float, default=None, help="lr of the warm run (default --lr).")
     parser.add_argument(
         "--target-loss", type=float, default=None, help="The reference's held-out loss, if known."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -36,9 +37,22 @@ def test_integration_maps_kept_layers_one_to_one_and_dropped_to_stand_ins(emulat
     stand_in = integrate_kv(kv, manifest)
     zeros = integrate_kv(kv, manifest, dropped="zeros")
 
-    # Assert
+    # Assert: a layer-drop emulator's default is the stand-in's prefix
     assert stand_in[:, 0, 0, 0, 0].tolist() == [0, 1, 2, 2, 2, 3, 3, 3]
     assert zeros[:, 0, 0, 0, 0].tolist() == [0, 1, 0, 2, 0, 0, 3, 0]
+
+
+def test_a_distilled_emulators_dropped_layers_get_zeros_by_default(emulator_dir):
+    # Prepare: the same emulator's manifest, as distillation would record it
+    manifest = replace(EmulatorManifest.load(emulator_dir), distillation={"steps": 100})
+    kv = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 2, 2, 3, 16)
+
+    # Execute
+    default = integrate_kv(kv, manifest)
+
+    # Assert
+    assert default[:, 0, 0, 0, 0].tolist() == [0, 1, 0, 2, 0, 0, 3, 0]
+    assert integrate_kv(kv, manifest, "stand-in")[:, 0, 0, 0, 0].tolist() == [0, 1, 2, 2, 2, 3, 3, 3]
 
 
 def test_prefix_from_another_emulator_is_rejected(emulator_dir):

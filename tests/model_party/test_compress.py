@@ -349,7 +349,7 @@ def test_prefix_aware_distillation_narrows_the_gap_under_a_prefix(tmp_path):
     kv = torch.randn(
         PrefixConfig.for_model(emulator.config, 4).kv_shape, generator=torch.Generator().manual_seed(9)
     )
-    target = LoadedTeacher(full, 2).targets(blocks[:8], 8, [integrate_kv(kv, manifest)])
+    target = LoadedTeacher(full, 2).targets(blocks[:8], 8, [integrate_kv(kv, manifest, "stand-in")])
 
     def gap() -> float:
         student = LoadedTeacher(emulator, 2).targets(blocks[:8], 8, [kv])

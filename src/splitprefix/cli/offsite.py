@@ -97,12 +97,14 @@ def integrate_command(
     emulator: Path = typer.Option(..., "--emulator", help="The emulator it was trained on."),
     out: Path = typer.Option(..., "--out", help="Full-model prefix directory to write."),
     dropped: str = typer.Option(
-        "stand-in", help="Prefix of dropped layers: their 'stand-in' layer's, or 'zeros'."
+        "auto",
+        help="Prefix of dropped layers: their 'stand-in' layer's, or 'zeros'; 'auto' takes zeros for a "
+        "distilled emulator and the stand-in's otherwise.",
     ),
 ) -> None:
     """Data party: map an emulator-layout prefix onto all L layers of the full model."""
     from splitprefix.data_party.offsite import integrate
 
-    mode: Literal["stand-in", "zeros"] = dropped  # type: ignore[assignment]
+    mode: Literal["auto", "stand-in", "zeros"] = dropped  # type: ignore[assignment]
     full = integrate(prefix, emulator, out, mode)
     typer.echo(f"full-model prefix ({full.config.num_layers} layers) written to {out}")

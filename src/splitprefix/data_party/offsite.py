@@ -128,7 +128,7 @@ def train_offsite(
     return report
 
 
-def integrate(prefix_dir: Path, emulator_dir: Path, out: Path, dropped: DroppedLayers = "stand-in") -> Prefix:
+def integrate(prefix_dir: Path, emulator_dir: Path, out: Path, dropped: DroppedLayers = "auto") -> Prefix:
     """Map an emulator-layout prefix onto every layer of the full model and save it to `out`."""
     manifest = EmulatorManifest.load(emulator_dir)
     prefix = Prefix.load(prefix_dir).fold()

@@ -292,24 +292,28 @@ def _check_fingerprints(manifest: EmulatorManifest, tokenizer_sha256: str, botto
             )
 
 
-DroppedLayers = Literal["stand-in", "zeros"]
+DroppedLayers = Literal["auto", "stand-in", "zeros"]
 
 
 def integrate_kv(
-    kv: torch.Tensor, manifest: EmulatorManifest, dropped: DroppedLayers = "stand-in"
+    kv: torch.Tensor, manifest: EmulatorManifest, dropped: DroppedLayers = "auto"
 ) -> torch.Tensor:
     """Map an emulator-layout prefix (K + N, 2, n_kv, P, hd) onto all L layers of the full model.
 
-    Kept layers map one to one. A dropped layer takes its stand-in's prefix, or zero keys and values
-    with `dropped="zeros"`.
+    Kept layers map one to one. A dropped layer takes its stand-in's prefix (`dropped="stand-in"`)
+    or zero keys and values (`"zeros"`). `"auto"` takes zeros for a distilled emulator, whose kept
+    layers learnt to do the dropped ones' work, and the stand-in's otherwise: on real text that
+    carried the most of the whole-model gain for each (docs: offsite transfer on real text).
     """
     emulator_layers = len(manifest.kept_layers)
     if kv.shape[0] != emulator_layers:
         raise ShapeMismatchError(
             f"the prefix has {kv.shape[0]} layers; this emulator has {emulator_layers} (was it trained on another one?)"
         )
-    if dropped not in ("stand-in", "zeros"):
-        raise ConfigError(f"dropped must be 'stand-in' or 'zeros'; got {dropped!r}")
+    if dropped not in ("auto", "stand-in", "zeros"):
+        raise ConfigError(f"dropped must be 'auto', 'stand-in' or 'zeros'; got {dropped!r}")
+    if dropped == "auto":
+        dropped = "zeros" if manifest.distillation else "stand-in"
     layers = []
     for layer, source in enumerate(manifest.layer_map):
         kept = manifest.kept_layers[source] == layer
