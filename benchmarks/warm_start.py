@@ -152,7 +152,7 @@ def main() -> None:
         "--warm-steps", type=int, default=None, help="Steps of the warm run (default --steps)."
     )
     parser.add_argument(
-        "--dropped", choices=["stand-in", "zeros"], default="stand-in", help="Dropped layers' prefix."
+        "--dropped", choices=["auto", "stand-in", "zeros"], default="auto", help="Dropped layers' prefix."
     )
     parser.add_argument("--warm-lr", type=float, default=None, help="lr of the warm run (default --lr).")
     parser.add_argument(
