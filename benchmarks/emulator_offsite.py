@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--prefix-len", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--distill-steps", type=int, default=300)
+    parser.add_argument("--distill-steps", type=int, default=DistillConfig.steps, help="Default: emulate's.")
     parser.add_argument("--distill-chars", type=int, default=3_000_000)
     parser.add_argument("--cost-reps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)

@@ -284,7 +284,8 @@ def run_seed(bench: Bench, seed: int, recipes: list[str]) -> dict[str, Any]:
             }
         out["recipes"][recipe_name] = entry
         print(json.dumps({"seed": seed, "recipe": recipe_name, **entry}), flush=True)
-    out["reference"] = {name: reference(bench, name, seed) for name in bench.args.corpora}
+    if bench.args.reference_from is not None:  # read once the other run has trained them
+        out["reference"] = {name: reference(bench, name, seed) for name in bench.args.corpora}
     return out
 
 
