@@ -89,7 +89,7 @@ RECIPES: dict[str, Recipe] = {
     "keep_3_7": Recipe(kept_upper=(3, 7)),
     "prefix_both_keep_4_7": Recipe(_d(loss="both", prefix_len=16), kept_upper=(4, 7)),
 }
-MAPPINGS = ("stand-in", "zeros", "interpolate")
+MAPPINGS = ("stand-in", "zeros", "interpolate", "fitted")
 
 
 def interpolate_kv(kv: torch.Tensor, manifest: EmulatorManifest) -> torch.Tensor:
@@ -165,6 +165,35 @@ def distill_per_layer(full, emulator, layer_map: list[int], split_at: int, block
         "emulator_perplexity_after": lm_perplexity(emulator, held_out),
         "wall_s": round(time.perf_counter() - start, 1),
     }
+
+
+def fitted_scales(bench: Bench, emulator, manifest: EmulatorManifest, seed: int) -> torch.Tensor:
+    """A map for the dropped layers fitted on public data (the vendor's own synthetic task): prefixes
+    trained from one initialisation on the emulator and on the full model (started from the same
+    keys and values, mapped by stand-in); each dropped layer's keys and values are then the
+    least-squares scale of its stand-in's, (L, 2), 1 for kept layers."""
+    from splitprefix.data.batching import encode_examples, resolve_pad_id
+    from splitprefix.data.synthetic import SyntheticTaskConfig, make_task
+    from splitprefix.data_party.train import local_loss_fn, train_prefix
+    from splitprefix.model.prefix import Prefix
+
+    public, _ = make_task(SyntheticTaskConfig(n_train=2000, n_test=0, seed=seed))
+    torch.manual_seed(seed)
+    emu_config = PrefixConfig.for_model(emulator.config, bench.args.prefix_len)
+    emu = Prefix(emu_config)
+    full_config = PrefixConfig.for_model(bench.full.config, bench.args.prefix_len)
+    full = Prefix(full_config, integrate_kv(emu().detach(), manifest, "stand-in"))
+    encoded, pad = encode_examples(bench.tokenizer, public, 128), resolve_pad_id(bench.tokenizer)
+    for prefix, model in ((emu, emulator), (full, bench.full)):
+        train_prefix(prefix, local_loss_fn(model), encoded, pad, bench.train_config(seed), None, "public")
+    e, f = emu().detach(), full().detach()
+    scales = torch.ones(len(manifest.layer_map), 2)
+    for layer, source in enumerate(manifest.layer_map):
+        if manifest.kept_layers[source] != layer:
+            for kv in range(2):
+                a, b = e[source, kv], f[layer, kv]
+                scales[layer, kv] = (a * b).sum() / a.square().sum()
+    return scales
 
 
 def general_blocks(tokenizer, max_chars: int) -> torch.Tensor:
@@ -275,6 +304,9 @@ def run_seed(bench: Bench, seed: int, recipes: list[str]) -> dict[str, Any]:
         start = time.perf_counter()
         emulator, manifest, entry = bench.emulator(recipe_name, seed)
         entry["build_s"] = round(time.perf_counter() - start, 1)
+        scales = fitted_scales(bench, emulator, manifest, seed) if bench.args.fitted_map else None
+        if scales is not None:
+            entry["fitted_scales"] = scales.tolist()
         for name in bench.args.corpora:
             kv = bench.fit(emulator, name, seed)
             entry[name] = {
@@ -282,6 +314,9 @@ def run_seed(bench: Bench, seed: int, recipes: list[str]) -> dict[str, Any]:
                 "zeros": bench.loss(name, integrate_kv(kv, manifest, "zeros")),
                 "interpolate": bench.loss(name, interpolate_kv(kv, manifest)),
             }
+            if scales is not None:
+                mapped = integrate_kv(kv, manifest, "stand-in") * scales[:, :, None, None, None]
+                entry[name]["fitted"] = bench.loss(name, mapped)
         out["recipes"][recipe_name] = entry
         print(json.dumps({"seed": seed, "recipe": recipe_name, **entry}), flush=True)
     if bench.args.reference_from is not None:  # read once the other run has trained them
@@ -300,7 +335,7 @@ def aggregate(bench: Bench, base: dict[str, float], seeds: dict[int, Any]) -> di
         refs = [r["reference"][name]["loss"] for r in runs]
         table: dict[str, Any] = {"no_prefix": round(base[name], 4), "reference": summary(refs)}
         for recipe in runs[0]["recipes"]:
-            for mapping in MAPPINGS:
+            for mapping in [m for m in MAPPINGS if m in runs[0]["recipes"][recipe][name]]:
                 losses = [r["recipes"][recipe][name][mapping] for r in runs]
                 shares = [share(base[name], p, ref) for p, ref in zip(losses, refs, strict=True)]
                 table[f"{recipe}/{mapping}"] = {"loss": summary(losses), "share": summary(shares)}
@@ -343,7 +378,7 @@ def merge(paths: list[Path]) -> dict[str, Any]:
                 pairs = [
                     (r["recipes"][recipe][name][mapping], refs[seed])
                     for seed, r in runs.items()
-                    if name in r["recipes"].get(recipe, {}) and seed in refs
+                    if mapping in r["recipes"].get(recipe, {}).get(name, {}) and seed in refs
                 ]
                 if pairs:
                     table[name][f"{recipe}/{mapping}"] = {
@@ -379,6 +414,9 @@ def main() -> None:
     parser.add_argument("--wait-emulators", action="store_true", help="Wait for another run's emulators.")
     parser.add_argument("--distill-only", action="store_true", help="Build the recipes' emulators and stop.")
     parser.add_argument("--merge", type=Path, nargs="+", help="Merge the outputs of earlier runs and stop.")
+    parser.add_argument(
+        "--fitted-map", action="store_true", help="Also map dropped layers by scales fitted on public data."
+    )
     args = parser.parse_args()
     if args.merge:
         print(json.dumps({"benchmark": "offsite_transfer", **merge(args.merge)}, indent=2))
