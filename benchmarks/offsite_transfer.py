@@ -131,8 +131,11 @@ def distill_per_layer(full, emulator, layer_map: list[int], split_at: int, block
 
     ends = {j: max(o for o, e in enumerate(layer_map) if e == j) for j in set(layer_map) if j >= split_at}
     pairs = [(j + 1, ends[j] + 1) for j in sorted(ends)[:-1]]  # (student, teacher) hidden_states indices
-    norm = full.model.norm
-    upper = emulator.model.layers[split_at:]
+    from splitprefix.model.registry import architecture_of
+    from splitprefix.model.split import Head
+
+    norm = Head(full).norm
+    upper = torch.nn.ModuleList(architecture_of(emulator.config).layers_of(emulator)[split_at:])
     upper.requires_grad_(True)
     optimizer = torch.optim.AdamW(upper.parameters(), lr=config.lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10))
