@@ -70,20 +70,19 @@ def test_serve_logs_each_request_only_when_asked(tmp_path, monkeypatch):
 
 
 def test_serve_sets_torch_threads_when_asked(tmp_path, monkeypatch):
-    # Prepare: torch's thread count is put back after the test
+    # Prepare: record the thread settings and the server start, in order (torch is left as it was)
     model_dir = save_model_dir(tmp_path / "model", "gpt2")
-    seen = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: seen.append(torch.get_num_threads()))
-    monkeypatch.setattr(
-        torch, "set_num_threads", lambda n: monkeypatch.setattr(torch, "get_num_threads", lambda: n)
-    )
+    calls: list[tuple] = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: calls.append(("run",)))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("threads", n)))
 
     # Execute
-    result = runner.invoke(app, ["serve", str(model_dir), "--split-at", "2", "--threads", "1"])
+    asked = runner.invoke(app, ["serve", str(model_dir), "--split-at", "2", "--threads", "3"])
+    default = runner.invoke(app, ["serve", str(model_dir), "--split-at", "2"])
 
-    # Assert
-    assert result.exit_code == 0, result.output
-    assert seen == [1]
+    # Assert: set before the server starts when asked, left to torch otherwise
+    assert asked.exit_code == 0 and default.exit_code == 0, asked.output + default.output
+    assert calls == [("threads", 3), ("run",), ("run",)]
 
 
 def test_serve_refuses_a_certificate_without_its_key(tmp_path):
