@@ -24,6 +24,7 @@ from splitprefix.model.prefixed import generate_with_prefix
 from splitprefix.model_party.app import create_app
 from splitprefix.model_party.backend import TopBackend
 from splitprefix.model_party.generation import GenerationBackend
+from splitprefix.model_party.session_cache import padded_cache
 from splitprefix.model_party.settings import ServerSettings
 from splitprefix.wire import schemas
 from top_helpers import SPLIT_AT, save_model_dir
@@ -166,3 +167,28 @@ def test_concurrent_parties_generate_greedily_as_the_whole_model(tmp_path):
     for (_, _, _, expected), generated in zip(inputs, results, strict=True):
         assert torch.equal(generated, expected)
     assert max(backend.scheduler.merged_rows) > 2
+
+
+def test_a_session_alone_steps_on_its_own_buffers_and_merged_ones_are_copied_once(tmp_path):
+    # Prepare: two sessions of different lengths on one server
+    generation = GenerationBackend(TopBackend(ServerSettings(save_model_dir(tmp_path, "llama"), SPLIT_AT)))
+    ids = [_open(generation, spec, seed) for seed, spec in enumerate(SESSIONS[:3:2])]  # one row each
+    a, b = (generation.sessions.get(spec[0], i).cache for spec, i in zip(SESSIONS[:3:2], ids, strict=True))
+    length = max(a.length, b.length)
+
+    # Execute
+    alone = padded_cache(generation.backend.config, [a], a.length, 1)
+    merged = padded_cache(generation.backend.config, [a, b], length, 1)
+
+    # Assert: alone, every layer is a view of the session's buffers; merged, one buffer per layer
+    # with room for the new key, each session's keys right-aligned in its rows
+    for j, at in enumerate(range(SPLIT_AT, SPLIT_AT + len(a.keys))):
+        layer = alone.layers[at]
+        assert layer.keys.data_ptr() == a.keys[j].data_ptr() and layer.keys.shape[2] == a.length
+        buffer = merged.layers[at].buffers[0]
+        assert buffer.shape[:3] == (2, a.keys[j].shape[1], length + 1)
+        assert torch.equal(buffer[0, :, length - a.length : length], a.keys[j][0, :, : a.length])
+        assert not buffer[0, :, : length - a.length].any() and a.length < length  # padding: zeros
+        assert torch.equal(buffer[1, :, :length], b.keys[j][0, :, :length])
+    with pytest.raises(ValueError, match="holds"):  # a step beyond the room it was given
+        merged.layers[SPLIT_AT].update(*(torch.zeros(2, a.keys[0].shape[1], 2, a.keys[0].shape[3]),) * 2)

@@ -2,8 +2,8 @@
 
 `run_steps` runs the steps of several sessions (of any parties, each with its own prefix length,
 prompt length and cache) as one forward: their caches are left-padded to the longest under the
-attention mask (`session_cache.padded_cache`), their rows stacked, and the answers split back per
-session. A row sees the same keys at the same positions as it would alone, so a party's greedy
+attention mask (`session_cache.padded_cache`; a session alone runs on its own buffers, with no
+copy), their rows stacked, and the answers split back per session. A row sees the same keys at the same positions as it would alone, so a party's greedy
 tokens are the same whether its steps are merged or not (tests/model_party/test_merged.py); the
 float sums may differ in the last bits, as they do between batch sizes of one model.
 
@@ -75,8 +75,8 @@ def prefill(backend: TopBackend, session: Session, kv: torch.Tensor, work: StepW
 @torch.inference_mode()
 def run_steps(backend: TopBackend, works: list[StepWork]) -> list[Tensors]:
     """One forward for the steps of several sessions (one `group`, each session once); their answers."""
-    length = max(w.session.length for w in works)
-    cache = padded_cache(backend.config, [w.session.cache for w in works], length)
+    length, new = max(w.session.length for w in works), int(works[0].mask.shape[1])  # one group: one T
+    cache = padded_cache(backend.config, [w.session.cache for w in works], length, new)
     cached = torch.cat([w.session.cache.padded_mask(length) for w in works])  # (R, S)
     full_mask = torch.cat([cached, torch.cat([w.mask.to(cached.device) for w in works])], dim=1)
     out = _forward(backend, works, cache, full_mask)  # (R, T, d)

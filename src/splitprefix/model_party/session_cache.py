@@ -4,12 +4,19 @@ The session's memory is reserved when it opens, so it is also allocated then: on
 and one of values per server layer, (B, heads, max_length, width), and the mask of every cached
 key. A step writes its new keys in place instead of concatenating a longer cache every token.
 
-A forward still runs on a transformers `DynamicCache`: `padded_cache` fills one for several
-sessions at once, each right-aligned to the longest and left-padded with masked zeros, and
-`SessionCache.take` copies the new tokens' keys back. Padding keys are masked, and every row
-keeps its own positions, so a row sees exactly the keys it would see alone. A sliding-window
-layer's `DynamicCache` keeps only its window; `take` then writes what it kept, and the older,
-unwritten slots are never inside a window again.
+A forward runs on a transformers `DynamicCache` whose full-attention layers are `InPlaceLayer`s:
+their `update` writes the new tokens' keys into a preallocated buffer and returns views of it,
+where a `DynamicLayer` would concatenate a copy of every earlier key. `padded_cache` builds it:
+
+- one session alone: each layer is a view of the session's own buffers, so the step copies no
+  earlier key, and its new keys land in the session directly;
+- several sessions: one buffer per layer holds them row after row, each right-aligned to the
+  longest and left-padded with masked zeros, which copies each session's keys once.
+
+Padding keys are masked and every row keeps its own positions, so a row sees exactly the keys it
+would see alone. `SessionCache.take` then copies the new tokens' keys back (for a session alone,
+onto themselves). A sliding-window layer keeps transformers' own layer, which keeps only its
+window; `take` writes what it kept, and the older, unwritten slots are never inside a window again.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
+from transformers.cache_utils import DynamicLayer
 
 from splitprefix.model.registry import ModelDims
 
@@ -65,32 +73,79 @@ class SessionCache:
         self.key_mask[:, self.length : end] = new_mask
         self.length = end
 
-    def padded(self, length: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer j's keys and values (B, h, length, w): the cached ones right-aligned after zeros."""
-        keys, values = self.keys[j][:, :, : self.length], self.values[j][:, :, : self.length]
-        pad = length - self.length
-        if not pad:
-            return keys, values
-        return _left_pad(keys, pad), _left_pad(values, pad)
-
     def padded_mask(self, length: int) -> torch.Tensor:
         """(B, length): the key mask right-aligned after zeros."""
         pad = length - self.length
         return torch.nn.functional.pad(self.mask, (pad, 0)) if pad else self.mask
 
 
-def _left_pad(tensor: torch.Tensor, pad: int) -> torch.Tensor:
-    zeros = tensor.new_zeros(*tensor.shape[:2], pad, tensor.shape[3])
-    return torch.cat([zeros, tensor], dim=2)
+class InPlaceLayer(DynamicLayer):
+    """A full-attention layer's cache in preallocated buffers (B, h, capacity, w) of which the first
+    `length` slots are cached keys: `update` writes the new keys after them and returns views."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self.buffers, self.length = (keys, values), length
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        self.device, self.is_initialized = keys.device, True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.buffers
+        end = self.length + key_states.shape[-2]
+        if end > keys.shape[2]:
+            raise ValueError(f"the cache holds {keys.shape[2]} keys per row; this step needs {end}")
+        keys[:, :, self.length : end] = key_states
+        values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+        return self.keys, self.values
 
 
-def padded_cache(config: PretrainedConfig, parts: list[SessionCache], length: int) -> DynamicCache:
-    """One cache holding the rows of every part in turn, each left-padded to `length` keys."""
+def padded_cache(config: PretrainedConfig, parts: list[SessionCache], length: int, new: int) -> DynamicCache:
+    """One cache holding the rows of every part in turn, each left-padded to `length` keys, with
+    room for `new` more keys per row in its full-attention layers."""
     cache = DynamicCache(config=config)
     first = parts[0].first
     for j in range(len(parts[0].keys)):
-        pairs = [part.padded(length, j) for part in parts]
-        keys = pairs[0][0] if len(pairs) == 1 else torch.cat([k for k, _ in pairs])  # (R, h, length, w)
-        values = pairs[0][1] if len(pairs) == 1 else torch.cat([v for _, v in pairs])
-        cache.update(keys, values, first + j)
+        at = first + j
+        if type(cache.layers[at]) is not DynamicLayer:  # a sliding window: transformers' own layer
+            pairs = [_padded(part, length, j) for part in parts]
+            cache.update(torch.cat([k for k, _ in pairs]), torch.cat([v for _, v in pairs]), at)
+        elif len(parts) == 1 and parts[0].length == length:  # alone: a view of the session's buffers
+            cache.layers[at] = InPlaceLayer(parts[0].keys[j], parts[0].values[j], length)
+        else:
+            keys = _stacked(parts, [part.keys[j] for part in parts], length, length + new)
+            values = _stacked(parts, [part.values[j] for part in parts], length, length + new)
+            cache.layers[at] = InPlaceLayer(keys, values, length)
     return cache
+
+
+def _stacked(
+    parts: list[SessionCache], buffers: list[torch.Tensor], length: int, capacity: int
+) -> torch.Tensor:
+    """Each part's cached rows of its buffer (B_i, h, max_length, w) in one (R, h, capacity, w),
+    ending at slot `length` after zeros."""
+    first = buffers[0]
+    stacked = first.new_zeros(sum(b.shape[0] for b in buffers), first.shape[1], capacity, first.shape[3])
+    start = 0
+    for part, buffer in zip(parts, buffers, strict=True):
+        rows = slice(start, start + buffer.shape[0])
+        stacked[rows, :, length - part.length : length] = buffer[:, :, : part.length]
+        start += buffer.shape[0]
+    return stacked
+
+
+def _padded(part: SessionCache, length: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer j's keys and values (B, h, length, w): the cached ones right-aligned after zeros."""
+    keys, values = part.keys[j][:, :, : part.length], part.values[j][:, :, : part.length]
+    pad = length - part.length
+    if not pad:
+        return keys, values
+    return _left_pad(keys, pad), _left_pad(values, pad)
+
+
+def _left_pad(tensor: torch.Tensor, pad: int) -> torch.Tensor:
+    zeros = tensor.new_zeros(*tensor.shape[:2], pad, tensor.shape[3])
+    return torch.cat([zeros, tensor], dim=2)
