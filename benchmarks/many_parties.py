@@ -20,6 +20,11 @@ The server runs with `--serve-args` (default `--threads 1`: the parties share it
 - `p50_ms`, `p95_ms`: step latency over every step of the role's parties;
 - `party_cpu_ms_per_token`: the role's parties' CPU (all their threads) over their tokens;
   `server_cpu_s`: the server process's CPU during the timed run (Linux's /proc);
+- `cpu_idle_share`, `cpu_steal_share`: of the machine's CPU time during the timed run, the share no
+  process used, and the share the hypervisor gave to other machines (/proc/stat);
+- `cpu_bound_tokens_per_s` (one role only): the tokens/s the run's CPU per token (its parties' and the
+  server's together) would give with every core busy all the time; `generating_8_cpu_bound_speedup`
+  sets that of 8 generating parties against one party's measured tokens/s, a ceiling for the goal;
 - `mixed_p95_vs_generating`: the generating parties' p95 in `mixed` over their p95 in `generating`
   with the same N.
 """
@@ -128,6 +133,20 @@ def _roles(mix: str, n: int) -> list[str]:
     return [mix] * n
 
 
+def _machine_cpu() -> list[int]:
+    """The machine's CPU time so far, in ticks: user, nice, system, idle, iowait, irq, softirq, steal."""
+    return [int(n) for n in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+
+
+def _cpu_shares(before: list[int], after: list[int]) -> dict[str, float]:
+    ticks = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(ticks) or 1
+    return {
+        "cpu_idle_share": round((ticks[3] + ticks[4]) / total, 3),
+        "cpu_steal_share": round(ticks[7] / total, 3),
+    }
+
+
 def _cpu_s(pid: int) -> float:
     """CPU seconds (user + system, every thread) a process has used so far (Linux's /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -136,8 +155,9 @@ def _cpu_s(pid: int) -> float:
 
 def run_parties(
     args: argparse.Namespace, server: ChildServer, emulator: Path, roles: list[str]
-) -> tuple[list[dict[str, Any]], float]:
-    """Start one process per role, start them together; their results and the server's CPU seconds."""
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Start one process per role, start them together; their results, and the server's CPU seconds
+    and the machine's idle and stolen shares during the run."""
     url, tokens = server.url, server.tokens
     procs = []
     for i, role in enumerate(roles):
@@ -151,18 +171,18 @@ def run_parties(
         line = proc.stdout.readline()
         if line.strip() != "ready":
             raise RuntimeError(f"a party failed to start: {line!r}")
-    server_cpu = _cpu_s(server.pid)
+    server_cpu, machine = _cpu_s(server.pid), _machine_cpu()
     for proc in procs:
         assert proc.stdin is not None
         proc.stdin.write("go\n")
         proc.stdin.flush()
     time.sleep(args.seconds)
-    server_cpu = _cpu_s(server.pid) - server_cpu
+    cpu = {"server_cpu_s": round(_cpu_s(server.pid) - server_cpu, 2)} | _cpu_shares(machine, _machine_cpu())
     results = []
     for proc in procs:
         out, _ = proc.communicate(timeout=args.seconds + 120)
         results.append(json.loads(out.strip().splitlines()[-1]))
-    return results, server_cpu
+    return results, cpu
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -170,8 +190,8 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def summarise(results: list[dict[str, Any]], seconds: float, server_cpu_s: float) -> dict[str, Any]:
-    out: dict[str, Any] = {"server_cpu_s": round(server_cpu_s, 2)}
+def summarise(results: list[dict[str, Any]], seconds: float, cpu: dict[str, float]) -> dict[str, Any]:
+    out: dict[str, Any] = dict(cpu)
     for role in ("generating", "training"):
         mine = [r for r in results if r["role"] == role]
         if not mine:
@@ -190,6 +210,9 @@ def summarise(results: list[dict[str, Any]], seconds: float, server_cpu_s: float
             "steps": len(steps),
             "party_cpu_ms_per_token": round(1000 * sum(r["cpu_s"] for r in mine) / max(1, sum(tokens)), 3),
         }
+        if len(mine) == len(results):  # every core-second of the run went to this role
+            cpu_s = sum(r["cpu_s"] for r in mine) + cpu["server_cpu_s"]
+            out[role]["cpu_bound_tokens_per_s"] = round((os.cpu_count() or 1) * sum(tokens) / cpu_s, 1)
     return out
 
 
@@ -204,6 +227,9 @@ def _goals(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         )
         goals["generating_8_share_range"] = [min(g8["share"]), max(g8["share"])]
         goals["generating_8_p95_vs_lone"] = round(g8["p95_ms"] / one_gen["p95_ms"], 3)
+        goals["generating_8_cpu_bound_speedup"] = round(
+            g8["cpu_bound_tokens_per_s"] / one_gen["aggregate_tokens_per_s"], 3
+        )
     if "training/8" in rows:
         t8 = rows["training/8"]["training"]
         goals["training_8_speedup"] = round(
@@ -274,8 +300,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             for n in counts:
                 if mix == "mixed" and n < 2:
                     continue
-                results, server_cpu = run_parties(args, child, emulator, _roles(mix, n))
-                rows[f"{mix}/{n}"] = summarise(results, args.seconds, server_cpu)
+                results, cpu = run_parties(args, child, emulator, _roles(mix, n))
+                rows[f"{mix}/{n}"] = summarise(results, args.seconds, cpu)
                 print(f"{mix}/{n}: {json.dumps(rows[f'{mix}/{n}'])}", file=sys.stderr, flush=True)
     return {
         "model": args.model,
