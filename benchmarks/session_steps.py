@@ -8,6 +8,7 @@ forward, at each cache length. Runs alternate between the lengths against drift.
 the median milliseconds per step, and what a step costs per cached key beyond the shortest cache.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/session_steps.py
+    python benchmarks/session_steps.py --device cuda --keys 64 2048 8192 --rows 8
 """
 
 from __future__ import annotations
@@ -35,27 +36,36 @@ def open_session(backend: TopBackend, keys: int, room: int) -> Session:
     layers = d.num_layers - first
     cache = SessionCache(d, first, layers, (1, keys + room), backend.dtype, backend.settings.device)
     session = Session("benchmark", "server", 1, cache, cache.mask, keys + room, 0)
-    hidden = torch.randn(1, keys, d.hidden_size, dtype=backend.dtype)
+    device = backend.settings.device
+    hidden = torch.randn(1, keys, d.hidden_size, dtype=backend.dtype, device=device)
     mask, positions = torch.ones(1, keys, dtype=torch.long), torch.arange(keys)[None]
-    no_prefix = torch.zeros(layers, 2, d.num_kv_heads, 0, d.head_dim, dtype=backend.dtype)
+    no_prefix = torch.zeros(layers, 2, d.num_kv_heads, 0, d.head_dim, dtype=backend.dtype, device=device)
     prefill(backend, session, no_prefix, StepWork(session, hidden, mask, positions))
     return session
 
 
 def step_seconds(backend: TopBackend, sessions: list[Session]) -> float:
     """One generation step of every session, merged into one forward."""
+    device = backend.settings.device
     works = [
         StepWork(
             s,
-            torch.randn(1, 1, backend.dims.hidden_size, dtype=backend.dtype),
+            torch.randn(1, 1, backend.dims.hidden_size, dtype=backend.dtype, device=device),
             torch.ones(1, 1, dtype=torch.long),
             s.next_positions,
         )
         for s in sessions
     ]
+    _sync(device)
     start = time.perf_counter()
     run_steps(backend, works)
+    _sync(device)
     return time.perf_counter() - start
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -63,7 +73,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     model_dir = work / "model"
     build_model(args, model_dir)
     backend = TopBackend(
-        ServerSettings(str(model_dir), args.split_at, max_tokens=max(args.keys) + args.reps + 8)
+        ServerSettings(
+            str(model_dir), args.split_at, max_tokens=max(args.keys) + args.reps + 8, device=args.device
+        )
     )
     lengths = sorted(args.keys)
     setups = [(rows, keys) for rows in (1, args.rows) for keys in lengths]
@@ -101,6 +113,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "kv_heads": d.num_kv_heads,
         },
         "split_at": args.split_at,
+        "device": args.device,
         "dtype": str(backend.dtype),
         "torch_threads": args.threads,
         "cache_bytes_per_key_per_row": (d.num_layers - args.split_at)
@@ -127,6 +140,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4, help="Sessions merged into one forward.")
     parser.add_argument("--reps", type=int, default=10, help="Timed steps per setup.")
     parser.add_argument("--threads", type=int, default=2, help="torch's intra-op threads.")
+    parser.add_argument("--device", default="cpu", help="Where the server's layers run: cpu, cuda, ...")
     print_run(run, parser.parse_args())
 
 
