@@ -90,6 +90,37 @@ def test_a_party_with_many_sessions_does_not_crowd_others_out_of_a_full_forward(
     assert [len(b) for b in batches[:2]] == [2, 2]
 
 
+def test_two_parties_whose_steps_alternate_meet_in_one_forward():
+    # Prepare: forwards of 20 ms; two parties that each take 3 ms to send their next step, the
+    # second starting half a forward later, so that without waiting each forward runs one row
+    rows: list[int] = []
+    scheduler = Scheduler(max_rows=8, max_keys=1000)
+
+    def merge(works: list) -> list:
+        time.sleep(0.02)
+        rows.append(len(works))
+        return [None] * len(works)
+
+    scheduler.merge = merge
+
+    def party(name: str, delay: float) -> None:
+        work = FakeStep(name)  # one session: the same object at every step
+        time.sleep(delay)
+        for _ in range(12):
+            scheduler.submit(Job(name, urgent=True, prepare=lambda: work))
+            time.sleep(0.003)
+
+    # Execute
+    threads = [threading.Thread(target=party, args=(name, delay)) for name, delay in (("a", 0), ("b", 0.01))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    # Assert: once each party's pace is known, their steps run together (but the second party's last)
+    assert sum(rows) == 24 and rows[4:-1] == [2] * (len(rows) - 5), rows
+
+
 def test_a_party_that_disconnects_while_queued_leaves_the_queue_and_frees_its_share():
     # Prepare: two parties' jobs wait for the held model
     ran: list[str] = []

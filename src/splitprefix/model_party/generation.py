@@ -163,7 +163,10 @@ class GenerationBackend:
         self.scheduler.submit(Job(client_id, urgent=True, run=run))
 
     def close(self, session_id: str, client_id: str) -> dict[str, Any]:
-        run = partial(self.sessions.close, client_id, session_id)
+        def run() -> None:
+            self.scheduler.forget(self.sessions.get(client_id, session_id))
+            self.sessions.close(client_id, session_id)
+
         self.scheduler.submit(Job(client_id, urgent=True, run=run))
         return {"session_id": session_id, "closed": True}
 

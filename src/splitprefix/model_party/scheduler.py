@@ -11,6 +11,12 @@ Requests enqueue a job and wait for it (from the thread pool); the worker takes,
    the parties with each job costing its tokens, so that each party gets the same tokens per
    second whatever its batch size.
 
+Before a merged forward, the worker may wait a little for more steps (`_linger`): for the steps
+of sessions that were answered recently and whose parties, at the pace each has kept, will send
+their next step soon. It waits only where the wait costs less of the worker's time than the forward
+it saves: for k more rows, less than k / q of a forward's time when q rows are queued. Two parties
+whose steps would otherwise alternate, one row per forward, then meet in one forward.
+
 A training job is preempted before each of its layers, on the forward and on the backward: the
 worker then runs one batch of waiting generation work, so that a step waits for at most one layer
 of someone's training, not for the whole job.
@@ -77,6 +83,23 @@ class Job:
 Merge = Callable[[list[Any]], list[Any]]
 """Runs the prepared steps of one group as one forward; their results, in order."""
 
+PACE_MEMORY_S = 5.0
+"""A session's pace is forgotten this long after its last answer (its party has stopped)."""
+
+
+@dataclass
+class Pace:
+    """When a session's last step was answered, and how long its party then takes to send the next."""
+
+    party: str
+    answered: float
+    rows: int
+    turnaround: float | None = None
+    """Seconds from an answer to the next step's arrival, a moving average."""
+
+    def expected(self) -> float | None:
+        return None if self.turnaround is None else self.answered + self.turnaround
+
 
 class Scheduler:
     """The queues and the worker thread that runs every job on the model."""
@@ -95,6 +118,10 @@ class Scheduler:
         """True while generation work runs: only training work is preempted."""
         self.merged_rows: deque[int] = deque(maxlen=1000)
         """Rows of recent merged forwards (the last 1000), for tests and the log."""
+        self._pace: dict[int, Pace] = {}
+        """Each recently answered session's pace, by the id of its session."""
+        self._forward_s: float | None = None
+        """Seconds of a merged forward, a moving average."""
 
     def submit(self, job: Job) -> tuple[Any, float]:
         """Run `job` on the worker; its result and its queue time in seconds. Raises its error, or
@@ -148,6 +175,8 @@ class Scheduler:
                 with self._cond:
                     batch = self._take_urgent()
                     job = None if batch else self._take_training()
+                    if batch and batch[0][1] is not None:
+                        batch = self._linger(batch)
                 if batch:
                     self._run_urgent(batch)
                 elif job is not None:
@@ -155,12 +184,13 @@ class Scheduler:
 
     # --- choosing work (under the condition's lock) ----------------------------------------------
 
-    def _take_urgent(self) -> list[tuple[Job, Any]]:
-        """A job run alone, or the steps of one merged forward: (job, prepared step) pairs."""
-        taken: list[tuple[Job, Any]] = []
+    def _take_urgent(self, taken: list[tuple[Job, Any]] | None = None) -> list[tuple[Job, Any]]:
+        """A job run alone, or the steps of one merged forward: (job, prepared step) pairs; with
+        `taken`, the steps of a forward so far and those that may join them."""
+        taken = list(taken or [])
         blocked: set[str] = set()
-        sessions: set[int] = set()
-        rows = keys = 0
+        sessions = {id(work.session) for _, work in taken}
+        rows, keys = sum(work.rows for _, work in taken), max((work.keys for _, work in taken), default=0)
         progress = True
         while progress:
             progress = False
@@ -191,11 +221,70 @@ class Scheduler:
                     continue
                 self._pop(self._urgent, party)
                 taken.append((job, work))
+                self._arrived(job, work)
                 sessions.add(id(work.session))
                 rows, keys, progress = rows + work.rows, max(keys, work.keys), True
         if taken:
             self._rotate(self._urgent, taken[0][0].party)
         return taken
+
+    def _linger(self, batch: list[tuple[Job, Any]]) -> list[tuple[Job, Any]]:
+        """Wait for the steps expected soon where the wait pays (module docstring); `batch` grown by
+        the steps that came meanwhile."""
+        deadline, expected = self._linger_plan(batch)
+        while expected and (left := deadline - time.perf_counter()) > 0:
+            self._cond.wait(left)
+            batch = self._take_urgent(batch)
+            for _, work in batch:
+                expected.pop(id(work.session), None)
+            for key, party in list(expected.items()):
+                queue = self._urgent.get(party)
+                if queue and queue[0].run is not None:  # its next step would queue behind that job
+                    del expected[key]
+        return batch
+
+    def _linger_plan(self, batch: list[tuple[Job, Any]]) -> tuple[float, dict[int, str]]:
+        """Until when to wait, and for which sessions (their parties; none: run now)."""
+        now, forward = time.perf_counter(), self._forward_s
+        for key in [k for k, pace in self._pace.items() if now - pace.answered > PACE_MEMORY_S]:
+            del self._pace[key]
+        if forward is None:
+            return now, {}
+        queued = sum(work.rows for _, work in batch)
+        taken = {id(work.session) for _, work in batch}
+        soon = sorted(
+            (at, key, pace)
+            for key, pace in self._pace.items()
+            if key not in taken and (at := pace.expected()) is not None and now - forward < at < now + forward
+        )
+        deadline, expected, rows = now, {}, 0
+        for i, (at, _, pace) in enumerate(soon):
+            rows += pace.rows
+            if at - now < forward * rows / queued:  # the wait costs less than the forwards it saves
+                deadline = max(at, now) + forward / 4  # a little slack for a party a little late
+                expected = {key: later.party for _, key, later in soon[: i + 1]}
+        return min(deadline, now + forward), expected
+
+    def forget(self, session: object) -> None:
+        """A session closed: wait for no more of its steps."""
+        with self._cond:
+            self._pace.pop(id(session), None)
+
+    def _arrived(self, job: Job, work: Any) -> None:
+        """A session's step was taken: learn how long its party took since the last answer."""
+        pace = self._pace.get(id(work.session))
+        if pace is not None and job.queued_at >= pace.answered:
+            sample = job.queued_at - pace.answered
+            pace.turnaround = sample if pace.turnaround is None else 0.7 * pace.turnaround + 0.3 * sample
+
+    def _answered(self, batch: list[tuple[Job, Any]], started: float) -> None:
+        """A merged forward finished: remember when each session was answered, and the forward's time."""
+        now = time.perf_counter()
+        seconds = now - started
+        self._forward_s = seconds if self._forward_s is None else 0.7 * self._forward_s + 0.3 * seconds
+        for job, work in batch:
+            pace = self._pace.setdefault(id(work.session), Pace(job.party, now, work.rows))
+            pace.answered, pace.rows = now, work.rows
 
     def _prepared(self, job: Job) -> Any:
         """The job's step checked against its session now, or None once the job is finished."""
@@ -275,5 +364,7 @@ class Scheduler:
             for job, _ in batch:
                 job.finish(error=error)
             return
+        with self._cond:
+            self._answered(batch, now)
         for (job, _), result in zip(batch, results, strict=True):
             job.finish(result)
