@@ -121,6 +121,24 @@ def test_two_parties_whose_steps_alternate_meet_in_one_forward():
     assert sum(rows) == 24 and rows[4:-1] == [2] * (len(rows) - 5), rows
 
 
+def test_a_party_that_stops_without_closing_delays_a_step_by_at_most_one_forward():
+    # Prepare: forwards of 20 ms; a party that keeps a steady pace, then goes silent mid-session
+    # (no close), and another party whose step comes just after that party's last answer
+    scheduler = Scheduler(max_rows=8, max_keys=1000)
+    scheduler.merge = lambda works: time.sleep(0.02) or [None] * len(works)
+    quiet = FakeStep("quiet")
+    for _ in range(5):
+        scheduler.submit(Job("quiet", urgent=True, prepare=lambda: quiet))
+        time.sleep(0.003)
+
+    # Execute: the worker expects the quiet party's next step and waits for it
+    other = FakeStep("other")
+    _, queued = scheduler.submit(Job("other", urgent=True, prepare=lambda: other))
+
+    # Assert: it waited, but for less than one forward plus scheduling slack
+    assert 0.002 < queued < 0.02 + 0.015, queued
+
+
 def test_a_party_that_disconnects_while_queued_leaves_the_queue_and_frees_its_share():
     # Prepare: two parties' jobs wait for the held model
     ran: list[str] = []

@@ -164,8 +164,7 @@ class GenerationBackend:
 
     def close(self, session_id: str, client_id: str) -> dict[str, Any]:
         def run() -> None:
-            self.scheduler.forget(self.sessions.get(client_id, session_id))
-            self.sessions.close(client_id, session_id)
+            self.scheduler.forget(self.sessions.close(client_id, session_id))
 
         self.scheduler.submit(Job(client_id, urgent=True, run=run))
         return {"session_id": session_id, "closed": True}

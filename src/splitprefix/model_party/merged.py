@@ -3,9 +3,10 @@
 `run_steps` runs the steps of several sessions (of any parties, each with its own prefix length,
 prompt length and cache) as one forward: their caches are left-padded to the longest under the
 attention mask (`session_cache.padded_cache`; a session alone runs on its own buffers, with no
-copy), their rows stacked, and the answers split back per session. A row sees the same keys at the same positions as it would alone, so a party's greedy
-tokens are the same whether its steps are merged or not (tests/model_party/test_merged.py); the
-float sums may differ in the last bits, as they do between batch sizes of one model.
+copy), their rows stacked, and the answers split back per session. A row sees the same keys at
+the same positions as it would alone, so a party's greedy tokens are the same whether its steps
+are merged or not (tests/model_party/test_merged.py); the float sums may differ in the last bits,
+as they do between batch sizes of one model.
 
 Both run under inference mode (no autograd bookkeeping): a session's tensors never meet a backward.
 """

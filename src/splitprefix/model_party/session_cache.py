@@ -85,7 +85,7 @@ class InPlaceLayer(DynamicLayer):
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
         super().__init__()
-        self.buffers, self.length = (keys, values), length
+        self.buffers = (keys, values)
         self.keys, self.values = keys[:, :, :length], values[:, :, :length]
         self.device, self.is_initialized = keys.device, True
 
@@ -93,12 +93,12 @@ class InPlaceLayer(DynamicLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.buffers
-        end = self.length + key_states.shape[-2]
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
         if end > keys.shape[2]:
             raise ValueError(f"the cache holds {keys.shape[2]} keys per row; this step needs {end}")
-        keys[:, :, self.length : end] = key_states
-        values[:, :, self.length : end] = value_states
-        self.length = end
+        keys[:, :, start:end] = key_states
+        values[:, :, start:end] = value_states
         self.keys, self.values = keys[:, :, :end], values[:, :, :end]
         return self.keys, self.values
 
@@ -112,7 +112,9 @@ def padded_cache(config: PretrainedConfig, parts: list[SessionCache], length: in
         at = first + j
         if type(cache.layers[at]) is not DynamicLayer:  # a sliding window: transformers' own layer
             pairs = [_padded(part, length, j) for part in parts]
-            cache.update(torch.cat([k for k, _ in pairs]), torch.cat([v for _, v in pairs]), at)
+            keys = pairs[0][0] if len(pairs) == 1 else torch.cat([k for k, _ in pairs])  # (R, h, length, w)
+            values = pairs[0][1] if len(pairs) == 1 else torch.cat([v for _, v in pairs])
+            cache.update(keys, values, at)
         elif len(parts) == 1 and parts[0].length == length:  # alone: a view of the session's buffers
             cache.layers[at] = InPlaceLayer(parts[0].keys[j], parts[0].values[j], length)
         else:

@@ -140,10 +140,11 @@ class SessionStore:
         session.last_used = self._clock()
         return session
 
-    def close(self, owner: str, session_id: str) -> None:
-        """Drop the owner's session (404 if it is not the owner's)."""
-        self.get(owner, session_id)
+    def close(self, owner: str, session_id: str) -> Session:
+        """Drop the owner's session (404 if it is not the owner's); the session dropped."""
+        session = self.get(owner, session_id)
         del self._sessions[session_id]
+        return session
 
     def _expire(self) -> None:
         deadline = self._clock() - self.ttl_s
