@@ -90,6 +90,32 @@ def test_a_party_with_many_sessions_does_not_crowd_others_out_of_a_full_forward(
     assert [len(b) for b in batches[:2]] == [2, 2]
 
 
+def test_a_close_neither_splits_a_merged_forward_nor_runs_before_its_partys_step():
+    # Prepare: steps of parties a and b, a close from c between them, and a close from a behind a's step
+    order: list[str] = []
+    scheduler = Scheduler(max_rows=8, max_keys=1000)
+    scheduler.merge = lambda works: order.append("+".join(w.party for w in works)) or [None] * len(works)
+
+    def step(party: str) -> Job:
+        work = FakeStep(party)
+        return Job(party, urgent=True, prepare=lambda: work)
+
+    def close(party: str) -> Job:
+        return Job(party, urgent=True, run=lambda: order.append(f"close {party}"), quick=True)
+
+    jobs = [step("a"), close("c"), step("b"), close("a")]
+
+    # Execute
+    with scheduler.busy:
+        threads = _queue_while_held(scheduler, jobs)
+    for thread in threads:
+        thread.join(timeout=10)
+
+    # Assert: one forward of both steps; c's close ran as the worker chose them, a's after a's step
+    assert order == ["close c", "a+b", "close a"]
+    assert list(scheduler.merged_rows) == [2]
+
+
 def test_two_parties_whose_steps_alternate_meet_in_one_forward():
     # Prepare: forwards of 20 ms; two parties that each take 3 ms to send their next step, the
     # second starting half a forward later, so that without waiting each forward runs one row

@@ -160,13 +160,13 @@ class GenerationBackend:
     def check_session(self, session_id: str, client_id: str) -> None:
         """404 `session_missing` unless the client holds this live session (as a step would check)."""
         run = partial(self.sessions.get, client_id, session_id)
-        self.scheduler.submit(Job(client_id, urgent=True, run=run))
+        self.scheduler.submit(Job(client_id, urgent=True, run=run, quick=True))
 
     def close(self, session_id: str, client_id: str) -> dict[str, Any]:
         def run() -> None:
             self.scheduler.forget(self.sessions.close(client_id, session_id))
 
-        self.scheduler.submit(Job(client_id, urgent=True, run=run))
+        self.scheduler.submit(Job(client_id, urgent=True, run=run, quick=True))
         return {"session_id": session_id, "closed": True}
 
     def _check_prefix(self, kv: torch.Tensor, layers: int) -> int:

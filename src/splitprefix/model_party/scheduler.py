@@ -2,8 +2,8 @@
 
 Requests enqueue a job and wait for it (from the thread pool); the worker takes, in this order:
 
-1. Generation work (`urgent` jobs), round-robin across parties: a session's prefill or close runs
-   alone; generation steps of different sessions are merged into one forward (`merged.run_steps`)
+1. Generation work (`urgent` jobs), round-robin across parties: a session's prefill runs alone, a
+   session's check or close (`quick` jobs) runs as the worker chooses work; generation steps of different sessions are merged into one forward (`merged.run_steps`)
    of at most `max_rows` rows and `max_keys` padded keys (rows x keys per row), one step per
    session, and the round starts one party later each time, so that a party with many sessions
    cannot crowd the others out of a full forward.
@@ -58,6 +58,9 @@ class Job:
     """Tokens of a training job, for deficit round-robin."""
     run: Callable[[], Any] | None = None
     """Computes the job's result, alone."""
+    quick: bool = False
+    """`run` is bookkeeping without the model (a session's check or close): the worker runs it as it
+    chooses work, without a turn of its own, so that it neither delays nor splits a merged forward."""
     prepare: Callable[[], Any] | None = None
     """Checks a step against its session and returns its `merged.StepWork` (or raises `Done`)."""
     gone: threading.Event | None = None
@@ -198,6 +201,14 @@ class Scheduler:
                 if party in blocked or party not in self._urgent:
                     continue
                 job = self._urgent[party][0]
+                if job.quick:
+                    if any(taker.party == party for taker, _ in taken):  # after that party's step
+                        blocked.add(party)
+                        continue
+                    self._pop(self._urgent, party)
+                    self._run_alone(job)
+                    progress = True
+                    continue
                 if job.run is not None:
                     if taken:
                         blocked.add(party)
@@ -239,8 +250,8 @@ class Scheduler:
                 expected.pop(id(work.session), None)
             for key, party in list(expected.items()):
                 queue = self._urgent.get(party)
-                if queue and queue[0].run is not None:  # its next step would queue behind that job
-                    del expected[key]
+                if key not in self._pace or (queue and queue[0].run is not None):
+                    del expected[key]  # closed, or its next step would queue behind that job
         return batch
 
     def _linger_plan(self, batch: list[tuple[Job, Any]]) -> tuple[float, dict[int, str]]:
