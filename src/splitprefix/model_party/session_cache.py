@@ -108,19 +108,18 @@ def padded_cache(config: PretrainedConfig, parts: list[SessionCache], length: in
     room for `new` more keys per row in its full-attention layers."""
     cache = DynamicCache(config=config)
     first = parts[0].first
+    alone = len(parts) == 1  # then its length is `length`
     for j in range(len(parts[0].keys)):
         at = first + j
-        if type(cache.layers[at]) is not DynamicLayer:  # a sliding window: transformers' own layer
-            pairs = [_padded(part, length, j) for part in parts]
-            keys = pairs[0][0] if len(pairs) == 1 else torch.cat([k for k, _ in pairs])  # (R, h, length, w)
-            values = pairs[0][1] if len(pairs) == 1 else torch.cat([v for _, v in pairs])
-            cache.update(keys, values, at)
-        elif len(parts) == 1 and parts[0].length == length:  # alone: a view of the session's buffers
-            cache.layers[at] = InPlaceLayer(parts[0].keys[j], parts[0].values[j], length)
-        else:
+        if alone:  # views of the session's own buffers
+            keys, values = parts[0].keys[j], parts[0].values[j]
+        else:  # one copy of every part, with room for the new keys
             keys = _stacked(parts, [part.keys[j] for part in parts], length, length + new)
             values = _stacked(parts, [part.values[j] for part in parts], length, length + new)
+        if type(cache.layers[at]) is DynamicLayer:
             cache.layers[at] = InPlaceLayer(keys, values, length)
+        else:  # a sliding window: transformers' own layer, which keeps the window of what it gets
+            cache.update(keys[:, :, :length], values[:, :, :length], at)
     return cache
 
 
@@ -137,17 +136,3 @@ def _stacked(
         stacked[rows, :, length - part.length : length] = buffer[:, :, : part.length]
         start += buffer.shape[0]
     return stacked
-
-
-def _padded(part: SessionCache, length: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer j's keys and values (B, h, length, w): the cached ones right-aligned after zeros."""
-    keys, values = part.keys[j][:, :, : part.length], part.values[j][:, :, : part.length]
-    pad = length - part.length
-    if not pad:
-        return keys, values
-    return _left_pad(keys, pad), _left_pad(values, pad)
-
-
-def _left_pad(tensor: torch.Tensor, pad: int) -> torch.Tensor:
-    zeros = tensor.new_zeros(*tensor.shape[:2], pad, tensor.shape[3])
-    return torch.cat([zeros, tensor], dim=2)
