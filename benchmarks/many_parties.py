@@ -12,6 +12,12 @@ generated tokens (generating) or real tokens of the trained batch (training); a 
 (generating) or one training step. Prints JSON.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/many_parties.py --seconds 8
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/many_parties.py --model realistic --seconds 30 \
+        --train-batch 1 --train-length 32
+
+`--model realistic` builds the shape of `real_scale.py` here (24 layers, hidden 1024, 4 key/value
+heads, vocab 32,000, random weights in bf16), where the layers' arithmetic, not their Python,
+sets a forward's time.
 
 The server runs with `--serve-args` (default `--threads 1`: the parties share its cores).
 
@@ -284,11 +290,21 @@ def training_merge_probe(args: argparse.Namespace, reps: int = 5) -> dict[str, A
     }
 
 
+REALISTIC = argparse.Namespace(layers=24, hidden=1024, intermediate=2816, vocab=32_000)
+"""The shape `--model realistic` builds (`real_scale.build_model`)."""
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from real_scale import build_model
+
     from splitprefix.model.loading import describe_model
     from splitprefix.model_party.compress import emulate
 
     load_before = os.getloadavg()
+    name = args.model
+    if name == "realistic":  # the server, the parties and the probe load it from here
+        build_model(REALISTIC, work / "model")
+        args.model = str(work / "model")
     emulator = work / "emulator"
     emulate(args.model, args.split_at, 1, emulator)
     counts = [int(n) for n in args.parties.split(",")]
@@ -304,7 +320,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 rows[f"{mix}/{n}"] = summarise(results, args.seconds, cpu)
                 print(f"{mix}/{n}: {json.dumps(rows[f'{mix}/{n}'])}", file=sys.stderr, flush=True)
     return {
-        "model": args.model,
+        "model": name,
         "model_info": describe_model(args.model),
         "split_at": args.split_at,
         "serve_args": args.serve_args,
@@ -324,7 +340,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="builtin", help="Full model directory, or 'builtin'.")
+    parser.add_argument(
+        "--model", default="builtin", help="'builtin', 'realistic' (built here), or a full model directory."
+    )
     parser.add_argument("--split-at", type=int, default=2)
     parser.add_argument("--parties", default="1,2,4,8", help="Party counts, comma-separated.")
     parser.add_argument("--mixes", default=",".join(MIXES), help="Mixes, comma-separated.")

@@ -283,3 +283,36 @@ def test_a_party_that_disconnects_mid_step_stops_and_the_next_party_is_served(se
     # Assert: it stopped after one layer, and the model serves the next party
     assert len(layers) == 1
     assert torch.isfinite(out["output"]).all()
+
+
+def test_a_prefill_gives_way_to_one_forward_of_steps_and_no_more():
+    # Prepare: a prefill queued before two other parties' steps; while those steps run, another
+    # step comes
+    order: list[str] = []
+    scheduler = Scheduler(max_rows=8, max_keys=1000)
+
+    def step(party: str) -> Job:
+        work = FakeStep(party)
+        return Job(party, urgent=True, prepare=lambda: work)
+
+    late = step("d")
+
+    def merge(works: list) -> list:
+        if not order:
+            scheduler.enqueue(late)
+        order.append("+".join(w.party for w in works))
+        return [None] * len(works)
+
+    scheduler.merge = merge
+    prefill = Job("a", urgent=True, run=lambda: order.append("prefill a"))
+
+    # Execute
+    with scheduler.busy:
+        threads = _queue_while_held(scheduler, [prefill, step("b"), step("c")])
+    for thread in threads:
+        thread.join(timeout=10)
+    late.done.wait(10)
+
+    # Assert: the steps ran before the prefill queued ahead of them, and the prefill before the
+    # step that came while they ran
+    assert order == ["b+c", "prefill a", "d"]

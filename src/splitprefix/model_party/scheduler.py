@@ -2,12 +2,13 @@
 
 Requests enqueue a job and wait for it (from the thread pool); the worker takes, in this order:
 
-1. Generation work (`urgent` jobs), round-robin across parties: a session's prefill runs alone, a
-   session's check or close (`quick` jobs) runs as the worker chooses work; generation steps of
-   different sessions are merged into one forward (`merged.run_steps`) of at most `max_rows` rows
-   and `max_keys` padded keys (rows x keys per row), one step per session, and the round starts one
-   party later each time, so that a party with many sessions cannot crowd the others out of a full
-   forward.
+1. Generation work (`urgent` jobs), round-robin across parties. A session's prefill runs alone,
+   after one forward of the steps other parties have queued (it gives way once, so that the
+   decoding parties do not all wait for it). A session's check or close (`quick` jobs) runs as the
+   worker chooses work. Generation steps of different sessions are merged into one forward
+   (`merged.run_steps`) of at most `max_rows` rows and `max_keys` padded keys (rows x keys per
+   row), one step per session, and the round starts one party later each time, so that a party
+   with many sessions cannot crowd the others out of a full forward.
 2. Training work (forward, backward, loss), one job at a time, chosen by deficit round-robin over
    the parties with each job costing its tokens, so that each party gets the same tokens per
    second whatever its batch size.
@@ -64,6 +65,8 @@ class Job:
     chooses work, without a turn of its own, so that it neither delays nor splits a merged forward."""
     prepare: Callable[[], Any] | None = None
     """Checks a step against its session and returns its `merged.StepWork` (or raises `Done`)."""
+    gave_way: bool = False
+    """A job run alone (a prefill) let one forward of other parties' queued steps go first."""
     gone: threading.Event | None = None
     result: Any = None
     error: BaseException | None = None
@@ -211,7 +214,8 @@ class Scheduler:
                     progress = True
                     continue
                 if job.run is not None:
-                    if taken:
+                    if taken or (not job.gave_way and self._steps_queued(party)):
+                        job.gave_way = True  # a prefill gives way to one forward of steps, no more
                         blocked.add(party)
                         continue
                     self._pop(self._urgent, party)
@@ -239,6 +243,10 @@ class Scheduler:
         if taken:
             self._rotate(self._urgent, taken[0][0].party)
         return taken
+
+    def _steps_queued(self, party: str) -> bool:
+        """Another party's step waits at the head of its queue."""
+        return any(other != party and queue[0].prepare is not None for other, queue in self._urgent.items())
 
     def _linger(self, batch: list[tuple[Job, Any]]) -> list[tuple[Job, Any]]:
         """Wait for the steps expected soon where the wait pays (module docstring); `batch` grown by
