@@ -2,13 +2,13 @@
 
 Requests enqueue a job and wait for it (from the thread pool); the worker takes, in this order:
 
-1. Generation work (`urgent` jobs), round-robin across parties. A session's prefill runs alone,
-   after one forward of the steps other parties have queued (it gives way once, so that the
-   decoding parties do not all wait for it). A session's check or close (`quick` jobs) runs as the
-   worker chooses work. Generation steps of different sessions are merged into one forward
-   (`merged.run_steps`) of at most `max_rows` rows and `max_keys` padded keys (rows x keys per
-   row), one step per session, and the round starts one party later each time, so that a party
-   with many sessions cannot crowd the others out of a full forward.
+1. Generation work (`urgent` jobs), round-robin across parties. A session's prefill runs alone.
+   When its turn comes while other parties' steps are queued, it lets one forward of them go
+   first, once, so that the decoding parties do not all wait for it. A session's check or close
+   (`quick` jobs) runs as the worker chooses work. Generation steps of different sessions are
+   merged into one forward (`merged.run_steps`) of at most `max_rows` rows and `max_keys` padded
+   keys (rows x keys per row), one step per session, and the round starts one party later each
+   time, so that a party with many sessions cannot crowd the others out of a full forward.
 2. Training work (forward, backward, loss), one job at a time, chosen by deficit round-robin over
    the parties with each job costing its tokens, so that each party gets the same tokens per
    second whatever its batch size.
