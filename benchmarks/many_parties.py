@@ -295,14 +295,14 @@ REALISTIC = argparse.Namespace(layers=24, hidden=1024, intermediate=2816, vocab=
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from real_scale import build_model
-
     from splitprefix.model.loading import describe_model
     from splitprefix.model_party.compress import emulate
 
     load_before = os.getloadavg()
     name = args.model
     if name == "realistic":  # the server, the parties and the probe load it from here
+        from real_scale import build_model  # its imports cost the built-in runs nothing
+
         build_model(REALISTIC, work / "model")
         args.model = str(work / "model")
     emulator = work / "emulator"
